@@ -1,0 +1,246 @@
+"""Dataclass configs: defaults < YAML file < `key=value` overrides.
+
+Every stage has one dataclass whose fields carry their documentation in `metadata["help"]`. Loading is
+strict: an unknown key or a value of the wrong type is a `ConfigError` that names the key, because a
+typo in a sweep (`kl_coeff=0.1`) that silently does nothing wastes a whole run. Values are parsed with
+`yaml.safe_load` only; nothing from a config is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line description."""
+    if isinstance(default, list | dict):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Keys every training recipe shares, under the same names."""
+
+    model_name_or_path: str = doc(
+        "smollm2-135m-instruct",
+        "Local model directory, or `smollm2-135m-instruct` (the real model the project ships offline).",
+    )
+    dataset: str = doc(
+        "embedded",
+        "A JSONL/JSON file, a directory, a saved `datasets` dataset, or `embedded` (generated tasks).",
+    )
+    dataset_format: str | None = doc(None, "Force a record format (messages, sharegpt, alpaca, hh); default: detect.")
+    skip_bad: bool = doc(False, "Skip malformed records (counted and written to rejects.jsonl) instead of stopping.")
+    output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
+    overwrite: bool = doc(False, "Allow an output_dir that already holds files this tool did not write.")
+    max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
+    num_epochs: float = doc(1.0, "Passes over the data when max_steps is -1.")
+    save_steps: int = doc(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    save_total_limit: int = doc(2, "Keep at most this many checkpoints (the oldest are removed).")
+    logging_steps: int = doc(1, "Log metrics every N optimiser steps.")
+    seed: int = doc(42, "Seed for model init of new heads, data order and dropout.")
+    resume: str = doc("auto", "`auto`: continue from the latest good checkpoint; `never`; or a checkpoint path.")
+    max_length: int = doc(2048, "Longest sequence in tokens; longer conversations are truncated and counted.")
+    learning_rate: float = doc(2e-6, "Peak learning rate.")
+    batch_size: int = doc(128, "Global batch per optimiser step, in sequences (packed rows when packing).")
+    micro_batch_size: int = doc(4, "Sequences per device per forward pass; accumulation is derived.")
+    adam_beta1: float = doc(0.9, "AdamW beta1.")
+    adam_beta2: float = doc(0.95, "AdamW beta2.")
+    adam_epsilon: float = doc(1e-8, "AdamW epsilon.")
+    weight_decay: float = doc(0.1, "AdamW decoupled weight decay (not applied to biases and norms).")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
+        "constant", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
+    )
+    warmup_steps: int = doc(0, "Linear warm-up steps from 0 to the peak learning rate.")
+    min_lr_ratio: float = doc(0.0, "Final learning rate of cosine/linear decay, as a fraction of the peak.")
+    max_grad_norm: float = doc(1.0, "Clip the global gradient norm to this (0 disables).")
+    dtype: Literal["auto", "float32", "bfloat16"] = doc(
+        "auto", "Compute precision: auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU."
+    )
+    attn_implementation: str = doc("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
+    trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
+    use_lora: bool = doc(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = doc(16, "LoRA rank.")
+    lora_alpha: int = doc(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = doc(0.05, "Dropout on the LoRA branch.")
+    lora_target_modules: list[str] = doc(["all-linear"], "Modules to adapt; `all-linear` adapts every Linear.")
+    report_to: list[str] = doc(["tensorboard"], "Metric sinks besides metrics.jsonl: tensorboard, wandb.")
+    progress: bool = doc(True, "Show a progress bar.")
+
+
+@dataclasses.dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on ChatML conversations. Defaults = the embedded default job."""
+
+    output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
+    train_on: Literal["all_assistant", "last_assistant"] = doc(
+        "all_assistant", "Which assistant turns carry loss: all of them, or only the last."
+    )
+    default_system: str | None = doc(None, "System prompt inserted when a conversation has none.")
+    add_chatml_tokens: bool = doc(
+        False, "Add <|im_start|>/<|im_end|> to a tokenizer that lacks them and resize the embeddings."
+    )
+    packing: bool = doc(True, "Pack several conversations per row (attention kept within each).")
+    # The embedded default: a few minutes on 2 CPU cores with SmolLM2-135M-Instruct.
+    max_length: int = doc(256, "Longest sequence in tokens; longer conversations are truncated and counted.")
+    max_steps: int = doc(40, "Optimiser steps to run; -1 derives them from num_epochs.")
+    learning_rate: float = doc(1e-4, "Peak learning rate.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
+        "cosine", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
+    )
+    warmup_steps: int = doc(4, "Linear warm-up steps from 0 to the peak learning rate.")
+    min_lr_ratio: float = doc(0.1, "Final learning rate of cosine/linear decay, as a fraction of the peak.")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
+    batch_size: int = doc(4, "Global batch per optimiser step, in sequences (packed rows when packing).")
+    micro_batch_size: int = doc(2, "Sequences per device per forward pass; accumulation is derived.")
+    save_steps: int = doc(20, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    embedded_train_tasks: int = doc(400, "With dataset=embedded: how many training conversations to generate.")
+    eval_tasks: int = doc(
+        48, "Held-out generated tasks whose gold-verifier accuracy is reported before and after (0: skip)."
+    )
+    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
+
+
+C = TypeVar("C")
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> its documentation line, for `--help` output."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; allow only lossless conversions."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        (item_tp,) = args or (Any,)
+        if isinstance(value, str):  # `key=a,b` on the command line
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):  # `dataset=123` from YAML
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-").replace("-", "_")
+    try:
+        # YAML scalars: 1e-4, true, null, [a, b]. safe_load never constructs Python objects.
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
+    """Make `cls` from a mapping, refusing unknown keys and wrong types with the key named."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}{hint}")
+        kwargs[key] = _coerce(f"{source}: {key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Defaults, then the YAML file (if any), then `key=value` overrides, strictly checked."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        with path.open(encoding="utf-8") as fh:
+            loaded = yaml.safe_load(fh)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
+        build_config(cls, loaded, source=str(path))  # name the file in errors before merging
+        values.update(loaded)
+    for item in overrides:
+        key, value = _parse_override(item)
+        build_config(cls, {key: value}, source="command line")
+        values[key] = value
+    return build_config(cls, values)
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def parse_cli(cls: type[C], argv: Sequence[str], prog: str) -> C:
+    """`[--config FILE] [key=value ...]`, with `--help` listing every key and its meaning."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(cls.__doc__ or "")
+        + "\n\nkeys (override with key=value):\n"
+        + "\n".join(f"  {k:<26} {h}" for k, h in field_help(cls).items()),
+    )
+    parser.add_argument("--config", help="YAML file with key: value pairs")
+    parser.add_argument("overrides", nargs="*", help="key=value pairs applied after the file")
+    args = parser.parse_args(list(argv))
+    return load_config(cls, args.config, args.overrides)
