@@ -92,7 +92,9 @@ def save_checkpoint(
     tmp.mkdir()
 
     # safetensors refuses non-contiguous or shared storage; clone to be safe with tied/sliced params.
-    save_file({k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, tmp / "model.safetensors")
+    save_file(
+        {k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, tmp / "model.safetensors"
+    )
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(torch_state or {}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
@@ -103,7 +105,10 @@ def save_checkpoint(
     for path in files:
         with path.open("rb") as fh:
             os.fsync(fh.fileno())
-    manifest = {"step": step, "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files}}
+    manifest = {
+        "step": step,
+        "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+    }
     manifest_path = tmp / MANIFEST
     with manifest_path.open("w") as fh:
         json.dump(manifest, fh, indent=2, sort_keys=True)
@@ -162,7 +167,9 @@ def verify_checkpoint(path: str | Path) -> None:
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if file.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {name} has {file.stat().st_size} bytes, manifest says {meta['bytes']}")
+            raise CheckpointError(
+                f"{path}: {name} has {file.stat().st_size} bytes, manifest says {meta['bytes']}"
+            )
         if _sha256(file) != meta["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its checksum (corrupted)")
 

@@ -42,8 +42,12 @@ class TrainConfig:
         "embedded",
         "A JSONL/JSON file, a directory, a saved `datasets` dataset, or `embedded` (generated tasks).",
     )
-    dataset_format: str | None = doc(None, "Force a record format (messages, sharegpt, alpaca, hh); default: detect.")
-    skip_bad: bool = doc(False, "Skip malformed records (counted and written to rejects.jsonl) instead of stopping.")
+    dataset_format: str | None = doc(
+        None, "Force a record format (messages, sharegpt, alpaca, hh); default: detect."
+    )
+    skip_bad: bool = doc(
+        False, "Skip malformed records (counted and written to rejects.jsonl) instead of stopping."
+    )
     output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
     overwrite: bool = doc(False, "Allow an output_dir that already holds files this tool did not write.")
     max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
@@ -52,7 +56,9 @@ class TrainConfig:
     save_total_limit: int = doc(2, "Keep at most this many checkpoints (the oldest are removed).")
     logging_steps: int = doc(1, "Log metrics every N optimiser steps.")
     seed: int = doc(42, "Seed for model init of new heads, data order and dropout.")
-    resume: str = doc("auto", "`auto`: continue from the latest good checkpoint; `never`; or a checkpoint path.")
+    resume: str = doc(
+        "auto", "`auto`: continue from the latest good checkpoint; `never`; or a checkpoint path."
+    )
     max_length: int = doc(2048, "Longest sequence in tokens; longer conversations are truncated and counted.")
     learning_rate: float = doc(2e-6, "Peak learning rate.")
     batch_size: int = doc(128, "Global batch per optimiser step, in sequences (packed rows when packing).")
@@ -70,7 +76,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = doc(
         "auto", "Compute precision: auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU."
     )
-    attn_implementation: str = doc("sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2).")
+    attn_implementation: str = doc(
+        "sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."
+    )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
     trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
@@ -78,7 +86,9 @@ class TrainConfig:
     lora_r: int = doc(16, "LoRA rank.")
     lora_alpha: int = doc(32, "LoRA alpha (scale = alpha / r).")
     lora_dropout: float = doc(0.05, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] = doc(["all-linear"], "Modules to adapt; `all-linear` adapts every Linear.")
+    lora_target_modules: list[str] = doc(
+        ["all-linear"], "Modules to adapt; `all-linear` adapts every Linear."
+    )
     report_to: list[str] = doc(["tensorboard"], "Metric sinks besides metrics.jsonl: tensorboard, wandb.")
     progress: bool = doc(True, "Show a progress bar.")
 
@@ -97,7 +107,7 @@ class SFTConfig(TrainConfig):
     )
     packing: bool = doc(True, "Pack several conversations per row (attention kept within each).")
     # The embedded default: a few minutes on 2 CPU cores with SmolLM2-135M-Instruct.
-    max_length: int = doc(256, "Longest sequence in tokens; longer conversations are truncated and counted.")
+    max_length: int = doc(128, "Longest sequence in tokens; longer conversations are truncated and counted.")
     max_steps: int = doc(40, "Optimiser steps to run; -1 derives them from num_epochs.")
     learning_rate: float = doc(1e-4, "Peak learning rate.")
     lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
@@ -109,7 +119,9 @@ class SFTConfig(TrainConfig):
     batch_size: int = doc(4, "Global batch per optimiser step, in sequences (packed rows when packing).")
     micro_batch_size: int = doc(2, "Sequences per device per forward pass; accumulation is derived.")
     save_steps: int = doc(20, "Write a checkpoint every N optimiser steps (0: only at the end).")
-    embedded_train_tasks: int = doc(400, "With dataset=embedded: how many training conversations to generate.")
+    embedded_train_tasks: int = doc(
+        400, "With dataset=embedded: how many training conversations to generate."
+    )
     eval_tasks: int = doc(
         48, "Held-out generated tasks whose gold-verifier accuracy is reported before and after (0: skip)."
     )

@@ -29,7 +29,9 @@ def sft_loss(
         stats: `nll_sum` (detached sum of token losses, fp32) and `tokens` (N).
     """
     if logits.ndim != 2 or targets.ndim != 1 or logits.shape[0] != targets.shape[0]:
-        raise ValueError(f"sft_loss: expected logits (N, V) and targets (N,), got {logits.shape} {targets.shape}")
+        raise ValueError(
+            f"sft_loss: expected logits (N, V) and targets (N,), got {logits.shape} {targets.shape}"
+        )
     nll = F.cross_entropy(logits.float(), targets, reduction="sum")
     stats = {"nll_sum": nll.detach(), "tokens": torch.tensor(targets.numel(), device=targets.device)}
     return nll / normalizer, stats

@@ -6,14 +6,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 import chatml
 from align.assets import resolve_model
 from align.config import TrainConfig
 
 
-def check_chatml_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None, add: bool) -> None:
+def check_chatml_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel | None, add: bool
+) -> None:
     """Make sure `<|im_start|>`/`<|im_end|>` are single tokens; add them (and resize) only when asked."""
     vocab = tokenizer.get_vocab()
     missing = [t for t in (chatml.IM_START, chatml.IM_END) if t not in vocab]
@@ -113,7 +121,10 @@ def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor])
 
 
 def save_final_model(
-    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | Path, state_dict: dict | None = None
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: str | Path,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save a `from_pretrained`-loadable model (LoRA merged; the adapter kept in `adapter/`)."""
     out_dir = Path(out_dir)

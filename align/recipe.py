@@ -32,5 +32,7 @@ def run_recipe(
         return 2
     if summary.get("output_dir"):
         print(f"\nmodel:   {summary.get('final_model', '-')}\nmetrics: {summary.get('metrics', '-')}")
-        print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2, default=str))
+        print(
+            json.dumps({k: v for k, v in summary.items() if not isinstance(v, dict)}, indent=2, default=str)
+        )
     return 0

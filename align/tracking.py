@@ -91,3 +91,30 @@ def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
     """The records of `output_dir/metrics.jsonl`, in order."""
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(output_dir: str | Path, keys: list[str], title: str = "") -> Path:
+    """Plot the given metrics against step from metrics.jsonl into `output_dir/curves.png`."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(output_dir)
+    present = [k for k in keys if any(isinstance(r.get(k), int | float) for r in records)]
+    fig, axes = plt.subplots(
+        len(present), 1, figsize=(7, 2.4 * max(len(present), 1)), sharex=True, squeeze=False
+    )
+    for ax, key in zip(axes[:, 0], present, strict=True):
+        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimiser step")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(output_dir) / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -21,8 +21,13 @@ def _save(root, step, keep=3):
     model = {"w": torch.full((2, 2), float(step))}
     opt = {"state": {0: {"exp_avg": torch.ones(2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
     return save_checkpoint(
-        root, step, model_state=model, optimizer_state=opt, trainer_state={"step": step},
-        torch_state={"rng": rng_state()}, keep=keep,
+        root,
+        step,
+        model_state=model,
+        optimizer_state=opt,
+        trainer_state={"step": step},
+        torch_state={"rng": rng_state()},
+        keep=keep,
     )
 
 

@@ -35,7 +35,10 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("learning_rte=1e-5", "unknown key 'learning_rte' for SFTConfig \\(did you mean 'learning_rate'\\?\\)"),
+        (
+            "learning_rte=1e-5",
+            "unknown key 'learning_rte' for SFTConfig \\(did you mean 'learning_rate'\\?\\)",
+        ),
         ("use_lora=yes please", "use_lora: expected true or false, got str 'yes please'"),
         ("lr_scheduler=step", "lr_scheduler: 'step' is not one of 'constant', 'cosine', 'linear'"),
         ("max_steps", "is not of the form key=value"),

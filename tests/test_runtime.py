@@ -23,7 +23,10 @@ def test_batch_plan_derives_accumulation():
     assert plan.accumulation_steps == 4
     assert plan.per_process == 16
     assert plan.local_micro_batches(list(range(128)), rank=1) == [
-        [16, 17, 18, 19], [20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 30, 31]
+        [16, 17, 18, 19],
+        [20, 21, 22, 23],
+        [24, 25, 26, 27],
+        [28, 29, 30, 31],
     ]
 
 
@@ -49,7 +52,9 @@ def test_lr_schedules_on_worked_numbers():
     assert lr_factor(9, warmup_steps=4, total=14, shape="cosine", min_ratio=0.1) == pytest.approx(0.55)
     assert lr_factor(14, warmup_steps=4, total=14, shape="cosine", min_ratio=0.1) == pytest.approx(0.1)
     assert lr_factor(9, warmup_steps=4, total=14, shape="linear", min_ratio=0.0) == pytest.approx(0.5)
-    assert lr_factor(1000, warmup_steps=1430, total=4000, shape="constant", min_ratio=0.0) == pytest.approx(1001 / 1430)
+    assert lr_factor(1000, warmup_steps=1430, total=4000, shape="constant", min_ratio=0.0) == pytest.approx(
+        1001 / 1430
+    )
     assert lr_factor(2000, warmup_steps=1430, total=4000, shape="constant", min_ratio=0.0) == 1.0
 
 

@@ -74,8 +74,10 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_qwen_dir, sft_data, tmp_path)
     assert l8 == pytest.approx(l1, abs=1e-5)
     for name in w8:
         torch.testing.assert_close(w8[name], w1[name], atol=2e-6, rtol=1e-5)
-    assert not torch.equal(w8["model.embed_tokens.weight"], load_file(tiny_qwen_dir / "model.safetensors")[
-        "model.embed_tokens.weight"])
+    assert not torch.equal(
+        w8["model.embed_tokens.weight"],
+        load_file(tiny_qwen_dir / "model.safetensors")["model.embed_tokens.weight"],
+    )
 
 
 def test_loss_falls_and_outputs_follow_the_conventions(tiny_qwen_dir, sft_data, tmp_path):
@@ -87,8 +89,14 @@ def test_loss_falls_and_outputs_follow_the_conventions(tiny_qwen_dir, sft_data, 
     assert [r["step"] for r in read_metrics(out)] == list(range(1, 13))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-10", "step-12"]  # keep 2
     ckpt = out / "checkpoints" / "step-12"
-    assert {"model.safetensors", "optimizer.pt", "state.pt", "trainer_state.json", "config.json",
-            "manifest.json"} <= {p.name for p in ckpt.iterdir()}
+    assert {
+        "model.safetensors",
+        "optimizer.pt",
+        "state.pt",
+        "trainer_state.json",
+        "config.json",
+        "manifest.json",
+    } <= {p.name for p in ckpt.iterdir()}
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 12
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     tok = AutoTokenizer.from_pretrained(out / "final")
@@ -121,8 +129,9 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model(tiny_qwen_dir, sft_d
     merged = load_file(out / "final" / "model.safetensors")
     assert set(merged) == set(base)  # a plain model, loadable without peft
     assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
-    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
-                           base["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def _run_recipe(args, env_extra=None, timeout=600):
@@ -132,11 +141,25 @@ def _run_recipe(args, env_extra=None, timeout=600):
 
 def test_recipe_under_accelerate_launch(tiny_qwen_dir, sft_data, tmp_path):
     out = tmp_path / "launched"
-    proc = _run_recipe([
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu.yaml",
-        "recipes/sft.py", f"model_name_or_path={tiny_qwen_dir}", f"dataset={sft_data}", f"output_dir={out}",
-        "max_steps=2", "batch_size=4", "micro_batch_size=2", "max_length=128", "eval_tasks=0", "report_to=none",
-    ])
+    proc = _run_recipe(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/cpu.yaml",
+            "recipes/sft.py",
+            f"model_name_or_path={tiny_qwen_dir}",
+            f"dataset={sft_data}",
+            f"output_dir={out}",
+            "max_steps=2",
+            "batch_size=4",
+            "micro_batch_size=2",
+            "max_length=128",
+            "eval_tasks=0",
+            "report_to=none",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in read_metrics(out)] == [1, 2]
     assert (out / "final" / "model.safetensors").is_file()
@@ -145,10 +168,20 @@ def test_recipe_under_accelerate_launch(tiny_qwen_dir, sft_data, tmp_path):
 
 def test_recipe_reports_bad_data_without_traceback(tiny_qwen_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
-                    '{"messages": [{"role": "wizard", "content": "hi"}]}\n{not json\n')
-    proc = _run_recipe([sys.executable, "recipes/sft.py", f"model_name_or_path={tiny_qwen_dir}",
-                        f"dataset={data}", f"output_dir={tmp_path / 'o'}", "report_to=none"])
+    data.write_text(
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "wizard", "content": "hi"}]}\n{not json\n'
+    )
+    proc = _run_recipe(
+        [
+            sys.executable,
+            "recipes/sft.py",
+            f"model_name_or_path={tiny_qwen_dir}",
+            f"dataset={data}",
+            f"output_dir={tmp_path / 'o'}",
+            "report_to=none",
+        ]
+    )
     assert proc.returncode == 2
     assert f"{data}:2: " in proc.stderr and "wizard" in proc.stderr
     assert f"{data}:3: " in proc.stderr

@@ -3,6 +3,8 @@ order, optimiser and schedule. Each loop in `align/train/` stays about its own s
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -13,7 +15,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from align.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from align.config import TrainConfig
+from align.models import load_trainable_state, trainable_state
 
 RUN_MARKER = ".align-run.json"
 
@@ -43,7 +53,9 @@ def prepare_output_dir(path: str | Path, *, overwrite: bool, is_main: bool, stag
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not marker.exists():
-            marker.write_text(json.dumps({"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n")
+            marker.write_text(
+                json.dumps({"stage": stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+            )
     return out
 
 
@@ -105,7 +117,9 @@ def total_steps(cfg: TrainConfig, num_items: int) -> tuple[int, int]:
     return steps_per_epoch, max(steps, 1)
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, lr: float | None = None
+) -> torch.optim.Optimizer:
     """AdamW with decoupled weight decay on matrices only (not biases, norms)."""
     decay, no_decay = [], []
     for _, param in model.named_parameters():
@@ -145,6 +159,106 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: i
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(
-            step, warmup_steps=cfg.warmup_steps, total=total, shape=cfg.lr_scheduler, min_ratio=cfg.min_lr_ratio
+            step,
+            warmup_steps=cfg.warmup_steps,
+            total=total,
+            shape=cfg.lr_scheduler,
+            min_ratio=cfg.min_lr_ratio,
         ),
     )
+
+
+class RunCheckpointer:
+    """Saves and restores everything a training loop needs for exact resume.
+
+    Handles any number of named modules, optimisers and schedulers (SFT has one of each; PPO has a
+    policy and a value model), the RNG states, and a JSON-able `state` dict of loop progress. A
+    checkpoint trained on other data (per `fingerprint`) is refused rather than silently continued.
+    """
+
+    def __init__(self, accelerator: Accelerator, out: Path, cfg: TrainConfig, fingerprint: str) -> None:
+        self.accelerator = accelerator
+        self.root = out / "checkpoints"
+        self.cfg = cfg
+        self.fingerprint = fingerprint
+
+    def find(self) -> Path | None:
+        """The checkpoint to continue from per `cfg.resume` (auto, never, or a path)."""
+        if self.cfg.resume == "auto":
+            return find_resume_checkpoint(self.root)
+        if self.cfg.resume == "never":
+            return None
+        return Path(self.cfg.resume)
+
+    def restore(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Load the latest good checkpoint into the given objects; return (step, saved state) or (0, None)."""
+        path = self.find()
+        if path is None:
+            return 0, None
+        ckpt = load_checkpoint(path)
+        saved = ckpt["trainer_state"]
+        if saved.get("data_fingerprint") != self.fingerprint:
+            raise RunSetupError(
+                f"{path} was trained on different data (fingerprint {saved.get('data_fingerprint')} != "
+                f"{self.fingerprint}); use a new output_dir, or resume=never with overwrite=true"
+            )
+        for name, module in modules.items():
+            prefix = f"{name}/"
+            load_trainable_state(
+                module, {k[len(prefix) :]: v for k, v in ckpt["model_state"].items() if k.startswith(prefix)}
+            )
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(ckpt["optimizer_state"][name])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(ckpt["torch_state"]["schedulers"][name])
+        set_rng_state(ckpt["torch_state"]["rng"])
+        self.accelerator.print(f"resuming from {path} at step {saved['step']}")
+        return saved["step"], saved
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+    ) -> None:
+        """Write checkpoint `step` from the main process; every process must call this."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model_state = {
+                f"{name}/{key}": tensor
+                for name, module in modules.items()
+                for key, tensor in trainable_state(module).items()
+            }
+            save_checkpoint(
+                self.root,
+                step,
+                model_state=model_state,
+                optimizer_state={name: opt.state_dict() for name, opt in optimizers.items()},
+                torch_state={
+                    "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+                    "rng": rng_state(),
+                },
+                trainer_state={**state, "step": step, "data_fingerprint": self.fingerprint},
+                config=dataclasses.asdict(self.cfg),
+                keep=self.cfg.save_total_limit,
+            )
+        self.accelerator.wait_for_everyone()
+
+
+def fingerprint_rows(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("input_ids", "labels")) -> str:
+    """A short hash of tokenised training rows, so a resume against different data is caught."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in keys:
+            value = row.get(key)
+            if value is not None:
+                digest.update(key.encode())
+                digest.update(json.dumps(value).encode())
+    return digest.hexdigest()[:16]

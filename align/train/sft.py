@@ -10,7 +10,6 @@ micro-batches and processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -22,24 +21,19 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from align.checkpoint import (
-    find_resume_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
 from align.config import SFTConfig, config_to_dict
 from align.data import DataReport, load_sft, tokenize_sft
 from align.losses import sft_loss
-from align.models import load_causal_lm, load_trainable_state, save_final_model, trainable_state
+from align.models import load_causal_lm, save_final_model
 from align.packing import pack_examples
-from align.tracking import MetricsLogger
+from align.tracking import MetricsLogger, plot_metrics
 from align.train.runtime import (
     BatchPlan,
+    RunCheckpointer,
     RunSetupError,
     build_optimizer,
     build_scheduler,
+    fingerprint_rows,
     global_batch_indices,
     make_accelerator,
     prepare_output_dir,
@@ -78,15 +72,6 @@ def trained_tokens(sequence: dict[str, list[int]]) -> int:
     return sum(1 for label in sequence["labels"][1:] if label != -100)
 
 
-def data_fingerprint(rows: list[dict[str, list[int]]]) -> str:
-    """A hash of the training rows, so a resume against different data is caught."""
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(torch.tensor(row["input_ids"], dtype=torch.int64).numpy().tobytes())
-        digest.update(torch.tensor(row["labels"], dtype=torch.int64).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def load_sft_data(cfg: SFTConfig, out: Path, is_main: bool) -> tuple[list[list[dict]], DataReport, str]:
     """Conversations from `cfg.dataset`; `embedded` writes the generated task set first."""
     source = cfg.dataset
@@ -99,7 +84,9 @@ def load_sft_data(cfg: SFTConfig, out: Path, is_main: bool) -> tuple[list[list[d
             write_sft_jsonl(path, cfg.embedded_train_tasks, cfg.seed)
         source = str(path)
     rejects = out / "rejects.jsonl" if cfg.skip_bad else None
-    conversations, report = load_sft(source, skip_bad=cfg.skip_bad, rejects_path=rejects, format=cfg.dataset_format)
+    conversations, report = load_sft(
+        source, skip_bad=cfg.skip_bad, rejects_path=rejects, format=cfg.dataset_format
+    )
     return conversations, report, source
 
 
@@ -157,62 +144,29 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             f"{steps_per_epoch} steps per epoch, {num_steps} steps, batch {cfg.batch_size} = "
             f"{plan.accumulation_steps} x {cfg.micro_batch_size} x {accelerator.num_processes} process(es)"
         )
-    fingerprint = data_fingerprint(rows)
 
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, num_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
 
-    ckpt_root = out / "checkpoints"
-    start_step, state = 0, {"skipped_nonfinite": 0}
-    resume_from = None
-    if cfg.resume == "auto":
-        resume_from = find_resume_checkpoint(ckpt_root)
-    elif cfg.resume != "never":
-        resume_from = Path(cfg.resume)
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)
-        saved = ckpt["trainer_state"]
-        if saved.get("data_fingerprint") != fingerprint:
-            raise RunSetupError(
-                f"{resume_from} was trained on different data (fingerprint {saved.get('data_fingerprint')} "
-                f"!= {fingerprint}); use a new output_dir or resume=never with overwrite=true"
-            )
-        load_trainable_state(unwrapped, ckpt["model_state"])
-        optimizer.load_state_dict(ckpt["optimizer_state"])
-        scheduler.load_state_dict(ckpt["torch_state"]["scheduler"])
-        set_rng_state(ckpt["torch_state"]["rng"])
-        start_step = saved["step"]
-        state.update(saved)
-        accelerator.print(f"resuming from {resume_from} at step {start_step}")
+    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint_rows(rows))
+    objects = ({"model": unwrapped}, {"model": optimizer}, {"model": scheduler})
+    start_step, saved = checkpointer.restore(*objects)
+    state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
+    resume_from = saved is not None
 
     logger = MetricsLogger(
         out,
         cfg.report_to,
         enabled=is_main,
-        resume_step=start_step if resume_from is not None else None,
+        resume_step=start_step if resume_from else None,
         run_config=config_to_dict(cfg),
     )
     embedded_eval = cfg.dataset == "embedded" and cfg.eval_tasks > 0
     if embedded_eval and "accuracy_before" not in state and is_main:
         accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
         state["accuracy_before"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
-
-    def checkpoint(step: int) -> None:
-        accelerator.wait_for_everyone()
-        if is_main:
-            save_checkpoint(
-                ckpt_root,
-                step,
-                model_state=trainable_state(unwrapped),
-                optimizer_state=optimizer.state_dict(),
-                torch_state={"scheduler": scheduler.state_dict(), "rng": rng_state()},
-                trainer_state={**state, "step": step, "data_fingerprint": fingerprint},
-                config=config_to_dict(cfg),
-                keep=cfg.save_total_limit,
-            )
-        accelerator.wait_for_everyone()
 
     model.train()
     bar = tqdm(
@@ -282,7 +236,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             )
             window_start, window_tokens = time.perf_counter(), 0
         if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
-            checkpoint(done)
+            checkpointer.save(done, state, *objects)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()
             logger.close()
@@ -307,7 +261,12 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             accelerator.print(f"held-out accuracy after training ({cfg.eval_tasks} generated tasks)...")
             summary["accuracy_before"] = state.get("accuracy_before")
             summary["accuracy_after"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
+            accelerator.print(
+                f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
+                f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
+            )
         save_final_model(unwrapped, tokenizer, out / "final", state_dict=full_state)
+        summary["plot"] = str(plot_metrics(out, ["loss", "lr", "grad_norm"], title="SFT"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     logger.close()
     accelerator.wait_for_everyone()
