@@ -35,3 +35,134 @@ def sft_loss(
     nll = F.cross_entropy(logits.float(), targets, reduction="sum")
     stats = {"nll_sum": nll.detach(), "tokens": torch.tensor(targets.numel(), device=targets.device)}
     return nll / normalizer, stats
+
+
+def _reduce_tokens(
+    values: torch.Tensor, mask: torch.Tensor, normalizer: float | torch.Tensor | None
+) -> torch.Tensor:
+    """Sum over masked tokens / normalizer (default: this batch's token count)."""
+    mask = mask.to(values.dtype)
+    total = (values * mask).sum()
+    return total / (mask.sum().clamp(min=1) if normalizer is None else normalizer)
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, per token: max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)).
+
+    Args:
+        logprobs: (B, T) log-probs of the sampled tokens under the current policy (with grad).
+        old_logprobs: (B, T) the same under the policy that sampled them (no grad).
+        advantages: (B, T), usually whitened.
+        mask: (B, T) 1 on response tokens.
+        normalizer: token count of the whole global batch (None: this batch's), see `sft_loss`.
+    Returns:
+        loss, stats: `clipfrac` (share of tokens where the clipped branch is active), `approx_kl`
+        (mean of (ratio - 1) - log ratio, the k3 estimate of KL(old || new)), `ratio_mean`, `ratio_max`.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = _reduce_tokens(torch.maximum(unclipped, clipped), mask, normalizer)
+    with torch.no_grad():
+        m = mask.to(ratio.dtype)
+        n = m.sum().clamp(min=1)
+        stats = {
+            "clipfrac": ((clipped > unclipped).to(ratio.dtype) * m).sum() / n,
+            "approx_kl": ((torch.expm1(log_ratio) - log_ratio) * m).sum() / n,
+            "ratio_mean": (ratio * m).sum() / n,
+            "ratio_max": torch.where(m.bool(), ratio, torch.zeros_like(ratio)).max(),
+        }
+    return loss, stats
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    value_clip: float | None = 0.15,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2) per token.
+
+    Args:
+        values: (B, T) current value predictions (with grad); old_values: (B, T) at rollout time.
+        returns: (B, T) GAE returns; mask: (B, T).
+        value_clip: c (Qwen: 0.15); None disables clipping.
+    Returns:
+        loss, stats: `vf_clipfrac` (share of tokens where the clipped error is the larger).
+    """
+    error = (values - returns) ** 2
+    if value_clip is None:
+        per_token = error
+        clipfrac = torch.zeros((), device=values.device)
+    else:
+        clipped_values = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+        clipped_error = (clipped_values - returns) ** 2
+        per_token = torch.maximum(error, clipped_error)
+        with torch.no_grad():
+            m = mask.to(values.dtype)
+            clipfrac = ((clipped_error > error).to(values.dtype) * m).sum() / m.sum().clamp(min=1)
+    loss = 0.5 * _reduce_tokens(per_token, mask, normalizer)
+    return loss, {"vf_clipfrac": clipfrac}
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO family on per-sequence log-probs.
+
+    Args:
+        policy_*_logps, ref_*_logps: (B,) sums of response-token log-probs under the policy and the
+            reference. (For `ipo` the IPO paper averages over tokens instead; pass averages then.)
+        beta: inverse temperature of the implicit reward.
+        loss_type, with h = (pc - rc) - (pr - rr), the log-ratio margin:
+            sigmoid  -(1 - ls) log s(beta h) - ls log s(-beta h)        (DPO; ls > 0 is cDPO)
+            robust   (-(1 - ls) log s(beta h) + ls log s(-beta h)) / (1 - 2 ls)   (robust DPO)
+            hinge    max(0, 1 - beta h)                                 (SLiC)
+            ipo      (h - 1 / (2 beta))^2                               (IPO)
+        label_smoothing: ls, the assumed rate of flipped labels (sigmoid/robust only).
+    Returns:
+        loss (batch mean), stats: `chosen_rewards`/`rejected_rewards` (B,) = beta * log-ratios,
+        `margins` (B,), and `accuracy` (share of pairs whose chosen reward is higher).
+    """
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratio - rejected_logratio
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (
+            -(1 - label_smoothing) * F.logsigmoid(beta * h) + label_smoothing * F.logsigmoid(-beta * h)
+        ) / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use sigmoid, robust, hinge or ipo")
+    chosen_rewards = beta * chosen_logratio.detach()
+    rejected_rewards = beta * rejected_logratio.detach()
+    stats = {
+        "chosen_rewards": chosen_rewards,
+        "rejected_rewards": rejected_rewards,
+        "margins": chosen_rewards - rejected_rewards,
+        "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+    }
+    return losses.mean(), stats

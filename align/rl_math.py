@@ -1,0 +1,168 @@
+"""Pure tensor maths of the RL stages: log-probs, masked statistics, KL estimators, GAE, running moments.
+
+Torch only, no model code. Shapes: B = rows (responses), T = response tokens; masks are 1 on real
+response tokens (the stop token included) and 0 on padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature).
+
+    Args:
+        logits: (..., V), the logits that predict `tokens` (already shifted by the caller).
+        tokens: (...) token ids.
+    Returns:
+        (...) fp32 log-probabilities. Uses logsumexp rather than a full log_softmax, so only one
+        (..., V) temporary is made.
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = torch.gather(logits, -1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last dim: (..., V) -> (...), fp32."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over everything, or along `dim`). Empty -> 0, not NaN."""
+    mask = mask.to(values.dtype)
+    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of the masked entries (Bessel-corrected by default)."""
+    mask = mask.to(values.dtype)
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        if n > 1:
+            var = var * n / (n - 1)
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(values - mean) / std over masked entries; padding positions come back as 0.
+
+    Args:
+        values, mask: (B, T).
+        shift_mean: False keeps the mean (rescale only), as some PPO variants do for rewards.
+    """
+    mask = mask.to(values.dtype)
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * mask
+
+
+def kl_estimate(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: Literal["k1", "k2", "k3"] = "k1"
+) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's estimators).
+
+    With r = pi_ref(x) / pi(x) and log r = ref_logprobs - logprobs:
+        k1 = -log r                 unbiased, can be negative per token
+        k2 = (log r)^2 / 2          biased, low variance
+        k3 = (r - 1) - log r        unbiased, always >= 0
+    Shapes: (B, T) in, (B, T) out.
+    """
+    log_ratio = ref_logprobs.float() - logprobs.float()
+    if kind == "k1":
+        return -log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio**2
+    if kind == "k3":
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}; use k1, k2 or k3")
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens.
+
+    Args:
+        rewards: (B, T) per-token rewards (KL penalty at every token, the score at the last).
+        values: (B, T) value estimates V(s_t) at each response token.
+        mask: (B, T) 1 on response tokens; responses are right-padded, so a row's tokens are a prefix.
+        gamma, lam: discount and GAE lambda.
+    Returns:
+        advantages (B, T) and returns = advantages + values (B, T), both 0 on padding. The value
+        after a row's last token is 0 (the episode ends there).
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        # Padding positions carry 0 forward, so each row's recursion starts at its own last token.
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    return advantages, (advantages + values) * mask
+
+
+def explained_variance(predicted: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var(target - predicted) / Var(target) over masked entries (1 = perfect, 0 = a constant)."""
+    var_target = masked_var(target, mask)
+    return 1.0 - masked_var(target - predicted, mask) / var_target.clamp(min=1e-8)
+
+
+class RunningMoments:
+    """Running mean and std of a stream of scalars (Chan et al. parallel update), checkpointable.
+
+    Qwen normalises the reward-model score by a running mean; `update` takes each batch of raw
+    scores and `normalise` maps raw scores to (score - mean) [/ std].
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.var = 1.0  # population variance of everything seen
+        self.count = 0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_var = values.var(unbiased=False).item()
+        total = self.count + n
+        delta = batch_mean - self.mean
+        new_mean = self.mean + delta * n / total
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = new_mean, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    def normalise(self, values: torch.Tensor, use_std: bool = False) -> torch.Tensor:
+        out = values - self.mean
+        return out / max(self.std, 1e-6) if use_std else out
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
