@@ -256,3 +256,160 @@ def parse_cli(cls: type[C], argv: Sequence[str], prog: str) -> C:
     parser.add_argument("overrides", nargs="*", help="key=value pairs applied after the file")
     args = parser.parse_args(list(argv))
     return load_config(cls, args.config, args.overrides)
+
+
+@dataclasses.dataclass
+class RMConfig(TrainConfig):
+    """Reward model training: preference-model pre-training (PMP) on large, noisier comparisons, then RM
+    fine-tuning on fewer, better ones; the reward is read at the end token. Defaults = the embedded
+    default job (both stages on generated comparisons)."""
+
+    stage: Literal["pmp", "rm", "pmp+rm"] = doc(
+        "pmp+rm",
+        "pmp or rm: one training run as configured; pmp+rm: PMP on `dataset` into output_dir/pmp, then RM "
+        "on `rm_dataset` into output_dir/rm starting from the PMP model (head included).",
+    )
+    model_name_or_path: str = doc(
+        "auto",
+        "Backbone (a causal LM; its LM head is dropped) when init_from is unset: a local directory, "
+        "`smollm2-135m-instruct`, or `auto` = outputs/sft/final (the SFT default's output) if it exists, "
+        "else smollm2-135m-instruct.",
+    )
+    init_from: str | None = doc(
+        None,
+        "A reward model directory to start from, head included (the RM stage: the PMP stage's final/); "
+        "overrides model_name_or_path.",
+    )
+    dataset: str = doc(
+        "embedded",
+        "Preference pairs: a JSONL/JSON file, a directory, a saved `datasets` dataset, or `embedded` "
+        "(generated comparisons: large with label noise for pmp, smaller and clean for rm).",
+    )
+    dataset_format: str | None = doc(
+        None, "Force a preference record format (pair, hh, sharegpt, oasst); default: detect per record."
+    )
+    rm_dataset: str = doc("embedded", "With stage=pmp+rm: the data of the RM stage (`dataset` feeds PMP).")
+    eval_dataset: str | None = doc(
+        None,
+        "Held-out pairs scored before training, after each epoch and at the end; `embedded`: generated "
+        "held-out pairs (the default when dataset=embedded). Without it, see eval_fraction.",
+    )
+    eval_fraction: float = doc(
+        0.0, "Without eval_dataset: hold out this fraction of the training pairs (seeded) for evaluation."
+    )
+    output_dir: str = doc("outputs/rm", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
+    default_system: str | None = doc(None, "System prompt inserted when a conversation has none.")
+    end_token: str = doc(
+        "<|im_end|>",
+        "The token whose hidden state is scored: the <|im_end|> closing the last assistant turn, or "
+        "another single token appended after it (e.g. <|endoftext|>).",
+    )
+    truncation_side: Literal["left", "right"] = doc(
+        "left",
+        "A sequence longer than max_length loses its oldest tokens (left: the response keeps its end "
+        "token) or its end (right: the response is unclosed, counted, and its pair not trained on).",
+    )
+    unclosed_reward: float = doc(
+        -10.0,
+        "The score of a response whose end token is missing (truncated, or a generation that never closed).",
+    )
+    use_margin: bool = doc(True, "Subtract each pair's `margin` field (where the data has one) in the loss.")
+    center_rewards_coef: float = doc(
+        0.0, "Reward centring: add coef * (r_chosen + r_rejected)^2 per pair (0 disables; 0.01 is common)."
+    )
+    packing: bool = doc(
+        True,
+        "Run a micro-batch's chosen and rejected sequences as one padding-free packed row (else one padded "
+        "batch); either way both sides of every pair share one forward pass.",
+    )
+    eval_before: bool = doc(True, "Also score the held-out pairs before training.")
+    eval_micro_batch_size: int = doc(16, "Pairs per forward pass when scoring held-out pairs.")
+    embedded_pmp_pairs: int = doc(256, "With dataset=embedded, stage pmp: generated comparisons.")
+    embedded_rm_pairs: int = doc(96, "With dataset=embedded, stage rm: generated comparisons.")
+    embedded_eval_pairs: int = doc(128, "With eval_dataset=embedded: generated held-out comparisons.")
+    embedded_label_noise: float = doc(
+        0.15, "With dataset=embedded, stage pmp: share of pairs whose chosen and rejected are swapped."
+    )
+    embedded_format_error_rate: float = doc(
+        0.3, "With dataset=embedded: share of rejected replies that are the right value in the wrong format."
+    )
+    # The embedded default: a few minutes on 2 CPU cores with SmolLM2-135M-Instruct.
+    max_length: int = doc(128, "Longest sequence in tokens; longer ones are cut per truncation_side.")
+    learning_rate: float = doc(2e-5, "Peak learning rate.")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
+        "constant", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
+    )
+    warmup_steps: int = doc(2, "Linear warm-up steps from 0 to the peak learning rate.")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
+    batch_size: int = doc(16, "Global batch per optimiser step, in preference pairs.")
+    micro_batch_size: int = doc(
+        8, "Pairs per device per forward pass (2x as many sequences); accumulation is derived."
+    )
+    max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
+    num_epochs: float = doc(1.0, "Passes over the pairs when max_steps is -1.")
+    save_steps: int = doc(10, "Write a checkpoint every N optimiser steps (0: only at the end).")
+
+
+@dataclasses.dataclass
+class PPOConfig(TrainConfig):
+    """PPO with four models (policy, reference, reward, value), the Qwen way. Defaults = the embedded job.
+
+    `batch_size` counts queries per PPO iteration (each gets `samples_per_query` responses);
+    `micro_batch_size` counts responses per forward pass and device.
+    """
+
+    model_name_or_path: str = doc(
+        "outputs/sft/final", "The policy to start from (an SFT output); the reference is a frozen copy of it."
+    )
+    reward_model_path: str = doc("outputs/rm/final", "The reward model (a directory saved by recipes/rm.py).")
+    value_model_path: str | None = doc(None, "The value model's starting point; default: the reward model.")
+    dataset: str = doc(
+        "embedded",
+        "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",
+    )
+    output_dir: str = doc("outputs/ppo", "Where checkpoints, metrics.jsonl, rollouts.jsonl and final/ go.")
+    train_missing_stages: bool = doc(
+        True, "With the embedded defaults: train the SFT and RM defaults first when their outputs are absent."
+    )
+    default_system: str | None = doc(None, "System prompt inserted when a prompt has none.")
+    max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
+    max_steps: int = doc(12, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
+    batch_size: int = doc(8, "Queries per PPO iteration (global).")
+    micro_batch_size: int = doc(8, "Responses per forward pass and device.")
+    save_steps: int = doc(4, "Write a checkpoint every N iterations (0: only at the end).")
+    policy_lr: float | None = doc(2e-5, "Policy learning rate (Qwen: 1e-6); None: learning_rate.")
+    value_lr: float = doc(5e-5, "Value model learning rate (Qwen: 5e-6).")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = doc("constant", "Shape after warm-up.")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
+    kl_coef: float = doc(0.04, "Weight of the per-token KL penalty to the reference (Qwen: 0.04).")
+    kl_estimator: Literal["k1", "k2", "k3"] = doc("k1", "KL estimator in the per-token reward.")
+    samples_per_query: int = doc(2, "Responses sampled per query; all are trained on (Qwen: 2).")
+    value_warmup_steps: int = doc(2, "Iterations at the start that train only the value model (Qwen: 50).")
+    top_p: float = doc(0.9, "Nucleus sampling mass (Qwen: 0.9).")
+    temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
+    max_new_tokens: int = doc(24, "Response budget; a response that never emits <|im_end|> is penalised.")
+    missing_eos_penalty: float = doc(
+        -1.0, "Score given (after normalisation) to a response that never closed."
+    )
+    reward_norm: Literal["running_mean", "running_mean_std", "none"] = doc(
+        "running_mean",
+        "Normalise the RM score by a running mean (and std) kept across steps and checkpoints.",
+    )
+    value_clip: float = doc(0.15, "Value-loss clip range around the rollout-time values (Qwen: 0.15).")
+    clip_eps: float = doc(0.2, "PPO ratio clip range.")
+    gamma: float = doc(1.0, "GAE discount.")
+    lam: float = doc(0.95, "GAE lambda.")
+    whiten_advantages: bool = doc(True, "Whiten advantages over the batch's response tokens.")
+    ppo_epochs: int = doc(2, "Passes over each rollout batch.")
+    num_mini_batches: int = doc(
+        1, "Optimiser steps per PPO epoch (the rollout batch is split this many ways)."
+    )
+    ptx_coef: float = doc(0.5, "Weight of the pre-training LM loss mixed into the policy loss (0: off).")
+    ptx_dataset: str = doc("embedded", "Pre-training text: JSONL of {text}, a .txt file, or embedded.")
+    ptx_batch_size: int = doc(2, "Pre-training rows per mini-batch.")
+    ptx_max_length: int = doc(128, "Tokens per pre-training row.")
+    rollout_engine: Literal["hf", "manual"] = doc("hf", "Generation backend (see align/rollout.py).")
+    ref_dtype: Literal["float32", "bfloat16"] = doc(
+        "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
+    )
+    log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, scores).")

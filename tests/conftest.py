@@ -42,3 +42,30 @@ def build_tiny_qwen2(tokenizer, out_dir, seed: int = 0, **overrides):
 def tiny_qwen_dir(qwen_tokenizer, tmp_path_factory):
     """Directory of a tiny random Qwen2 model plus the real Qwen2 tokenizer and chat template."""
     return build_tiny_qwen2(qwen_tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+def byte_tokenizer(with_chatml: bool = True):
+    """A byte-level tokenizer with no merges (256 ids), plus the ChatML tokens and a pad when asked.
+
+    Its small vocabulary lets RL tests see every token sampled often, which a 151k vocabulary does not.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    if with_chatml:
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "pad_token": "<|endoftext|>"}
+        )
+        tokenizer.eos_token = "<|im_end|>"
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_byte_dir(tmp_path_factory):
+    """A tiny Qwen2 model over the byte tokenizer (259 ids), saved with it."""
+    return build_tiny_qwen2(byte_tokenizer(), tmp_path_factory.mktemp("tiny-byte"))

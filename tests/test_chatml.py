@@ -366,14 +366,9 @@ def test_truncation_keeps_ids_and_labels_aligned(qwen_tokenizer, messages, data)
 
 def _tiny_byte_tokenizer():
     """A 256-token byte-level BPE with no merges and no ChatML tokens (built here, no hub)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from conftest import byte_tokenizer
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend)
+    return byte_tokenizer(with_chatml=False)
 
 
 def _tiny_qwen2_model(vocab_size):

@@ -1,0 +1,202 @@
+"""PPO on tiny Qwen2 models: Qwen specifics, invariants, a rule-based reward that must rise, resume."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import chatml
+from align.config import PPOConfig
+from align.reward import RewardModel
+from align.tracking import read_metrics
+from align.train.ppo import ptx_lm_loss, run_ppo
+
+LOW_IDS = 128  # the rule-based reward: share of response tokens that are ASCII bytes (ids below 128)
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_byte_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
+    _, im_end = chatml.chatml_token_ids(tokenizer)
+    rm = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0)
+    return rm.save_pretrained(tmp_path_factory.mktemp("tiny-rm"), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    from align.tasks import generate_tasks, write_jsonl
+
+    tasks = generate_tasks(16, seed=5)
+    return write_jsonl(
+        tmp_path_factory.mktemp("prompts") / "p.jsonl", [{"messages": t.messages} for t in tasks]
+    )
+
+
+def low_id_reward(batch, texts):
+    hits = ((batch.response_ids < LOW_IDS) & (batch.response_mask > 0)).sum(1).float()
+    return hits / batch.lengths.clamp(min=1).float()
+
+
+def _cfg(policy, rm, prompts, out, **kw):
+    base = dict(
+        model_name_or_path=str(policy),
+        reward_model_path=str(rm),
+        dataset=str(prompts),
+        output_dir=str(out),
+        batch_size=4,
+        micro_batch_size=4,
+        samples_per_query=2,
+        max_new_tokens=6,
+        max_steps=3,
+        value_warmup_steps=1,
+        ppo_epochs=1,
+        policy_lr=1e-3,
+        value_lr=1e-3,
+        ptx_coef=0.0,
+        save_steps=1,
+        save_total_limit=5,
+        report_to=["none"],
+        progress=False,
+        train_missing_stages=False,
+        log_rollouts=0,
+    )
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def test_four_models_first_epoch_ratio_and_warmup(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "ppo"
+    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, value_warmup_steps=2))
+    records = read_metrics(out)
+    assert [r["value_warmup"] for r in records] == [1, 1, 0]
+    # Warm-up steps train no policy: no policy statistics at all.
+    assert "ratio_mean" not in records[0] and "ratio_mean" in records[2]
+    # One epoch, one mini-batch: the policy is scored on exactly the data it sampled, so ratio = 1.
+    assert records[2]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert records[2]["clipfrac"] == 0.0
+    assert records[2]["approx_kl"] == pytest.approx(0.0, abs=1e-6)
+    for key in (
+        "rm_score",
+        "score_normalised",
+        "kl",
+        "entropy",
+        "response_length",
+        "no_eos_frac",
+        "value_loss",
+        "explained_variance",
+        "time_rollout",
+        "time_scoring",
+        "time_training",
+        "response_tokens_per_s",
+    ):
+        assert key in records[-1], key
+    initial = load_file(tiny_byte_dir / "model.safetensors")
+    ckpts = out / "checkpoints"
+
+    def policy_at(step):
+        state = load_file(ckpts / f"step-{step}" / "model.safetensors")
+        return {k[len("policy/") :]: v for k, v in state.items() if k.startswith("policy/")}
+
+    def value_at(step):
+        state = load_file(ckpts / f"step-{step}" / "model.safetensors")
+        return {k: v for k, v in state.items() if k.startswith("value/")}
+
+    for name, tensor in policy_at(2).items():
+        assert torch.equal(tensor, initial[name]), f"{name} changed during the value warm-up"
+    assert any(not torch.equal(policy_at(3)[n], initial[n]) for n in initial)
+    assert any(not torch.equal(value_at(1)[n], value_at(2)[n]) for n in value_at(1))
+
+
+def test_samples_per_query_are_all_used(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
+    seen = []
+
+    def counting_reward(batch, texts):
+        seen.append(batch.prompt_index.tolist())
+        return torch.zeros(len(texts))
+
+    run_ppo(
+        _cfg(
+            tiny_byte_dir,
+            tiny_rm_dir,
+            prompts_file,
+            tmp_path / "o",
+            samples_per_query=3,
+            max_steps=1,
+            batch_size=2,
+            micro_batch_size=3,
+        ),
+        reward_fn=counting_reward,
+    )
+    assert seen == [[0, 0, 0, 1, 1, 1]]
+
+
+def test_rule_based_reward_rises(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "rule"
+    cfg = _cfg(
+        tiny_byte_dir,
+        tiny_rm_dir,
+        prompts_file,
+        out,
+        max_steps=14,
+        value_warmup_steps=0,
+        ppo_epochs=2,
+        batch_size=8,
+        micro_batch_size=16,
+        max_new_tokens=8,
+        policy_lr=3e-2,
+        kl_coef=0.0,
+        reward_norm="none",
+        missing_eos_penalty=None,
+        save_steps=0,
+    )
+    run_ppo(cfg, reward_fn=low_id_reward)
+    scores = [r["score_normalised"] for r in read_metrics(out)]
+    assert sum(scores[:2]) / 2 < 0.6  # a random model: about half its tokens are ASCII bytes
+    assert sum(scores[-3:]) / 3 > 0.85, scores
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
+    kw = dict(max_steps=4, value_warmup_steps=1, ptx_coef=0.5, ptx_max_length=32, ppo_epochs=2)
+    full = tmp_path / "full"
+    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, full, **kw))
+    part = tmp_path / "part"
+    assert run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, part, **kw), stop_after_step=2) == {
+        "stopped_at": 2
+    }
+    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, part, **kw))
+    a, b = read_metrics(full), read_metrics(part)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("rm_score", "value_loss", "kl", "ptx_loss", "reward_running_mean"):
+        assert [r.get(key) for r in b] == pytest.approx([r.get(key) for r in a], abs=1e-6), key
+
+
+def test_ptx_gradient_only_when_its_coefficient_is_positive(
+    tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    from transformers import AutoModelForCausalLM
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_byte_dir)
+    rows = [[1, 2, 3, 4], [5, 6, 7]]
+    loss = ptx_lm_loss(policy, rows, torch.device("cpu"))
+    # Reference: each row's own next-token loss, token-mean over the 3 + 2 predicted tokens.
+    ref_sum = 0.0
+    for row in rows:
+        logits = policy(torch.tensor([row])).logits[0, :-1]
+        ref_sum += torch.nn.functional.cross_entropy(logits, torch.tensor(row[1:]), reduction="sum").item()
+    assert loss.item() == pytest.approx(ref_sum / 5, rel=1e-5)
+    loss.backward()
+    assert policy.model.embed_tokens.weight.grad is not None
+    on = read_metrics_of_run(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path / "on", 0.5)
+    off = read_metrics_of_run(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path / "off", 0.0)
+    assert "ptx_loss" in on[-1] and on[-1]["ptx_loss"] > 0
+    assert "ptx_loss" not in off[-1]
+
+
+def read_metrics_of_run(policy, rm, prompts, out, ptx_coef):
+    run_ppo(
+        _cfg(
+            policy, rm, prompts, out, max_steps=2, value_warmup_steps=1, ptx_coef=ptx_coef, ptx_max_length=32
+        )
+    )
+    return read_metrics(out)
