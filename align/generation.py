@@ -1,54 +1,22 @@
 """Batched generation for evaluation: ChatML prompts, left padding, KV cache, stop at ``<|im_end|>``.
 
-Small on purpose: the rollout engine for PPO/online methods (``align/rollout.py``) is separate. Prompts are
-sorted by length before batching (less padding) and results are returned in the caller's order.
+A thin front over the rollout engine (``align/rollout.py``), so evaluation and PPO sample through one path:
+conversations in, text out, no log-probs. Prompts are sorted by length before batching (less padding) and
+results are returned in the caller's order.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
-
 import chatml
+from align.rollout import HFRolloutEngine, stop_token_ids
 from align.tasks import Task, verify
 
-
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # a parameter-less stub
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    # Seed sampling without disturbing the caller's global RNG state (a training loop's dropout stream).
-    if seed is None:
-        yield
-        return
-    devices = (
-        [device.index if device.index is not None else torch.cuda.current_device()]
-        if device.type == "cuda"
-        else []
-    )
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """``<|im_end|>`` first, then the tokenizer's eos if it differs (a base model may end with that)."""
-    _, im_end = chatml.chatml_token_ids(tokenizer)
-    stops = [im_end]
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int) and eos not in stops:
-        stops.append(eos)
-    return stops
+__all__ = ["generate", "generate_ids", "stop_token_ids", "verifier_accuracy"]
 
 
 def generate_ids(
@@ -76,62 +44,19 @@ def generate_ids(
     prompt_ids = [chatml.encode_prompt(m, tokenizer, default_system=default_system) for m in prompts_messages]
     if not prompt_ids:
         return []
-    stops = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    device = _device_of(model)
-
-    gen_kwargs: dict[str, Any] = {
-        "max_new_tokens": max_new_tokens,
-        "do_sample": do_sample,
-        "eos_token_id": stops,
-        "pad_token_id": pad_id,
-        "use_cache": True,
-        # Explicit, so a checkpoint's generation_config (Qwen2 ships repetition_penalty 1.05, top_k 20)
-        # cannot change what an evaluation measures.
-        "repetition_penalty": 1.0,
-    }
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-
-    # Longest first: the biggest batch is met at once (memory), and similar lengths share a batch.
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
-    results: list[list[int] | None] = [None] * len(prompt_ids)
-    was_training = model.training
-    model.eval()
-    bar = None
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompt_ids), desc="generate", unit="seq", leave=False)
-    t0, n_new = time.perf_counter(), 0
-    try:
-        with _seeded(seed, device), torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                width = max(len(prompt_ids[i]) for i in idx)
-                input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-                attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for row, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                    ids = prompt_ids[i]
-                    input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                    attention_mask[row, width - len(ids) :] = 1
-                out = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **gen_kwargs
-                )
-                for row, i in enumerate(idx):
-                    new = out[row, width:].tolist()
-                    # Finished rows are padded with pad_id (== eos for SmolLM2); cut at the first stop.
-                    cut = next((k for k, t in enumerate(new) if t in stops), None)
-                    results[i] = new if cut is None else new[: cut + 1]
-                    n_new += len(results[i])
-                if bar is not None:
-                    bar.update(len(idx))
-                    bar.set_postfix(tok_s=f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f}")
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
-    return [r if r is not None else [] for r in results]
+    engine = HFRolloutEngine(
+        model, tokenizer, batch_size=batch_size, logprobs="none", show_progress=show_progress
+    )
+    batch = engine.generate(
+        prompt_ids,
+        n=1,
+        max_new_tokens=max_new_tokens,
+        # The engine's greedy is temperature 0.
+        temperature=temperature if do_sample else 0.0,
+        top_p=top_p if do_sample else 1.0,
+        seed=seed,
+    )
+    return batch.responses()
 
 
 def generate(

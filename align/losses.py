@@ -166,3 +166,62 @@ def dpo_loss(
         "accuracy": (chosen_rewards > rejected_rewards).float().mean(),
     }
     return losses.mean(), stats
+
+
+def pairwise_reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry loss of a reward model, per pair -log sigmoid(r_c - r_r - m), plus optional centring.
+
+    Args:
+        chosen_rewards: (B,) rewards of the preferred responses.
+        rejected_rewards: (B,) rewards of the other responses of the same pairs.
+        margin: (B,) or a scalar, m: how much the chosen should win by (0 for pairs without one);
+            None: no margin.
+        center_coef: c >= 0; adds c * (r_c + r_r)^2 per pair, which pulls the mean reward to 0 without
+            changing the ranking (Eisenstein et al. 2023; TRL's `center_rewards_coefficient`).
+        normalizer: the sum over pairs is divided by this: the pair count of the whole global batch
+            under gradient accumulation or data parallelism; None: B (a plain mean).
+
+    Returns:
+        loss: scalar, sum_i [-log s(r_c - r_r - m) + c (r_c + r_r)^2] / normalizer.
+        stats (detached, fp32): `loss_sum` (sum of the pairwise terms, without centring), `center_sum`
+        (sum of (r_c + r_r)^2), `correct` (pairs with r_c > r_r), `ties` (r_c == r_r), `margin_sum`
+        (sum of r_c - r_r), `pairs` (B), and the batch means `accuracy`, `margin` (mean r_c - r_r),
+        `chosen_mean`, `rejected_mean`.
+    """
+    if chosen_rewards.ndim != 1 or chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(
+            f"pairwise_reward_loss: expected chosen and rejected rewards of shape (B,), got "
+            f"{tuple(chosen_rewards.shape)} and {tuple(rejected_rewards.shape)}"
+        )
+    if center_coef < 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    chosen = chosen_rewards.float()
+    rejected = rejected_rewards.float()
+    diff = chosen - rejected
+    logits = diff if margin is None else diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+    per_pair = -F.logsigmoid(logits)
+    center = (chosen + rejected) ** 2
+    total = per_pair.sum() + (center_coef * center.sum() if center_coef else 0.0)
+    n = chosen.numel()
+    loss = total / (n if normalizer is None else normalizer)
+    with torch.no_grad():
+        count = max(n, 1)
+        stats = {
+            "loss_sum": per_pair.sum().detach(),
+            "center_sum": center.sum().detach(),
+            "correct": (diff > 0).sum().float(),
+            "ties": (diff == 0).sum().float(),
+            "margin_sum": diff.sum().detach(),
+            "pairs": torch.tensor(float(n), device=diff.device),
+            "accuracy": (diff > 0).sum().float() / count,
+            "margin": diff.sum().detach() / count,
+            "chosen_mean": chosen.sum().detach() / count,
+            "rejected_mean": rejected.sum().detach() / count,
+        }
+    return loss, stats

@@ -31,7 +31,7 @@ STDLIB_MODULES = (
 
 
 def stdlib_text(min_chars: int = 200) -> list[str]:
-    """Docstrings of standard-library modules, classes and functions, longest-first deduplicated."""
+    """Docstrings of standard-library modules, classes and functions, deduplicated."""
     seen, texts = set(), []
     for name in STDLIB_MODULES:
         try:
@@ -42,7 +42,7 @@ def stdlib_text(min_chars: int = 200) -> list[str]:
         except ImportError:
             continue
         objects = [module] + [
-            obj for _, obj in inspect.getmembers(module) if inspect.isclass(obj) or inspect.isfunction(obj)
+            obj for _, obj in members if inspect.isclass(obj) or inspect.isfunction(obj)
         ]
         for obj in objects:
             doc = inspect.getdoc(obj)

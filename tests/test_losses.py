@@ -56,8 +56,13 @@ def test_value_loss_clipping_worked_example():
 def _dpo(loss_type, ls=0.0, beta=0.5):
     # chosen log-ratio = -1 - (-2) = 1, rejected log-ratio = -3 - (-2) = -1 -> h = 2, beta * h = 1.
     return dpo_loss(
-        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]),
-        beta=beta, loss_type=loss_type, label_smoothing=ls,
+        torch.tensor([-1.0]),
+        torch.tensor([-3.0]),
+        torch.tensor([-2.0]),
+        torch.tensor([-2.0]),
+        beta=beta,
+        loss_type=loss_type,
+        label_smoothing=ls,
     )
 
 
