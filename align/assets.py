@@ -25,6 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# One cache root for every offline asset; the tokenizer cache defines it (chatml sits below align).
+from chatml.qwen_tokenizer import cache_root
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -61,16 +64,6 @@ _CACHE_FORMAT = 1  # bump when the cached layout changes, to force a rebuild
 
 class AssetError(RuntimeError):
     """An offline asset could not be found or built."""
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The root of align's cache: ``cache_dir``, else ``$ALIGN_CACHE``, else ``~/.cache/align``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("ALIGN_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "align"
 
 
 def _is_complete(path: Path) -> bool:
