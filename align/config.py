@@ -178,6 +178,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string; users write it so
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -413,3 +418,161 @@ class PPOConfig(TrainConfig):
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )
     log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, scores).")
+
+
+@dataclasses.dataclass
+class DPOConfig(TrainConfig):
+    """Offline DPO on preference pairs (Qwen2/2.5): chosen and rejected in one padding-free forward pass,
+    reference log-probs computed once and cached on disk. Defaults = the embedded default job."""
+
+    model_name_or_path: str = doc(
+        "auto",
+        "The policy to start from: a local directory, `smollm2-135m-instruct`, or `auto` = outputs/sft/final "
+        "(the SFT default's output) if it exists, else smollm2-135m-instruct.",
+    )
+    ref_model_path: str | None = doc(
+        None,
+        "The frozen reference; default: the starting policy (with use_lora: the adapter-disabled policy).",
+    )
+    dataset: str = doc(
+        "embedded",
+        "Preference pairs (the reward model's formats: pair, hh, sharegpt, oasst): a JSONL/JSON file, a "
+        "directory, a saved `datasets` dataset, or `embedded` (generated comparisons).",
+    )
+    dataset_format: str | None = doc(
+        None, "Force a preference record format (pair, hh, sharegpt, oasst); default: detect per record."
+    )
+    output_dir: str = doc(
+        "outputs/dpo", "Where checkpoints, metrics.jsonl, the reference cache and final/ go."
+    )
+    default_system: str | None = doc(None, "System prompt inserted when a conversation has none.")
+    beta: float = doc(0.1, "DPO inverse temperature (Qwen2.5: 0.1).")
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = doc(
+        "sigmoid",
+        "sigmoid (DPO), robust (robust DPO), hinge (SLiC) or ipo (IPO, on per-token mean log-probs).",
+    )
+    label_smoothing: float = doc(0.0, "Assumed rate of flipped labels (cDPO with sigmoid, robust DPO).")
+    rpo_alpha: float = doc(
+        0.0, "Weight of an NLL term on the chosen responses (RPO), token-mean over the global batch (0: off)."
+    )
+    ref_cache_dir: str | None = doc(
+        None,
+        "Where reference log-probs are cached, keyed by a fingerprint of the reference weights/config and the "
+        "tokenised pairs; default: output_dir/ref_cache.",
+    )
+    ref_dtype: Literal["float32", "bfloat16"] = doc("float32", "Precision of the reference pass.")
+    ref_batch_size: int = doc(16, "Pairs per forward pass when computing the reference log-probs.")
+    # The embedded default: a few minutes on 2 CPU cores with SmolLM2-135M-Instruct.
+    max_length: int = doc(
+        128, "Longest prompt + response in tokens; longer pairs are skipped and counted (never truncated)."
+    )
+    learning_rate: float = doc(5e-6, "Peak learning rate (Qwen2.5: 7e-7 over ~150k pairs).")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
+        "constant", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
+    )
+    warmup_steps: int = doc(2, "Linear warm-up steps from 0 to the peak learning rate.")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
+    batch_size: int = doc(8, "Global batch per optimiser step, in preference pairs.")
+    micro_batch_size: int = doc(
+        4,
+        "Pairs per device per forward pass (2x as many sequences, one packed row); accumulation is derived.",
+    )
+    max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
+    num_epochs: float = doc(1.0, "Passes over the pairs when max_steps is -1 (Qwen2.5: one epoch).")
+    save_steps: int = doc(8, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    embedded_pairs: int = doc(96, "With dataset=embedded: how many generated comparisons to train on.")
+    embedded_format_error_rate: float = doc(
+        0.3, "With dataset=embedded: share of rejected replies that are the right value in the wrong format."
+    )
+    eval_tasks: int = doc(
+        48, "Held-out generated tasks whose gold-verifier accuracy is reported before and after (0: skip)."
+    )
+    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
+
+
+@dataclasses.dataclass
+class OnlineConfig(TrainConfig):
+    """What online DPO and GRPO share: prompts, sampling, reward, reference. `batch_size` counts queries
+    per iteration (each gets `samples_per_query` responses); `micro_batch_size` counts responses per
+    forward pass and device."""
+
+    model_name_or_path: str = doc(
+        "auto",
+        "The policy to start from (also the reference): a local directory, `smollm2-135m-instruct`, or "
+        "`auto` = outputs/sft/final if it exists, else smollm2-135m-instruct.",
+    )
+    reward: Literal["auto", "model", "verifier"] = doc(
+        "auto",
+        "model: the reward model at reward_model_path; verifier: the gold verifier of the embedded tasks "
+        "(a rule-based 0/1 reward); auto: the model if reward_model_path exists, else the verifier.",
+    )
+    reward_model_path: str = doc("outputs/rm/final", "The reward model (a directory saved by recipes/rm.py).")
+    dataset: str = doc(
+        "embedded",
+        "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",
+    )
+    embedded_prompts: int = doc(32, "With dataset=embedded: how many generated training prompts.")
+    default_system: str | None = doc(None, "System prompt inserted when a prompt has none.")
+    max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
+    samples_per_query: int = doc(4, "Responses sampled per query.")
+    top_p: float = doc(1.0, "Nucleus sampling mass.")
+    temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
+    max_new_tokens: int = doc(24, "Response budget.")
+    missing_eos_penalty: float | None = doc(
+        None, "Score given to a response that never emitted <|im_end|> (None: score it as it is)."
+    )
+    rollout_engine: Literal["hf", "manual"] = doc("hf", "Generation backend (see align/rollout.py).")
+    ref_dtype: Literal["float32", "bfloat16"] = doc(
+        "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
+    )
+    batch_size: int = doc(4, "Queries per iteration (global).")
+    micro_batch_size: int = doc(8, "Responses per forward pass and device.")
+    max_steps: int = doc(8, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
+    save_steps: int = doc(4, "Write a checkpoint every N iterations (0: only at the end).")
+    lr_scheduler: Literal["constant", "cosine", "linear"] = doc("constant", "Shape after warm-up.")
+    weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
+    log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, score).")
+    eval_tasks: int = doc(
+        48, "With embedded prompts: held-out tasks whose gold-verifier accuracy is reported before and after."
+    )
+    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
+
+
+@dataclasses.dataclass
+class OnlineDPOConfig(OnlineConfig):
+    """Online DPO (Qwen2): each iteration samples k responses per prompt from the current policy, the reward
+    picks the best and the worst (all-tied groups are skipped and counted), and one DPO step is taken
+    against the initial policy as reference. Defaults = the embedded default job."""
+
+    output_dir: str = doc(
+        "outputs/online_dpo", "Where checkpoints, metrics.jsonl, rollouts.jsonl and final/ go."
+    )
+    beta: float = doc(0.1, "DPO inverse temperature.")
+    loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = doc("sigmoid", "DPO loss variant.")
+    label_smoothing: float = doc(0.0, "Assumed rate of flipped labels (sigmoid/robust).")
+    learning_rate: float = doc(5e-6, "Peak learning rate.")
+
+
+@dataclasses.dataclass
+class GRPOConfig(OnlineConfig):
+    """GRPO (Qwen2.5): G samples per query, advantages normalised within each group, PPO's clipped
+    objective, optional k3 KL to the reference, and queries with larger reward variance trained first.
+    Defaults = the embedded default job."""
+
+    output_dir: str = doc("outputs/grpo", "Where checkpoints, metrics.jsonl, rollouts.jsonl and final/ go.")
+    samples_per_query: int = doc(8, "G, responses sampled per query (Qwen2.5: 8).")
+    batch_size: int = doc(2, "Queries per iteration (global).")
+    embedded_prompts: int = doc(16, "With dataset=embedded: how many generated training prompts.")
+    learning_rate: float = doc(2e-6, "Peak learning rate.")
+    clip_eps: float = doc(0.2, "Ratio clip range of the surrogate objective.")
+    kl_coef: float = doc(0.04, "Weight of the k3 KL to the reference, token-mean (0: no reference model).")
+    scale_rewards: bool = doc(
+        True, "Divide group-centred rewards by the group's std (GRPO); false: centre only (Dr. GRPO)."
+    )
+    variance_order: bool = doc(
+        True,
+        "Qwen2.5 ordering: a scoring pass samples every query before training and the queries with larger "
+        "reward variance are trained first; false: a seeded random order.",
+    )
+    ppo_epochs: int = doc(1, "Passes over each rollout batch (1: the ratio is 1 and clipping is inactive).")
+    num_mini_batches: int = doc(1, "Optimiser steps per pass (the rollout batch is split this many ways).")

@@ -28,6 +28,10 @@ def test_yaml_then_overrides(tmp_path):
 
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert load_config(SFTConfig, None, ["learning_rate=1"]).learning_rate == 1.0
+    # YAML 1.1 reads 3e-3 (no dot) as a string; it must still be the number users mean.
+    assert load_config(SFTConfig, None, ["learning_rate=3e-3"]).learning_rate == 3e-3
+    with pytest.raises(ConfigError, match="learning_rate: expected a number, got str 'fast'"):
+        load_config(SFTConfig, None, ["learning_rate=fast"])
     with pytest.raises(ConfigError, match="batch_size: expected an integer, got float 2.5"):
         load_config(SFTConfig, None, ["batch_size=2.5"])
 

@@ -192,3 +192,31 @@ def test_recipe_rejects_unknown_key(tmp_path):
     proc = _run_recipe([sys.executable, "recipes/sft.py", "learning_rat=1e-5"])
     assert proc.returncode == 2
     assert "unknown key 'learning_rat'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_two_processes_give_the_losses_of_one(tiny_qwen_dir, sft_data, tmp_path):
+    common = [
+        f"model_name_or_path={tiny_qwen_dir}", f"dataset={sft_data}", "max_steps=3", "batch_size=8",
+        "micro_batch_size=2", "max_length=128", "eval_tasks=0", "report_to=none", "learning_rate=3e-3",
+        "progress=false",
+    ]  # fmt: skip
+    two = _run_recipe(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
+         "--main_process_port", str(_free_port()), "recipes/sft.py", *common, f"output_dir={tmp_path / 'two'}"]
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _run_recipe([sys.executable, "recipes/sft.py", *common, f"output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-6)
+    a = load_file(tmp_path / "one" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
