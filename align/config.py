@@ -511,7 +511,7 @@ class OnlineConfig(TrainConfig):
         "embedded",
         "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",
     )
-    embedded_prompts: int = doc(32, "With dataset=embedded: how many generated training prompts.")
+    embedded_prompts: int = doc(24, "With dataset=embedded: how many generated training prompts.")
     default_system: str | None = doc(None, "System prompt inserted when a prompt has none.")
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     samples_per_query: int = doc(4, "Responses sampled per query.")
@@ -527,13 +527,13 @@ class OnlineConfig(TrainConfig):
     )
     batch_size: int = doc(4, "Queries per iteration (global).")
     micro_batch_size: int = doc(8, "Responses per forward pass and device.")
-    max_steps: int = doc(8, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
+    max_steps: int = doc(6, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
     save_steps: int = doc(4, "Write a checkpoint every N iterations (0: only at the end).")
     lr_scheduler: Literal["constant", "cosine", "linear"] = doc("constant", "Shape after warm-up.")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
     log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, score).")
     eval_tasks: int = doc(
-        48, "With embedded prompts: held-out tasks whose gold-verifier accuracy is reported before and after."
+        32, "With embedded prompts: held-out tasks whose gold-verifier accuracy is reported before and after."
     )
     eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
 
@@ -550,7 +550,7 @@ class OnlineDPOConfig(OnlineConfig):
     beta: float = doc(0.1, "DPO inverse temperature.")
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = doc("sigmoid", "DPO loss variant.")
     label_smoothing: float = doc(0.0, "Assumed rate of flipped labels (sigmoid/robust).")
-    learning_rate: float = doc(5e-6, "Peak learning rate.")
+    learning_rate: float = doc(1e-5, "Peak learning rate.")
 
 
 @dataclasses.dataclass
@@ -562,8 +562,9 @@ class GRPOConfig(OnlineConfig):
     output_dir: str = doc("outputs/grpo", "Where checkpoints, metrics.jsonl, rollouts.jsonl and final/ go.")
     samples_per_query: int = doc(8, "G, responses sampled per query (Qwen2.5: 8).")
     batch_size: int = doc(2, "Queries per iteration (global).")
-    embedded_prompts: int = doc(16, "With dataset=embedded: how many generated training prompts.")
-    learning_rate: float = doc(2e-6, "Peak learning rate.")
+    embedded_prompts: int = doc(8, "With dataset=embedded: how many generated training prompts.")
+    max_steps: int = doc(4, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
+    learning_rate: float = doc(1e-5, "Peak learning rate.")
     clip_eps: float = doc(0.2, "Ratio clip range of the surrogate objective.")
     kl_coef: float = doc(0.04, "Weight of the k3 KL to the reference, token-mean (0: no reference model).")
     scale_rewards: bool = doc(

@@ -1,0 +1,538 @@
+"""Reward model training on preference pairs: PMP, RM fine-tuning, or both in sequence, on accelerate.
+
+Both responses of every pair go through the model in the same forward pass: a micro-batch's chosen
+and rejected sequences are packed back to back into one padding-free row (position ids restart at
+each sequence, so attention stays inside it, as in the SFT loop), and the reward of each sequence is
+read at its last token, its end token. Pairs whose end token was truncated away are counted and left
+out. The loss is the mean over the pairs of the whole global batch, whatever the split into
+micro-batches and processes. Held-out pairs are scored before training, after every epoch and at the
+end, with the same code as ``eval/rm_accuracy.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from align.config import RMConfig, config_to_dict
+from align.data import DataReport, end_token_id, load_preference, tokenize_preference
+from align.evaluate_rm import evaluate_pairs, format_result, write_report
+from align.losses import pairwise_reward_loss
+from align.models import load_tokenizer
+from align.reward import RewardModel, pack_pairs, pad_sequences
+from align.tracking import MetricsLogger, plot_metrics
+from align.train.runtime import (
+    BatchPlan,
+    RunCheckpointer,
+    RunSetupError,
+    build_optimizer,
+    build_scheduler,
+    fingerprint_rows,
+    global_batch_indices,
+    make_accelerator,
+    prepare_output_dir,
+    total_steps,
+)
+
+SFT_DEFAULT_OUTPUT = Path("outputs/sft/final")
+
+
+def resolve_backbone(name: str) -> str:
+    """`auto` -> the SFT default's output when it exists, else SmolLM2; anything else as `resolve_model`."""
+    from align.assets import resolve_model
+
+    if name == "auto":
+        name = (
+            str(SFT_DEFAULT_OUTPUT)
+            if (SFT_DEFAULT_OUTPUT / "config.json").is_file()
+            else "smollm2-135m-instruct"
+        )
+    return resolve_model(name)
+
+
+def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str]:
+    """(model, tokenizer, where it came from): `init_from` (head carried over) or a new head on a backbone."""
+    load_kwargs = {
+        "attn_implementation": cfg.attn_implementation,
+        "dropout": cfg.dropout,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
+    if cfg.init_from:
+        source = cfg.init_from
+        if not Path(source).is_dir():
+            raise RunSetupError(f"init_from={source}: no such directory (expected a reward model's final/)")
+        try:
+            model = RewardModel.from_pretrained(source, **load_kwargs)
+        except FileNotFoundError as err:
+            raise RunSetupError(f"init_from: {err}") from err
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        if model.config.end_token != cfg.end_token:
+            raise RunSetupError(
+                f"init_from={source} reads rewards at {model.config.end_token!r} but end_token={cfg.end_token!r}"
+            )
+        model.config.unclosed_reward = cfg.unclosed_reward
+        model.config.default_system = cfg.default_system
+        model.config.max_length = cfg.max_length
+    else:
+        source = resolve_backbone(cfg.model_name_or_path)
+        tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        try:
+            end_id = end_token_id(tokenizer, cfg.end_token)
+        except ValueError as err:
+            raise RunSetupError(str(err)) from err
+        model = RewardModel.from_backbone(
+            source,
+            end_token_id=end_id,
+            end_token=cfg.end_token,
+            unclosed_reward=cfg.unclosed_reward,
+            default_system=cfg.default_system,
+            max_length=cfg.max_length,
+            seed=cfg.seed,
+            **load_kwargs,
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.backbone.config.use_cache = False
+    if cfg.use_lora:
+        model.backbone = apply_lora_to_backbone(model.backbone, cfg)
+    return model, tokenizer, source
+
+
+def apply_lora_to_backbone(backbone: torch.nn.Module, cfg: RMConfig) -> torch.nn.Module:
+    """LoRA adapters on the backbone's linear layers; the reward head stays fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets: str | list[str] = cfg.lora_target_modules
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets
+    )
+    backbone = get_peft_model(backbone, lora)
+    if cfg.gradient_checkpointing:
+        backbone.enable_input_require_grads()
+    return backbone
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+
+
+def embedded_pairs(
+    n: int, seed: int, *, split: str, label_noise: float = 0.0, format_error_rate: float = 0.0
+) -> list[dict[str, Any]]:
+    """Generated comparisons (`align.tasks.preference_pairs`): the right answer against a plausible wrong
+    one; with ``label_noise`` that share of pairs is swapped (chosen and rejected), seeded."""
+    from align.tasks import generate_tasks, preference_pairs
+
+    pairs = preference_pairs(generate_tasks(n, seed, split=split), seed, format_error_rate=format_error_rate)
+    rng = random.Random(f"label-noise:{seed}:{split}")
+    for pair in pairs:
+        if rng.random() < label_noise:
+            pair["chosen"], pair["rejected"] = pair["rejected"], pair["chosen"]
+    return pairs
+
+
+def _write_embedded(path: Path, pairs: list[dict[str, Any]], is_main: bool) -> str:
+    from align.tasks import write_jsonl
+
+    if is_main and not path.exists():
+        write_jsonl(path, pairs)
+    PartialState().wait_for_everyone()
+    return str(path)
+
+
+def load_rm_data(
+    cfg: RMConfig, out: Path, is_main: bool
+) -> tuple[list[dict], DataReport, str, list[dict], str | None]:
+    """(train pairs, their report, source, held-out pairs, held-out name)."""
+    source = cfg.dataset
+    if source == "embedded":
+        if cfg.stage == "pmp":
+            # PMP: a large comparison set with label noise (the "web" comparisons of the Qwen report).
+            pairs = embedded_pairs(
+                cfg.embedded_pmp_pairs,
+                cfg.seed,
+                split="train",
+                label_noise=cfg.embedded_label_noise,
+                format_error_rate=cfg.embedded_format_error_rate,
+            )
+        else:
+            # RM: a smaller clean set on other problems (another seed).
+            pairs = embedded_pairs(
+                cfg.embedded_rm_pairs,
+                cfg.seed + 1,
+                split="train",
+                format_error_rate=cfg.embedded_format_error_rate,
+            )
+        source = _write_embedded(out / "data" / "train.jsonl", pairs, is_main)
+    rejects = out / "rejects.jsonl" if cfg.skip_bad else None
+    pairs, report = load_preference(
+        source, skip_bad=cfg.skip_bad, rejects_path=rejects, format=cfg.dataset_format
+    )
+    eval_pairs: list[dict] = []
+    eval_name: str | None = None
+    eval_source = cfg.eval_dataset
+    if eval_source is None and cfg.dataset == "embedded":
+        eval_source = "embedded"
+    if eval_source == "embedded":
+        held = embedded_pairs(
+            cfg.embedded_eval_pairs,
+            cfg.seed,
+            split="heldout",
+            format_error_rate=cfg.embedded_format_error_rate,
+        )
+        eval_source = _write_embedded(out / "data" / "heldout.jsonl", held, is_main)
+        eval_name = "heldout"
+    if eval_source is not None:
+        eval_pairs, _ = load_preference(eval_source, skip_bad=cfg.skip_bad, format=cfg.dataset_format)
+        eval_name = eval_name or dataset_name(eval_source)
+    elif cfg.eval_fraction > 0:
+        if not 0 < cfg.eval_fraction < 1:
+            raise RunSetupError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
+        order = list(range(len(pairs)))
+        random.Random(f"eval-split:{cfg.seed}").shuffle(order)
+        k = max(1, round(cfg.eval_fraction * len(pairs)))
+        held_idx = set(order[:k])
+        eval_pairs = [p for i, p in enumerate(pairs) if i in held_idx]
+        pairs = [p for i, p in enumerate(pairs) if i not in held_idx]
+        eval_name = "heldout"
+    return pairs, report, source, eval_pairs, eval_name
+
+
+def dataset_name(source: str) -> str:
+    """A short name for a data file: its name without .jsonl/.json/.gz."""
+    name = Path(source).name
+    for suffix in (".gz", ".jsonl", ".ndjson", ".json"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name or str(source)
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def _forward_pairs(
+    model: torch.nn.Module, examples: list[dict], cfg: RMConfig, pad_id: int, device: torch.device
+) -> tuple[Any, torch.Tensor | None, int]:
+    """Rewards of a micro-batch's sequences (chosen_1, rejected_1, ...) in one forward pass."""
+    if cfg.packing:
+        batch = pack_pairs(examples, device)
+        out = model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], end_index=batch["end_index"]
+        )
+        tokens = batch["input_ids"].numel()
+        margin, has_margin = batch["margin"], batch["has_margin"]
+    else:
+        seqs = [s for ex in examples for s in (ex["chosen_ids"], ex["rejected_ids"])]
+        ids, mask = pad_sequences(seqs, pad_id, side="right", device=device)
+        out = model(input_ids=ids, attention_mask=mask)
+        tokens = int(mask.sum())
+        margins = [ex.get("margin") for ex in examples]
+        margin = torch.tensor([m or 0.0 for m in margins], device=device)
+        has_margin = torch.tensor([m is not None for m in margins], device=device)
+    use = cfg.use_margin and bool(has_margin.any())
+    return out, (margin if use else None), tokens
+
+
+def run_reward(cfg: RMConfig, *, stop_after_step: int | None = None) -> dict[str, Any]:
+    """Run the configured stage (or both, for stage=pmp+rm); return the summary (also summary.json)."""
+    if cfg.stage == "pmp+rm":
+        return run_pmp_then_rm(cfg, stop_after_step=stop_after_step)
+    return train_reward_model(cfg, stop_after_step=stop_after_step)
+
+
+def run_pmp_then_rm(cfg: RMConfig, *, stop_after_step: int | None = None) -> dict[str, Any]:
+    """PMP into output_dir/pmp, then RM fine-tuning from its final/ (head included) into output_dir/rm."""
+    state = PartialState()
+    out = prepare_output_dir(
+        cfg.output_dir, overwrite=cfg.overwrite, is_main=state.is_main_process, stage="pmp+rm"
+    )
+    state.wait_for_everyone()
+    start = time.perf_counter()
+    pmp_cfg = dataclasses.replace(cfg, stage="pmp", output_dir=str(out / "pmp"))
+    pmp = train_reward_model(pmp_cfg, stop_after_step=stop_after_step)
+    if "stopped_at" in pmp:
+        return pmp
+    rm_cfg = dataclasses.replace(
+        cfg,
+        stage="rm",
+        dataset=cfg.rm_dataset,
+        init_from=pmp["final_model"],
+        output_dir=str(out / "rm"),
+        eval_before=False,  # the PMP model's held-out accuracy is already known
+    )
+    rm = train_reward_model(rm_cfg, accuracy_before=pmp.get("accuracy_after"))
+    summary = {
+        "stage": "pmp+rm",
+        "output_dir": str(out),
+        "final_model": rm["final_model"],
+        "metrics": rm["metrics"],
+        "accuracy_before_pmp": pmp.get("accuracy_before"),
+        "accuracy_after_pmp": pmp.get("accuracy_after"),
+        "accuracy_after_rm": rm.get("accuracy_after"),
+        "pmp_seconds": pmp["seconds"],
+        "rm_seconds": rm["seconds"],
+        "seconds": round(time.perf_counter() - start, 1),
+        "pmp": pmp,
+        "rm": rm,
+    }
+    if state.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        print(
+            f"held-out accuracy: before {_pct(summary['accuracy_before_pmp'])} -> after PMP "
+            f"{_pct(summary['accuracy_after_pmp'])} -> after RM {_pct(summary['accuracy_after_rm'])} "
+            f"({summary['seconds']:.0f} s)"
+        )
+    return summary
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1%}"
+
+
+def train_reward_model(
+    cfg: RMConfig, *, stop_after_step: int | None = None, accuracy_before: float | None = None
+) -> dict[str, Any]:
+    """Train one stage per `cfg`; return the run summary (also written to summary.json).
+
+    `stop_after_step` ends the run early after that step's checkpoint, as a kill would (for tests);
+    `accuracy_before` is reported as the held-out accuracy before training when eval_before is off.
+    """
+    if cfg.stage not in ("pmp", "rm"):
+        raise RunSetupError(f"train_reward_model runs one stage (pmp or rm), got stage={cfg.stage!r}")
+    started = time.perf_counter()
+    accelerator = make_accelerator(cfg)
+    is_main = accelerator.is_main_process
+    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, is_main=is_main, stage=cfg.stage)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
+
+    model, tokenizer, model_source = load_reward_model_for_training(cfg)
+    pairs, report, source, eval_pairs, eval_name = load_rm_data(cfg, out, is_main)
+    tok_kwargs = {
+        "max_length": cfg.max_length,
+        "end_token": cfg.end_token,
+        "default_system": cfg.default_system,
+        "truncation_side": cfg.truncation_side,
+    }
+    examples = tokenize_preference(pairs, tokenizer, report=report, **tok_kwargs)
+    rows = [ex for ex in examples if ex["chosen_closed"] and ex["rejected_closed"]]
+    unclosed_pairs = len(examples) - len(rows)
+    eval_examples = tokenize_preference(eval_pairs, tokenizer, **tok_kwargs) if eval_pairs else []
+    steps_per_epoch, num_steps = total_steps(cfg, len(rows))
+    if is_main:
+        (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        accelerator.print(report.summary())
+        accelerator.print(
+            f"{cfg.stage}: {len(rows)} training pairs ({unclosed_pairs} left out: end token truncated away), "
+            f"{len(eval_examples)} held-out pairs; {steps_per_epoch} steps per epoch, {num_steps} steps, "
+            f"batch {cfg.batch_size} pairs = {plan.accumulation_steps} x {cfg.micro_batch_size} x "
+            f"{accelerator.num_processes} process(es); model from {model_source}"
+        )
+
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    checkpointer = RunCheckpointer(
+        accelerator, out, cfg, fingerprint_rows(rows, keys=("chosen_ids", "rejected_ids", "margin"))
+    )
+    objects = ({"model": unwrapped}, {"model": optimizer}, {"model": scheduler})
+    start_step, saved = checkpointer.restore(*objects)
+    state: dict[str, Any] = {"skipped_nonfinite": 0, "eval_history": [], "eval_seconds": 0.0, **(saved or {})}
+    logger = MetricsLogger(
+        out,
+        cfg.report_to,
+        enabled=is_main,
+        resume_step=start_step if saved is not None else None,
+        run_config=config_to_dict(cfg),
+    )
+
+    def evaluate() -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = evaluate_pairs(
+            unwrapped,
+            eval_examples,
+            micro_batch_size=cfg.eval_micro_batch_size,
+            device=accelerator.device,
+            autocast=accelerator.autocast,
+        )
+        state["eval_seconds"] += time.perf_counter() - t0
+        return result
+
+    if eval_examples and saved is None:
+        if cfg.eval_before and is_main:
+            accelerator.print(f"held-out accuracy before training ({len(eval_examples)} pairs)...")
+            before = evaluate()
+            state["accuracy_before"] = before["accuracy"]
+            accelerator.print(format_result(f"{eval_name} (before)", before))
+        elif accuracy_before is not None:
+            state["accuracy_before"] = accuracy_before
+        accelerator.wait_for_everyone()
+
+    model.train()
+    bar = tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc=cfg.stage,
+        disable=not (is_main and cfg.progress),
+        dynamic_ncols=True,
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    normalizer = cfg.batch_size / accelerator.num_processes  # DDP averages over processes
+    last_loss = float("nan")
+    train_seconds = state.get("train_seconds", 0.0)
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start_step, num_steps):
+        step_start = time.perf_counter()
+        indices = global_batch_indices(step, len(rows), cfg.batch_size, cfg.seed)
+        micro_batches = plan.local_micro_batches(indices, accelerator.process_index)
+        sums = torch.zeros(5, device=accelerator.device)  # loss, correct, margin, chosen, rejected
+        for k, micro in enumerate(micro_batches):
+            last = k == len(micro_batches) - 1
+            sync = nullcontext() if last else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                result, margin, tokens = _forward_pairs(
+                    model, [rows[i] for i in micro], cfg, pad_id, accelerator.device
+                )
+                chosen, rejected = result.rewards[0::2], result.rewards[1::2]
+                loss, stats = pairwise_reward_loss(
+                    chosen, rejected, margin, cfg.center_rewards_coef, normalizer=normalizer
+                )
+                accelerator.backward(loss)
+            window_tokens += tokens
+            sums += torch.stack(
+                [
+                    stats["loss_sum"],
+                    stats["correct"],
+                    stats["margin_sum"],
+                    chosen.detach().sum(),
+                    rejected.detach().sum(),
+                ]
+            )
+        grad_norm = accelerator.clip_grad_norm_(
+            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        )
+        totals = (accelerator.reduce(sums, reduction="sum") / cfg.batch_size).tolist()
+        if not (math.isfinite(totals[0]) and math.isfinite(float(grad_norm))):
+            state["skipped_nonfinite"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+        else:
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_seconds = time.perf_counter() - step_start
+        train_seconds += step_seconds
+        last_loss = totals[0]
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{totals[1]:.2f}")
+        metrics: dict[str, Any] = {}
+        if eval_examples and (done % steps_per_epoch == 0 or done == num_steps):
+            if is_main:
+                result_eval = evaluate()
+                epoch = done / steps_per_epoch
+                state["eval_history"].append(
+                    {"step": done, "epoch": epoch, "accuracy": result_eval["accuracy"]}
+                )
+                state["last_eval"] = {k: v for k, v in result_eval.items() if k != "margins"}
+                state["last_eval_margins"] = result_eval["margins"]
+                metrics.update(
+                    eval_accuracy=result_eval["accuracy"],
+                    eval_mean_margin=result_eval["mean_margin"],
+                    eval_ties=result_eval["ties"],
+                )
+                accelerator.print(format_result(f"{eval_name} (epoch {epoch:g}, step {done})", result_eval))
+            accelerator.wait_for_everyone()
+            window_start = time.perf_counter()  # keep scoring time out of the training throughput
+        if done % cfg.logging_steps == 0 or done == num_steps or metrics:
+            elapsed = time.perf_counter() - window_start
+            logger.log(
+                {
+                    "loss": last_loss,
+                    "accuracy": totals[1],
+                    "margin": totals[2],
+                    "chosen_reward": totals[3],
+                    "rejected_reward": totals[4],
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
+                    "step_seconds": step_seconds,
+                    "epoch": done / steps_per_epoch,
+                    "skipped_nonfinite": state["skipped_nonfinite"],
+                    **metrics,
+                },
+                step=done,
+            )
+            window_start, window_tokens = time.perf_counter(), 0
+        state["train_seconds"] = train_seconds
+        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+            checkpointer.save(done, state, *objects)
+        if stop_after_step is not None and done >= stop_after_step:
+            bar.close()
+            logger.close()
+            return {"stopped_at": done}
+    bar.close()
+
+    summary: dict[str, Any] = {
+        "stage": cfg.stage,
+        "output_dir": str(out),
+        "final_model": str(out / "final"),
+        "metrics": str(out / "metrics.jsonl"),
+        "model_from": model_source,
+        "steps": num_steps,
+        "final_loss": last_loss,
+        "train_pairs": len(rows),
+        "unclosed_pairs_left_out": unclosed_pairs,
+        "eval_pairs": len(eval_examples),
+        "accuracy_before": state.get("accuracy_before"),
+        "accuracy_after": state["eval_history"][-1]["accuracy"] if state["eval_history"] else None,
+        "eval_history": state["eval_history"],
+        "data": report.to_dict(),
+        "dataset": source,
+        "skipped_nonfinite": state["skipped_nonfinite"],
+        "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(state["eval_seconds"], 1),
+    }
+    accelerator.wait_for_everyone()
+    full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
+    if is_main:
+        unwrapped.save_pretrained(out / "final", tokenizer=tokenizer, state_dict=full_state)
+        if "last_eval" in state:
+            last_eval = {**state["last_eval"], "margins": state["last_eval_margins"]}
+            summary["report"] = str(
+                write_report({eval_name: last_eval}, out / "eval", model=str(out / "final"))["json"]
+            )
+        summary["plot"] = str(
+            plot_metrics(
+                out, ["loss", "accuracy", "margin", "eval_accuracy", "lr", "grad_norm"], title=cfg.stage
+            )
+        )
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if summary["accuracy_after"] is not None:
+            accelerator.print(
+                f"{cfg.stage}: held-out accuracy {_pct(summary['accuracy_before'])} -> "
+                f"{_pct(summary['accuracy_after'])} ({len(eval_examples)} pairs)"
+            )
+    summary.setdefault("seconds", round(time.perf_counter() - started, 1))
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary
