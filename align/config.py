@@ -366,7 +366,7 @@ class PPOConfig(TrainConfig):
     model_name_or_path: str = doc(
         "outputs/sft/final", "The policy to start from (an SFT output); the reference is a frozen copy of it."
     )
-    reward_model_path: str = doc("outputs/rm/final", "The reward model (a directory saved by recipes/rm.py).")
+    reward_model_path: str = doc("outputs/rm/rm/final", "The reward model (a directory saved by recipes/rm.py).")
     value_model_path: str | None = doc(None, "The value model's starting point; default: the reward model.")
     dataset: str = doc(
         "embedded",
@@ -378,8 +378,8 @@ class PPOConfig(TrainConfig):
     )
     default_system: str | None = doc(None, "System prompt inserted when a prompt has none.")
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
-    max_steps: int = doc(12, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
-    batch_size: int = doc(8, "Queries per PPO iteration (global).")
+    max_steps: int = doc(8, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
+    batch_size: int = doc(4, "Queries per PPO iteration (global).")
     micro_batch_size: int = doc(8, "Responses per forward pass and device.")
     save_steps: int = doc(4, "Write a checkpoint every N iterations (0: only at the end).")
     policy_lr: float | None = doc(2e-5, "Policy learning rate (Qwen: 1e-6); None: learning_rate.")
@@ -412,7 +412,7 @@ class PPOConfig(TrainConfig):
     ptx_coef: float = doc(0.5, "Weight of the pre-training LM loss mixed into the policy loss (0: off).")
     ptx_dataset: str = doc("embedded", "Pre-training text: JSONL of {text}, a .txt file, or embedded.")
     ptx_batch_size: int = doc(2, "Pre-training rows per mini-batch.")
-    ptx_max_length: int = doc(128, "Tokens per pre-training row.")
+    ptx_max_length: int = doc(64, "Tokens per pre-training row.")
     rollout_engine: Literal["hf", "manual"] = doc("hf", "Generation backend (see align/rollout.py).")
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
@@ -506,7 +506,7 @@ class OnlineConfig(TrainConfig):
         "model: the reward model at reward_model_path; verifier: the gold verifier of the embedded tasks "
         "(a rule-based 0/1 reward); auto: the model if reward_model_path exists, else the verifier.",
     )
-    reward_model_path: str = doc("outputs/rm/final", "The reward model (a directory saved by recipes/rm.py).")
+    reward_model_path: str = doc("outputs/rm/rm/final", "The reward model (a directory saved by recipes/rm.py).")
     dataset: str = doc(
         "embedded",
         "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",

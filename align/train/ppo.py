@@ -117,7 +117,7 @@ def ensure_embedded_inputs(cfg: PPOConfig) -> None:
 
         print("PPO needs the SFT default's output: training it first (recipes/sft.py defaults)...")
         run_sft(SFTConfig())
-    if cfg.reward_model_path == "outputs/rm/final" and not Path(cfg.reward_model_path).is_dir():
+    if cfg.reward_model_path == "outputs/rm/rm/final" and not Path(cfg.reward_model_path).is_dir():
         from align.config import RMConfig
         from align.train.reward import run_reward
 
