@@ -366,7 +366,9 @@ class PPOConfig(TrainConfig):
     model_name_or_path: str = doc(
         "outputs/sft/final", "The policy to start from (an SFT output); the reference is a frozen copy of it."
     )
-    reward_model_path: str = doc("outputs/rm/rm/final", "The reward model (a directory saved by recipes/rm.py).")
+    reward_model_path: str = doc(
+        "outputs/rm/rm/final", "The reward model (a directory saved by recipes/rm.py)."
+    )
     value_model_path: str | None = doc(None, "The value model's starting point; default: the reward model.")
     dataset: str = doc(
         "embedded",
@@ -506,7 +508,9 @@ class OnlineConfig(TrainConfig):
         "model: the reward model at reward_model_path; verifier: the gold verifier of the embedded tasks "
         "(a rule-based 0/1 reward); auto: the model if reward_model_path exists, else the verifier.",
     )
-    reward_model_path: str = doc("outputs/rm/rm/final", "The reward model (a directory saved by recipes/rm.py).")
+    reward_model_path: str = doc(
+        "outputs/rm/rm/final", "The reward model (a directory saved by recipes/rm.py)."
+    )
     dataset: str = doc(
         "embedded",
         "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",

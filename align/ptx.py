@@ -41,9 +41,7 @@ def stdlib_text(min_chars: int = 200) -> list[str]:
                 members = inspect.getmembers(module)
         except ImportError:
             continue
-        objects = [module] + [
-            obj for _, obj in members if inspect.isclass(obj) or inspect.isfunction(obj)
-        ]
+        objects = [module] + [obj for _, obj in members if inspect.isclass(obj) or inspect.isfunction(obj)]
         for obj in objects:
             doc = inspect.getdoc(obj)
             if doc and len(doc) >= min_chars and doc not in seen:

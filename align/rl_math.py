@@ -166,3 +166,57 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def group_advantages(rewards: torch.Tensor, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantages: each reward relative to the other samples of its query.
+
+    Args:
+        rewards: (Q, G), G sampled responses for each of Q queries.
+        scale: divide by the group's (Bessel-corrected) std, as GRPO does; False centres only (Dr. GRPO).
+        eps: added to the std, so a group whose rewards are all equal gets advantages 0, not NaN.
+    Returns:
+        (Q, G) fp32: (r - mean_group) [/ (std_group + eps)].
+    """
+    rewards = rewards.float()
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    if not scale:
+        return centred
+    std = rewards.std(dim=1, keepdim=True) if rewards.shape[1] > 1 else torch.zeros_like(rewards[:, :1])
+    return centred / (std + eps)
+
+
+def variance_order(rewards: torch.Tensor) -> list[int]:
+    """The Qwen2.5 GRPO curriculum: query indices sorted by their reward variance, largest first.
+
+    Args:
+        rewards: (Q, G) scores of G sampled responses per query (the scoring pass).
+    Returns:
+        a permutation of range(Q); equal variances keep their original order (a stable sort).
+    """
+    var = (
+        rewards.float().var(dim=1, unbiased=False)
+        if rewards.shape[1] > 1
+        else rewards.new_zeros(len(rewards))
+    )
+    return sorted(range(len(var)), key=lambda i: -float(var[i]))
+
+
+def best_worst_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Online DPO's pairs: in each group of samples, the best-scored against the worst-scored.
+
+    Args:
+        rewards: (Q, k) scores of k sampled responses per query.
+    Returns:
+        chosen (P,), rejected (P,): flat row indices (q * k + j) of the best and worst response of every
+        query whose scores are not all equal; queries (P,): their query indices; ties: how many queries
+        were skipped because every response scored the same (no preference to learn). Among equal
+        maxima (minima) the first sample is taken.
+    """
+    q, k = rewards.shape
+    best = rewards.argmax(dim=1)  # first index of the maximum
+    worst = rewards.argmin(dim=1)
+    keep = rewards.max(dim=1).values > rewards.min(dim=1).values
+    queries = torch.nonzero(keep).flatten()
+    base = queries * k
+    return base + best[queries], base + worst[queries], queries, int(q - queries.numel())

@@ -85,5 +85,10 @@ def test_ppo_qwen_config_carries_the_report_numbers():
 
     cfg = load_config(PPOConfig, RECIPES / "ppo" / "qwen.yaml")
     assert (cfg.kl_coef, cfg.samples_per_query, cfg.value_warmup_steps, cfg.top_p) == (0.04, 2, 50, 0.9)
-    assert (cfg.policy_lr, cfg.value_lr, cfg.value_clip, cfg.reward_norm) == (1e-6, 5e-6, 0.15, "running_mean")
+    assert (cfg.policy_lr, cfg.value_lr, cfg.value_clip, cfg.reward_norm) == (
+        1e-6,
+        5e-6,
+        0.15,
+        "running_mean",
+    )
     assert cfg.ptx_coef > 0

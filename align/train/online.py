@@ -1,0 +1,506 @@
+"""Online preference learning: online DPO (Qwen2) and GRPO (Qwen2.5), on one loop skeleton.
+
+One iteration, both methods:
+  1. rollout   the current policy samples `samples_per_query` responses per query (the rollout engine);
+  2. scoring   the reward model scores each response at its closing <|im_end|> (or the gold verifier of
+               the embedded tasks, or a caller's `reward_fn` for rule-based rewards);
+  3. update    online DPO: in every query's group the best and the worst response form a DPO pair
+               (groups whose scores all tie are skipped and counted), and one DPO step is taken against
+               the initial policy as reference.
+               GRPO: advantages are the rewards normalised within each query's group, the token-level
+               clipped objective of PPO is applied (`ppo_policy_loss`), plus kl_coef x the k3 KL to the
+               reference. Before training, a scoring pass samples every query once and the queries with
+               the larger reward variance are trained first (the Qwen2.5 ordering; switchable).
+
+The maths lives in pure functions (`align.rl_math.best_worst_pairs`, `group_advantages`,
+`variance_order`, `kl_estimate`; `align.losses.dpo_loss`, `ppo_policy_loss`); this file moves tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+import chatml
+from align.assets import resolve_model
+from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig, config_to_dict
+from align.data import DataError
+from align.losses import dpo_loss, ppo_policy_loss
+from align.models import load_causal_lm, save_final_model
+from align.reward import RewardModel
+from align.rl_math import (
+    best_worst_pairs,
+    group_advantages,
+    kl_estimate,
+    masked_mean,
+    token_logprobs,
+    variance_order,
+)
+from align.rollout import HFRolloutEngine, ManualRolloutEngine, RolloutBatch
+from align.tracking import MetricsLogger, plot_metrics
+from align.train.dpo import resolve_start_model
+from align.train.ppo import (
+    _add,
+    _clip,
+    check_same_vocabulary,
+    load_frozen_lm,
+    load_prompts,
+    response_logits,
+    scatter_rows,
+    sub_batch,
+)
+from align.train.runtime import (
+    RunCheckpointer,
+    RunSetupError,
+    build_optimizer,
+    build_scheduler,
+    fingerprint_rows,
+    global_batch_indices,
+    make_accelerator,
+    prepare_output_dir,
+    total_steps,
+)
+from align.train.sft import heldout_accuracy
+
+Method = Literal["online_dpo", "grpo"]
+
+
+def run_online_dpo(cfg: OnlineDPOConfig, **kw: Any) -> dict[str, Any]:
+    """Online DPO per `cfg`; see `run_online` for the keyword arguments."""
+    return run_online(cfg, "online_dpo", **kw)
+
+
+def run_grpo(cfg: GRPOConfig, **kw: Any) -> dict[str, Any]:
+    """GRPO per `cfg`; see `run_online` for the keyword arguments."""
+    return run_online(cfg, "grpo", **kw)
+
+
+def load_online_prompts(cfg: OnlineConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
+    """Prompt conversations and, for embedded data, their verifiable tasks."""
+    if cfg.dataset == "embedded":
+        from align.tasks import generate_tasks
+
+        tasks = generate_tasks(cfg.embedded_prompts, seed=cfg.seed + 1, split="train")
+        return [t.messages for t in tasks], tasks
+    return load_prompts(cfg)  # the PPO prompt reader: JSONL of {messages} or {prompt}
+
+
+def reward_source(cfg: OnlineConfig, reward_fn: Any, tasks: list[Any] | None) -> str:
+    """`reward_fn`, `model` or `verifier`, per cfg.reward (auto: the RM when its directory exists)."""
+    if reward_fn is not None:
+        return "reward_fn"
+    kind = cfg.reward
+    if kind == "auto":
+        kind = "model" if Path(cfg.reward_model_path).is_dir() else "verifier"
+    if kind == "verifier" and tasks is None:
+        raise RunSetupError(
+            "reward=verifier needs the embedded prompts (a gold answer per task); use reward=model"
+        )
+    return kind
+
+
+def run_online(
+    cfg: OnlineConfig, method: Method, *, reward_fn: Any = None, stop_after_step: int | None = None
+) -> dict[str, Any]:
+    """Run online DPO or GRPO per `cfg`; return the summary (also written to summary.json).
+
+    `reward_fn(batch, texts) -> (B,) scores` replaces the reward model (rule-based rewards, tests);
+    `stop_after_step` ends the run after that iteration's checkpoint, as a kill would.
+    """
+    if method not in ("online_dpo", "grpo"):
+        raise ValueError(f"unknown online method {method!r}")
+    t_start = time.perf_counter()
+    grpo = method == "grpo"
+    accelerator = make_accelerator(cfg)
+    is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
+    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, is_main=is_main, stage=method)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.seed)
+    if cfg.batch_size % world:
+        raise RunSetupError(f"batch_size={cfg.batch_size} queries cannot be split over {world} processes")
+    if cfg.samples_per_query < 2:
+        raise RunSetupError(
+            f"samples_per_query={cfg.samples_per_query}: {method} compares samples, use 2 or more"
+        )
+    queries_per_process = cfg.batch_size // world
+    rows_per_process = queries_per_process * cfg.samples_per_query
+    if grpo and rows_per_process % cfg.num_mini_batches:
+        raise RunSetupError(
+            f"{rows_per_process} responses per process do not split into num_mini_batches={cfg.num_mini_batches}"
+        )
+
+    # Models. Dropout off: the scored log-probs must be those the update recomputes.
+    start_name = resolve_start_model(cfg.model_name_or_path)
+    policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name, dropout=0.0))
+    frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
+    needs_reference = not grpo or cfg.kl_coef > 0
+    # A LoRA policy's reference is the same weights with the adapter off: no second copy.
+    reference = None
+    if needs_reference and not cfg.use_lora:
+        reference = load_frozen_lm(resolve_model(start_name), frozen_dtype, cfg.trust_remote_code).to(device)
+    prompts, tasks = load_online_prompts(cfg)
+    source = reward_source(cfg, reward_fn, tasks)
+    reward_model = None
+    if source == "model":
+        check_same_vocabulary(tokenizer, cfg.reward_model_path)
+        reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype)
+        reward_model.requires_grad_(False)
+        reward_model.eval().to(device)
+    accelerator.print(
+        f"{method}: policy {start_name}; reward: "
+        + {
+            "model": f"the reward model at {cfg.reward_model_path}",
+            "verifier": "the gold verifier of the embedded tasks (rule-based 0/1; no reward model at "
+            f"{cfg.reward_model_path})",
+            "reward_fn": "the caller's reward_fn",
+        }[source]
+    )
+
+    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=cfg.default_system) for p in prompts]
+    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
+    if too_long:
+        raise DataError(
+            f"{len(too_long)} prompts exceed max_length={cfg.max_length} tokens (first: #{too_long[0]})"
+        )
+    steps_per_epoch, num_steps = total_steps(cfg, len(prompt_ids))
+
+    optimizer = build_optimizer(policy, cfg)
+    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy_u = accelerator.unwrap_model(policy)
+    engine_cls = HFRolloutEngine if cfg.rollout_engine == "hf" else ManualRolloutEngine
+    engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
+
+    fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
+    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)
+    objects = ({"policy": policy_u}, {"policy": optimizer}, {"policy": scheduler})
+    start_step, saved = checkpointer.restore(*objects)
+    state: dict[str, Any] = dict(saved or {})
+    logger = MetricsLogger(
+        out,
+        cfg.report_to,
+        enabled=is_main,
+        resume_step=start_step if saved is not None else None,
+        run_config=config_to_dict(cfg),
+    )
+    rollout_log = out / "rollouts.jsonl"
+    if is_main and saved is None and rollout_log.exists():
+        rollout_log.unlink()
+    embedded_eval = tasks is not None and cfg.eval_tasks > 0
+    if embedded_eval and "accuracy_before" not in state and is_main:
+        accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
+        state["accuracy_before"] = heldout_accuracy(policy_u, tokenizer, cfg)["accuracy"]
+
+    def micro_slices(rows: list[int]) -> list[list[int]]:
+        return [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+
+    def score(batch: RolloutBatch, texts: list[str], queries: list[int]) -> torch.Tensor:
+        """(B,) raw scores of a rollout batch whose prompt i is query `queries[i]`."""
+        if reward_fn is not None:
+            scores = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
+        elif reward_model is not None:
+            scores = torch.zeros(len(texts), device=device)
+            with torch.no_grad(), accelerator.autocast():
+                for rows in micro_slices(list(range(len(texts)))):
+                    seq = sub_batch(batch, rows).sequences(left_pad=True)
+                    rewards = reward_model(seq.input_ids, seq.attention_mask).rewards
+                    scores[torch.tensor(rows, device=device)] = rewards.float()
+        else:
+            from align.tasks import verify
+
+            scores = torch.tensor(
+                [
+                    float(verify(tasks[queries[int(p)]], text))
+                    for p, text in zip(batch.prompt_index.tolist(), texts, strict=True)
+                ],
+                device=device,
+            )
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(batch.finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
+        return scores
+
+    def rollout(queries: list[int], seed: int) -> RolloutBatch:
+        return engine.generate(
+            [prompt_ids[i] for i in queries],
+            n=cfg.samples_per_query,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed,
+        ).to(device)
+
+    # GRPO's curriculum: one scoring pass over every query, larger reward variance first. Kept on disk, so a
+    # resumed run trains in the same order without sampling again.
+    order: list[int] | None = None
+    t_order = 0.0
+    if grpo and cfg.variance_order:
+        order_file = out / "query_order.json"
+        if order_file.is_file():
+            order = json.loads(order_file.read_text())["order"]
+        else:
+            t0 = time.perf_counter()
+            policy.eval()
+            variances_of: list[torch.Tensor] = []
+            # Every process runs the same seeded pass, so all agree on the order without communicating.
+            for k in range(0, len(prompt_ids), cfg.batch_size):
+                chunk = list(range(k, min(k + cfg.batch_size, len(prompt_ids))))
+                batch = rollout(chunk, seed=cfg.seed * 7_919 + k)
+                variances_of.append(batch.grouped(score(batch, batch.texts(tokenizer), chunk)).cpu())
+            grouped_all = torch.cat(variances_of)
+            order = variance_order(grouped_all)
+            t_order = time.perf_counter() - t0
+            variances = grouped_all.var(dim=1, unbiased=False)
+            if is_main:
+                order_file.write_text(
+                    json.dumps({"order": order, "variance": [round(float(v), 6) for v in variances]}) + "\n"
+                )
+            accelerator.print(
+                f"variance ordering: scored {len(order)} queries x {cfg.samples_per_query} samples in {t_order:.1f} s; "
+                f"{int((variances > 0).sum())} have non-zero reward variance and are trained first"
+            )
+            accelerator.wait_for_everyone()
+
+    def batch_indices(step: int) -> list[int]:
+        if order is None:
+            return global_batch_indices(step, len(prompt_ids), cfg.batch_size, cfg.seed)
+        k = step % steps_per_epoch
+        return order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
+
+    def reference_logprobs(seq: Any, width: int, response_ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if reference is not None:
+                logits = response_logits(reference, seq, width)
+            else:
+                with policy_u.disable_adapter():
+                    logits = response_logits(policy_u, seq, width)
+            return token_logprobs(logits, response_ids, cfg.temperature)
+
+    bar = tqdm(total=num_steps, initial=start_step, desc=method, disable=not (is_main and cfg.progress))
+    last: dict[str, Any] = {}
+    for step in range(start_step, num_steps):
+        indices = batch_indices(step)
+        local = indices[
+            accelerator.process_index * queries_per_process : (accelerator.process_index + 1)
+            * queries_per_process
+        ]
+
+        # 1. rollout
+        t0 = time.perf_counter()
+        policy.eval()
+        batch = rollout(local, seed=cfg.seed * 100_003 + step * world + accelerator.process_index)
+        t_rollout = time.perf_counter() - t0
+        texts = batch.texts(tokenizer)
+        n_rows, width = batch.response_ids.shape
+        mask = batch.response_mask.float()
+
+        # 2. scoring
+        t0 = time.perf_counter()
+        scores = score(batch, texts, local)
+        grouped = batch.grouped(scores)
+        t_score = time.perf_counter() - t0
+
+        # 3. update
+        t0 = time.perf_counter()
+        policy.train()
+        stats_acc: dict[str, list[float]] = {}
+        metrics: dict[str, Any] = {}
+        if grpo:
+            advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
+            single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
+            old_logprobs = torch.zeros(n_rows, width, device=device)
+            ref_logprobs = torch.zeros_like(old_logprobs)
+            with torch.no_grad(), accelerator.autocast():
+                for rows in micro_slices(list(range(n_rows))):
+                    sub = sub_batch(batch, rows)
+                    seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                    if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
+                        logits = response_logits(policy, seq, w)
+                        scatter_rows(
+                            old_logprobs, rows, token_logprobs(logits, sub.response_ids, cfg.temperature)
+                        )
+                    if cfg.kl_coef > 0:
+                        scatter_rows(ref_logprobs, rows, reference_logprobs(seq, w, sub.response_ids))
+            order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
+            for _epoch in range(cfg.ppo_epochs):
+                perm = (
+                    torch.randperm(n_rows, generator=order_gen).tolist()
+                    if not single_pass
+                    else list(range(n_rows))
+                )
+                size = n_rows // cfg.num_mini_batches
+                for mb in range(cfg.num_mini_batches):
+                    mini = perm[mb * size : (mb + 1) * size]
+                    tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
+                    micros = micro_slices(mini)
+                    for k, rows in enumerate(micros):
+                        sub = sub_batch(batch, rows)
+                        seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                        idx = torch.tensor(rows, device=device)
+                        sub_mask = mask[idx, :w]
+                        sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
+                        with sync, accelerator.autocast():
+                            logits = response_logits(policy, seq, w)
+                            logprobs = token_logprobs(logits, sub.response_ids, cfg.temperature)
+                            old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
+                            adv = advantages[idx][:, None].expand(-1, w)
+                            loss, p_stats = ppo_policy_loss(
+                                logprobs, old, adv, sub_mask, cfg.clip_eps, tokens / world
+                            )
+                            if cfg.kl_coef > 0:
+                                kl = kl_estimate(logprobs, ref_logprobs[idx, :w], "k3")
+                                kl_loss = (kl * sub_mask).sum() / (tokens / world)
+                                loss = loss + cfg.kl_coef * kl_loss
+                                p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
+                            accelerator.backward(loss)
+                        _add(
+                            stats_acc,
+                            {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
+                        )
+                        _add(stats_acc, p_stats)
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    _add(stats_acc, {"grad_norm": grad_norm})
+            metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
+        else:
+            chosen, rejected, _, ties = best_worst_pairs(grouped)
+            n_pairs = int(chosen.numel())
+            pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+            pair_micro = max(cfg.micro_batch_size // 2, 1)
+            slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
+            for k, part in enumerate(slices):
+                rows = [c for c, _ in part] + [r for _, r in part]
+                sub = sub_batch(batch, rows)
+                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                sub_mask = sub.response_mask.float()
+                ref_seq = (reference_logprobs(seq, w, sub.response_ids) * sub_mask).sum(1)
+                sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
+                with sync, accelerator.autocast():
+                    logits = response_logits(policy, seq, w)
+                    seq_logps = (token_logprobs(logits, sub.response_ids, cfg.temperature) * sub_mask).sum(1)
+                    b = len(part)
+                    loss, d_stats = dpo_loss(
+                        seq_logps[:b],
+                        seq_logps[b:],
+                        ref_seq[:b],
+                        ref_seq[b:],
+                        cfg.beta,
+                        cfg.loss_type,
+                        cfg.label_smoothing,
+                    )
+                    # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
+                    weight = b / n_pairs if n_pairs else 0.0
+                    accelerator.backward(loss * weight)
+                if n_pairs:
+                    _add(
+                        stats_acc,
+                        {
+                            "loss": loss.item(),
+                            "dpo_accuracy": d_stats["accuracy"],
+                            "dpo_margin": d_stats["margins"].mean(),
+                            "chosen_score": grouped.flatten()[chosen].mean(),
+                            "rejected_score": grouped.flatten()[rejected].mean(),
+                        },
+                    )
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
+            if n_pairs:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _add(stats_acc, {"grad_norm": grad_norm})
+            state["ties_skipped"] = state.get("ties_skipped", 0) + ties
+            metrics.update(
+                {"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": state["ties_skipped"]}
+            )
+        scheduler.step()
+        t_train = time.perf_counter() - t0
+
+        # 4. metrics
+        lengths = batch.lengths.float()
+        metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
+        metrics.update(
+            {
+                "reward_mean": scores.mean().item(),
+                "reward_std_within_group": grouped.std(dim=1).mean().item(),
+                "response_length": lengths.mean().item(),
+                "no_eos_frac": 1.0 - batch.finished.float().mean().item(),
+                "lr": scheduler.get_last_lr()[0],
+                "time_rollout": t_rollout,
+                "time_scoring": t_score,
+                "time_training": t_train,
+                "response_tokens_per_s": lengths.sum().item() / max(t_rollout, 1e-9),
+            }
+        )
+        if tasks is not None:
+            from align.tasks import verify
+
+            gold = [
+                float(verify(tasks[local[int(p)]], text))
+                for p, text in zip(batch.prompt_index.tolist(), texts, strict=True)
+            ]
+            metrics["gold_score"] = sum(gold) / len(gold)
+        done = step + 1
+        if done % cfg.logging_steps == 0 or done == num_steps:
+            logger.log(metrics, step=done)
+        if is_main and cfg.log_rollouts > 0:
+            with rollout_log.open("a") as fh:
+                for row in range(min(cfg.log_rollouts, n_rows)):
+                    query = local[int(batch.prompt_index[row])]
+                    record = {
+                        "step": done,
+                        "query": query,
+                        "prompt": prompts[query][-1]["content"],
+                        "response": texts[row],
+                        "score": scores[row].item(),
+                        "finished": bool(batch.finished[row]),
+                    }
+                    fh.write(json.dumps(record) + "\n")
+        last = metrics
+        bar.update(1)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
+        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+            checkpointer.save(done, state, *objects)
+        if stop_after_step is not None and done >= stop_after_step:
+            bar.close()
+            logger.close()
+            return {"stopped_at": done}
+    bar.close()
+
+    summary: dict[str, Any] = {
+        "stage": method,
+        "output_dir": str(out),
+        "final_model": str(out / "final"),
+        "metrics": str(out / "metrics.jsonl"),
+        "policy": start_name,
+        "reward": source,
+        "steps": num_steps,
+        "time_variance_pass_s": round(t_order, 2),
+        "last": {k: v for k, v in last.items() if isinstance(v, int | float)},
+    }
+    accelerator.wait_for_everyone()
+    policy_state = accelerator.get_state_dict(policy)
+    if is_main:
+        if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
+            summary["accuracy_before"] = state.get("accuracy_before")
+            summary["accuracy_after"] = heldout_accuracy(policy_u, tokenizer, cfg)["accuracy"]
+            accelerator.print(
+                f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
+                f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
+            )
+        save_final_model(policy_u, tokenizer, out / "final", state_dict=policy_state)
+        keys = ["reward_mean", "gold_score", "loss"] + (
+            ["kl", "clipfrac"] if grpo else ["dpo_margin", "pairs"]
+        )
+        summary["plot"] = str(plot_metrics(out, keys, title="GRPO" if grpo else "Online DPO"))
+        summary["time_total_s"] = round(time.perf_counter() - t_start, 2)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    logger.close()
+    accelerator.wait_for_everyone()
+    return summary

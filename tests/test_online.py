@@ -1,0 +1,135 @@
+"""Online DPO and GRPO: pairing, group normalisation and ordering on worked numbers; short runs on a tiny
+byte-level Qwen2 with a rule-based reward that must rise."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from align.config import GRPOConfig, OnlineDPOConfig
+from align.rl_math import best_worst_pairs, group_advantages, variance_order
+from align.tracking import read_metrics
+from align.train.online import run_grpo, run_online_dpo
+
+LOW_IDS = 128  # the rule-based reward: share of response tokens that are ASCII bytes (ids below 128)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    from align.tasks import generate_tasks, write_jsonl
+
+    tasks = generate_tasks(16, seed=5)
+    return write_jsonl(
+        tmp_path_factory.mktemp("prompts") / "p.jsonl", [{"messages": t.messages} for t in tasks]
+    )
+
+
+def low_id_reward(batch, texts):
+    hits = ((batch.response_ids < LOW_IDS) & (batch.response_mask > 0)).sum(1).float()
+    return hits / batch.lengths.clamp(min=1).float()
+
+
+def _kw(policy, prompts, out, **kw):
+    base = dict(
+        model_name_or_path=str(policy),
+        dataset=str(prompts),
+        output_dir=str(out),
+        batch_size=8,
+        micro_batch_size=16,
+        samples_per_query=4,
+        max_new_tokens=8,
+        max_steps=3,
+        save_steps=0,
+        report_to=["none"],
+        progress=False,
+        log_rollouts=0,
+        eval_tasks=0,
+    )
+    base.update(kw)
+    return base
+
+
+def test_best_worst_pairs_worked_example():
+    rewards = torch.tensor(
+        [
+            [0.2, 0.9, -0.1, 0.9],  # best: the first 0.9 (row 1), worst -0.1 (row 2)
+            [0.5, 0.5, 0.5, 0.5],  # all tied: skipped and counted
+            [3.0, 1.0, 2.0, 1.0],  # best row 8, worst: the first 1.0 (row 9)
+        ]
+    )
+    chosen, rejected, queries, ties = best_worst_pairs(rewards)
+    assert chosen.tolist() == [1, 8] and rejected.tolist() == [2, 9]
+    assert queries.tolist() == [0, 2] and ties == 1
+    assert best_worst_pairs(torch.ones(2, 3))[3] == 2
+
+
+def test_group_advantages_worked_example():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0], [2.0, 2.0, 2.0, 2.0], [0.0, 0.0, 0.0, 3.0]])
+    adv = group_advantages(rewards)
+    # group 0: mean 0.5, std (Bessel) sqrt(1/3) -> +-0.5 * sqrt(3) = +-0.8660
+    s = 0.5 * math.sqrt(3)
+    assert adv[0].tolist() == pytest.approx([s, -s, -s, s], abs=1e-3)
+    assert adv[1].tolist() == [0.0, 0.0, 0.0, 0.0]  # no variance, no signal (and no NaN)
+    # group 2: mean 0.75, std sqrt(((0.75^2) * 3 + 2.25^2) / 3) = 1.5
+    assert adv[2].tolist() == pytest.approx([-0.5, -0.5, -0.5, 1.5], abs=1e-3)
+    assert group_advantages(rewards, scale=False)[2].tolist() == pytest.approx([-0.75, -0.75, -0.75, 2.25])
+
+
+def test_variance_order_worked_example():
+    rewards = torch.tensor(
+        [
+            [1.0, 1.0, 1.0, 1.0],  # var 0
+            [0.0, 1.0, 0.0, 1.0],  # var 0.25
+            [1.0, 1.0, 1.0, 0.0],  # var 0.1875
+            [1.0, 0.0, 1.0, 0.0],  # var 0.25, ties with query 1: original order kept
+        ]
+    )
+    assert variance_order(rewards) == [1, 3, 2, 0]
+
+
+def test_online_dpo_skips_all_tied_groups(tiny_byte_dir, prompts_file, tmp_path):
+    seen = []
+
+    def constant(batch, texts):
+        seen.append(batch.prompt_index.tolist())
+        return torch.zeros(len(texts))
+
+    out = tmp_path / "ties"
+    run_online_dpo(
+        OnlineDPOConfig(**_kw(tiny_byte_dir, prompts_file, out, max_steps=1, batch_size=2)),
+        reward_fn=constant,
+    )
+    assert seen == [[0, 0, 0, 0, 1, 1, 1, 1]]
+    (record,) = read_metrics(out)
+    assert record["pairs"] == 0 and record["ties_skipped"] == 2
+    before, after = (
+        load_file(tiny_byte_dir / "model.safetensors"),
+        load_file(out / "final" / "model.safetensors"),
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing to learn: no update
+
+
+def test_online_dpo_raises_a_rule_based_reward(tiny_byte_dir, prompts_file, tmp_path):
+    out = tmp_path / "odpo"
+    cfg = OnlineDPOConfig(**_kw(tiny_byte_dir, prompts_file, out, max_steps=10, learning_rate=2e-2, beta=0.5))
+    run_online_dpo(cfg, reward_fn=low_id_reward)
+    records = read_metrics(out)
+    rewards = [r["reward_mean"] for r in records]
+    assert all(r["pairs"] + r["ties_skipped"] == 8 for r in records)
+    assert sum(rewards[:2]) / 2 < 0.6
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.2, rewards
+
+
+def test_grpo_orders_by_variance_and_raises_a_rule_based_reward(tiny_byte_dir, prompts_file, tmp_path):
+    import json
+
+    out = tmp_path / "grpo"
+    cfg = GRPOConfig(**_kw(tiny_byte_dir, prompts_file, out, max_steps=8, learning_rate=3e-2, kl_coef=0.0))
+    run_grpo(cfg, reward_fn=low_id_reward)
+    order = json.loads((out / "query_order.json").read_text())
+    variances = [order["variance"][q] for q in order["order"]]
+    assert sorted(order["order"]) == list(range(16)) and variances == sorted(variances, reverse=True)
+    rewards = [r["reward_mean"] for r in read_metrics(out)]
+    assert sum(rewards[:2]) / 2 < 0.6
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.2, rewards
