@@ -200,3 +200,21 @@ def read_metrics_of_run(policy, rm, prompts, out, ptx_coef):
         )
     )
     return read_metrics(out)
+
+
+def test_lora_policy_uses_the_adapter_free_weights_as_reference(
+    tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    out = tmp_path / "lora"
+    run_ppo(
+        _cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, use_lora=True, lora_r=4, lora_alpha=8, max_steps=2,
+             value_warmup_steps=0, ref_dtype="bfloat16"),
+        reward_fn=low_id_reward,
+    )  # fmt: skip
+    records = read_metrics(out)
+    # Before any update the adapter is zero, so policy and reference agree: KL 0 in the first iteration.
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    saved = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
+    assert any("lora_" in k for k in saved if k.startswith("policy/"))
+    assert not any(k.startswith("policy/") and "lora_" not in k for k in saved)
+    assert (out / "final" / "adapter" / "adapter_config.json").is_file()
