@@ -43,7 +43,7 @@ def _kw(policy, prompts, out, **kw):
         save_steps=0,
         report_to=["none"],
         progress=False,
-        log_rollouts=0,
+        log_rollouts=1,
         eval_tasks=0,
     )
     base.update(kw)

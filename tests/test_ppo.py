@@ -1,5 +1,7 @@
 """PPO on tiny Qwen2 models: Qwen specifics, invariants, a rule-based reward that must rise, resume."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -67,8 +69,11 @@ def _cfg(policy, rm, prompts, out, **kw):
 
 def test_four_models_first_epoch_ratio_and_warmup(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
     out = tmp_path / "ppo"
-    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, value_warmup_steps=2))
+    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, value_warmup_steps=2, log_rollouts=2))
     records = read_metrics(out)
+    logged = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1, 1, 2, 2, 3, 3]
+    assert {"query", "prompt", "response", "score", "finished"} <= set(logged[0])
     assert [r["value_warmup"] for r in records] == [1, 1, 0]
     # Warm-up steps train no policy: no policy statistics at all.
     assert "ratio_mean" not in records[0] and "ratio_mean" in records[2]

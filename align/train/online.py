@@ -50,7 +50,9 @@ from align.train.dpo import resolve_start_model
 from align.train.ppo import (
     _add,
     _clip,
+    append_rollouts,
     check_same_vocabulary,
+    gold_score,
     load_frozen_lm,
     load_prompts,
     response_logits,
@@ -439,29 +441,12 @@ def run_online(
             }
         )
         if tasks is not None:
-            from align.tasks import verify
-
-            gold = [
-                float(verify(tasks[local[int(p)]], text))
-                for p, text in zip(batch.prompt_index.tolist(), texts, strict=True)
-            ]
-            metrics["gold_score"] = sum(gold) / len(gold)
+            metrics["gold_score"] = gold_score(tasks, local, batch, texts)
         done = step + 1
         if done % cfg.logging_steps == 0 or done == num_steps:
             logger.log(metrics, step=done)
         if is_main and cfg.log_rollouts > 0:
-            with rollout_log.open("a") as fh:
-                for row in range(min(cfg.log_rollouts, n_rows)):
-                    query = local[int(batch.prompt_index[row])]
-                    record = {
-                        "step": done,
-                        "query": query,
-                        "prompt": prompts[query][-1]["content"],
-                        "response": texts[row],
-                        "score": scores[row].item(),
-                        "finished": bool(batch.finished[row]),
-                    }
-                    fh.write(json.dumps(record) + "\n")
+            append_rollouts(rollout_log, done, batch, texts, local, prompts, scores, cfg.log_rollouts)
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

@@ -476,33 +476,12 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
             }
         )
         if tasks is not None:
-            from align.tasks import verify
-
-            gold = [
-                float(verify(tasks[local[int(p)]], text))
-                for p, text in zip(batch.prompt_index.tolist(), texts, strict=True)
-            ]
-            metrics["gold_score"] = sum(gold) / len(gold)
+            metrics["gold_score"] = gold_score(tasks, local, batch, texts)
         done = step + 1
         if done % cfg.logging_steps == 0 or done == num_steps:
             logger.log(metrics, step=done)
         if is_main and cfg.log_rollouts > 0:
-            with rollout_log.open("a") as fh:
-                for row in range(min(cfg.log_rollouts, n_rows)):
-                    query = local[int(batch.prompt_index[row])]
-                    fh.write(
-                        json.dumps(
-                            {
-                                "step": done,
-                                "query": query,
-                                "prompt": prompts[query][-1]["content"],
-                                "response": texts[row],
-                                "rm_score": raw_scores[row].item(),
-                                "finished": bool(finished[row]),
-                            }
-                        )
-                        + "\n"
-                    )
+            append_rollouts(rollout_log, done, batch, texts, local, prompts, raw_scores, cfg.log_rollouts)
         last = metrics
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rm_score']:.3f}", kl=f"{metrics['kl']:.3f}")
@@ -552,6 +531,39 @@ def ptx_lm_loss(policy: Any, rows: list[list[int]], device: torch.device) -> tor
     logits = policy(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
     loss, _ = sft_loss(logits, targets, targets.numel())
     return loss
+
+
+def gold_score(tasks: list[Any], local: list[int], batch: RolloutBatch, texts: list[str]) -> float:
+    """Share of responses that the gold verifier accepts (generated prompts only)."""
+    from align.tasks import verify
+
+    prompt_rows = batch.prompt_index.tolist()
+    return sum(verify(tasks[local[p]], text) for p, text in zip(prompt_rows, texts, strict=True)) / len(texts)
+
+
+def append_rollouts(
+    path: Path,
+    step: int,
+    batch: RolloutBatch,
+    texts: list[str],
+    local: list[int],
+    prompts: list[list[dict[str, str]]],
+    scores: torch.Tensor,
+    limit: int,
+) -> None:
+    """Write the first `limit` responses of this step, with their scores, to rollouts.jsonl."""
+    with path.open("a") as fh:
+        for row in range(min(limit, len(texts))):
+            query = local[int(batch.prompt_index[row])]
+            record = {
+                "step": step,
+                "query": query,
+                "prompt": prompts[query][-1]["content"],
+                "response": texts[row],
+                "score": scores[row].item(),
+                "finished": bool(batch.finished[row]),
+            }
+            fh.write(json.dumps(record) + "\n")
 
 
 def _clip(cfg: PPOConfig) -> float:
