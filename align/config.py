@@ -455,7 +455,7 @@ class DPOConfig(TrainConfig):
     )
     label_smoothing: float = doc(0.0, "Assumed rate of flipped labels (cDPO with sigmoid, robust DPO).")
     rpo_alpha: float = doc(
-        0.0, "Weight of an NLL term on the chosen responses (RPO), token-mean over the global batch (0: off)."
+        1.0, "Weight of an NLL term on the chosen responses (RPO), token-mean over the global batch (0: off)."
     )
     ref_cache_dir: str | None = doc(
         None,
@@ -468,7 +468,7 @@ class DPOConfig(TrainConfig):
     max_length: int = doc(
         128, "Longest prompt + response in tokens; longer pairs are skipped and counted (never truncated)."
     )
-    learning_rate: float = doc(5e-6, "Peak learning rate (Qwen2.5: 7e-7 over ~150k pairs).")
+    learning_rate: float = doc(2e-5, "Peak learning rate (Qwen2.5: 7e-7 over ~150k pairs).")
     lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
         "constant", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
     )
@@ -482,7 +482,7 @@ class DPOConfig(TrainConfig):
     max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
     num_epochs: float = doc(1.0, "Passes over the pairs when max_steps is -1 (Qwen2.5: one epoch).")
     save_steps: int = doc(8, "Write a checkpoint every N optimiser steps (0: only at the end).")
-    embedded_pairs: int = doc(96, "With dataset=embedded: how many generated comparisons to train on.")
+    embedded_pairs: int = doc(256, "With dataset=embedded: how many generated comparisons to train on.")
     embedded_format_error_rate: float = doc(
         0.3, "With dataset=embedded: share of rejected replies that are the right value in the wrong format."
     )
