@@ -54,6 +54,7 @@ def _cfg(model_dir, data, out, **kw):
         eval_tasks=0,
         report_to=["none"],
         progress=False,
+        rpo_alpha=0.0,  # plain DPO: the loss starts at log 2 (the embedded default adds an NLL term)
     )
     base.update(kw)
     return DPOConfig(**base)
