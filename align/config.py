@@ -419,6 +419,9 @@ class PPOConfig(TrainConfig):
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )
+    offload_frozen: bool = doc(
+        False, "Keep the reference and reward models on the CPU except while they score (saves GPU memory)."
+    )
     log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, scores).")
 
 

@@ -69,7 +69,17 @@ def _cfg(policy, rm, prompts, out, **kw):
 
 def test_four_models_first_epoch_ratio_and_warmup(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
     out = tmp_path / "ppo"
-    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, value_warmup_steps=2, log_rollouts=2))
+    run_ppo(
+        _cfg(
+            tiny_byte_dir,
+            tiny_rm_dir,
+            prompts_file,
+            out,
+            value_warmup_steps=2,
+            log_rollouts=2,
+            offload_frozen=True,
+        )
+    )
     records = read_metrics(out)
     logged = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == [1, 1, 2, 2, 3, 3]

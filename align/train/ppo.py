@@ -221,18 +221,22 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, dropout=0.0))
     policy_path = resolve_model(cfg.model_name_or_path)
     frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
+    # Frozen models only work in the scoring phase; with offload_frozen they wait on the CPU otherwise.
+    frozen_home = torch.device("cpu") if cfg.offload_frozen else device
     # A LoRA policy's reference is the same weights with the adapter off: no second copy.
     reference = (
-        None if cfg.use_lora else load_frozen_lm(policy_path, frozen_dtype, cfg.trust_remote_code).to(device)
+        None
+        if cfg.use_lora
+        else load_frozen_lm(policy_path, frozen_dtype, cfg.trust_remote_code).to(frozen_home)
     )
     reward_model = value_model = None
     if reward_fn is None:
         check_same_vocabulary(tokenizer, cfg.reward_model_path)
         reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype)
         reward_model.requires_grad_(False)
-        reward_model.eval().to(device)
+        reward_model.eval().to(frozen_home)
     value_model = RewardModel.from_pretrained(
-        cfg.value_model_path or cfg.reward_model_path, dtype=torch.float32
+        cfg.value_model_path or cfg.reward_model_path, dtype=torch.float32, dropout=0.0
     )
     if cfg.gradient_checkpointing:
         value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -336,6 +340,9 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         all_rows = list(range(n_rows))
         policy.eval()
         value_model.eval()
+        frozen = [m for m in (reference, reward_model) if m is not None]
+        for model in frozen:
+            model.to(device)
         with torch.no_grad(), accelerator.autocast():
             for rows in micro_slices(all_rows):
                 sub = sub_batch(batch, rows)
@@ -349,6 +356,8 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                 if reward_model is not None:
                     scored = reward_model(seq.input_ids, seq.attention_mask)
                     raw_scores[torch.tensor(rows, device=device)] = scored.rewards.float()
+        for model in frozen:
+            model.to(frozen_home)
         if reward_fn is not None:
             raw_scores = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
         old_logprobs, ref_logprobs, old_values = old_logprobs * mask, ref_logprobs * mask, old_values * mask
