@@ -33,23 +33,21 @@ from tqdm.auto import tqdm
 
 import chatml
 from align.assets import resolve_model
-from align.config import DPOConfig, config_to_dict
+from align.config import DPOConfig
 from align.data import DataError, DataReport, load_preference
 from align.losses import dpo_loss
 from align.models import load_causal_lm, save_final_model
 from align.rl_math import token_logprobs
-from align.tracking import MetricsLogger, plot_metrics
+from align.tracking import plot_metrics
 from align.train.ppo import load_frozen_lm
 from align.train.runtime import (
     BatchPlan,
-    RunCheckpointer,
     RunSetupError,
-    build_optimizer,
-    build_scheduler,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
     prepare_output_dir,
+    start_single_model_run,
     total_steps,
 )
 from align.train.sft import heldout_accuracy, packed_row, trained_tokens
@@ -310,21 +308,10 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         f"reference log-probs {'read from cache' if hit else 'computed and cached'}: {cache_file} ({t_ref:.1f} s)"
     )
 
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    checkpointer = RunCheckpointer(accelerator, out, cfg, data_fp)
-    objects = ({"model": unwrapped}, {"model": optimizer}, {"model": scheduler})
-    start_step, saved = checkpointer.restore(*objects)
+    run = start_single_model_run(accelerator, model, cfg, out, num_steps, data_fp)
+    model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
+    start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
-    logger = MetricsLogger(
-        out,
-        cfg.report_to,
-        enabled=is_main,
-        resume_step=start_step if saved is not None else None,
-        run_config=config_to_dict(cfg),
-    )
     embedded_eval = cfg.dataset == "embedded" and cfg.eval_tasks > 0
     if embedded_eval and "accuracy_before" not in state and is_main:
         accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
@@ -407,7 +394,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
             logger.log(metrics, step=done)
             window_start = time.perf_counter()
         if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
-            checkpointer.save(done, state, *objects)
+            run.save(done, state)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()
             logger.close()

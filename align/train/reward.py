@@ -25,23 +25,21 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from align.config import RMConfig, config_to_dict
+from align.config import RMConfig
 from align.data import DataReport, end_token_id, load_preference, tokenize_preference
 from align.evaluate_rm import evaluate_pairs, format_result, write_report
 from align.losses import pairwise_reward_loss
 from align.models import load_tokenizer
 from align.reward import RewardModel, pack_pairs, pad_sequences
-from align.tracking import MetricsLogger, plot_metrics
+from align.tracking import plot_metrics
 from align.train.runtime import (
     BatchPlan,
-    RunCheckpointer,
     RunSetupError,
-    build_optimizer,
-    build_scheduler,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
     prepare_output_dir,
+    start_single_model_run,
     total_steps,
 )
 
@@ -344,24 +342,17 @@ def train_reward_model(
             f"{accelerator.num_processes} process(es); model from {model_source}"
         )
 
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    checkpointer = RunCheckpointer(
-        accelerator, out, cfg, fingerprint_rows(rows, keys=("chosen_ids", "rejected_ids", "margin"))
-    )
-    objects = ({"model": unwrapped}, {"model": optimizer}, {"model": scheduler})
-    start_step, saved = checkpointer.restore(*objects)
-    state: dict[str, Any] = {"skipped_nonfinite": 0, "eval_history": [], "eval_seconds": 0.0, **(saved or {})}
-    logger = MetricsLogger(
+    run = start_single_model_run(
+        accelerator,
+        model,
+        cfg,
         out,
-        cfg.report_to,
-        enabled=is_main,
-        resume_step=start_step if saved is not None else None,
-        run_config=config_to_dict(cfg),
+        num_steps,
+        fingerprint_rows(rows, keys=("chosen_ids", "rejected_ids", "margin")),
     )
+    model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
+    start_step, saved, logger = run.start_step, run.saved, run.logger
+    state: dict[str, Any] = {"skipped_nonfinite": 0, "eval_history": [], "eval_seconds": 0.0, **(saved or {})}
 
     def evaluate() -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -484,7 +475,7 @@ def train_reward_model(
             window_start, window_tokens = time.perf_counter(), 0
         state["train_seconds"] = train_seconds
         if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
-            checkpointer.save(done, state, *objects)
+            run.save(done, state)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()
             logger.close()

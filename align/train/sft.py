@@ -21,22 +21,20 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from align.config import SFTConfig, config_to_dict
+from align.config import SFTConfig
 from align.data import DataReport, load_sft, tokenize_sft
 from align.losses import sft_loss
 from align.models import load_causal_lm, save_final_model
 from align.packing import pack_examples
-from align.tracking import MetricsLogger, plot_metrics
+from align.tracking import plot_metrics
 from align.train.runtime import (
     BatchPlan,
-    RunCheckpointer,
     RunSetupError,
-    build_optimizer,
-    build_scheduler,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
     prepare_output_dir,
+    start_single_model_run,
     total_steps,
 )
 
@@ -145,24 +143,10 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             f"{plan.accumulation_steps} x {cfg.micro_batch_size} x {accelerator.num_processes} process(es)"
         )
 
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-
-    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint_rows(rows))
-    objects = ({"model": unwrapped}, {"model": optimizer}, {"model": scheduler})
-    start_step, saved = checkpointer.restore(*objects)
+    run = start_single_model_run(accelerator, model, cfg, out, num_steps, fingerprint_rows(rows))
+    model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
+    start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
-    resume_from = saved is not None
-
-    logger = MetricsLogger(
-        out,
-        cfg.report_to,
-        enabled=is_main,
-        resume_step=start_step if resume_from else None,
-        run_config=config_to_dict(cfg),
-    )
     embedded_eval = cfg.dataset == "embedded" and cfg.eval_tasks > 0
     if embedded_eval and "accuracy_before" not in state and is_main:
         accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
@@ -236,7 +220,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             )
             window_start, window_tokens = time.perf_counter(), 0
         if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
-            checkpointer.save(done, state, *objects)
+            run.save(done, state)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()
             logger.close()
