@@ -248,6 +248,17 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return target
 
 
+# Where `recipes/sft.py`'s embedded default writes its model; later stages start from it when asked for `auto`.
+SFT_DEFAULT_OUTPUT = Path("outputs/sft/final")
+
+
+def start_model(name: str) -> str:
+    """`auto` -> the SFT default's output when it exists, else SmolLM2; any other name unchanged."""
+    if name != "auto":
+        return name
+    return str(SFT_DEFAULT_OUTPUT) if (SFT_DEFAULT_OUTPUT / "config.json").is_file() else SMOLLM2_NAME
+
+
 def resolve_model(
     name_or_path: str, *, allow_hub: bool = False, cache_dir: str | os.PathLike | None = None
 ) -> str:

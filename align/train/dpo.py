@@ -32,7 +32,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import chatml
-from align.assets import resolve_model
+from align.assets import resolve_model, start_model
 from align.config import DPOConfig
 from align.data import DataError, DataReport, load_preference
 from align.losses import dpo_loss
@@ -52,17 +52,7 @@ from align.train.runtime import (
 )
 from align.train.sft import heldout_accuracy, packed_row, trained_tokens
 
-SFT_DEFAULT_OUTPUT = Path("outputs/sft/final")
 CACHE_VERSION = "dpo-ref-logps-v1"
-
-
-def resolve_start_model(name: str) -> str:
-    """`auto` -> the SFT default's output when it exists, else SmolLM2; anything else unchanged."""
-    if name != "auto":
-        return name
-    return (
-        str(SFT_DEFAULT_OUTPUT) if (SFT_DEFAULT_OUTPUT / "config.json").is_file() else "smollm2-135m-instruct"
-    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -256,7 +246,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
-    start_name = resolve_start_model(cfg.model_name_or_path)
+    start_name = start_model(cfg.model_name_or_path)
     model_cfg = cfg if start_name == cfg.model_name_or_path else _replace(cfg, model_name_or_path=start_name)
     model, tokenizer = load_causal_lm(model_cfg)
     accelerator.print(f"policy: {start_name}")

@@ -30,7 +30,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 import chatml
-from align.assets import resolve_model
+from align.assets import resolve_model, start_model
 from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig, config_to_dict
 from align.data import DataError
 from align.losses import dpo_loss, ppo_policy_loss
@@ -46,7 +46,6 @@ from align.rl_math import (
 )
 from align.rollout import HFRolloutEngine, ManualRolloutEngine, RolloutBatch
 from align.tracking import MetricsLogger, plot_metrics
-from align.train.dpo import resolve_start_model
 from align.train.ppo import (
     _add,
     _clip,
@@ -140,7 +139,7 @@ def run_online(
         )
 
     # Models. Dropout off: the scored log-probs must be those the update recomputes.
-    start_name = resolve_start_model(cfg.model_name_or_path)
+    start_name = start_model(cfg.model_name_or_path)
     policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name, dropout=0.0))
     frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
     needs_reference = not grpo or cfg.kl_coef > 0

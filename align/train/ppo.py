@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM
 
 import chatml
-from align.assets import resolve_model
+from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
 from align.config import PPOConfig, config_to_dict
 from align.data import DataError
 from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss
@@ -111,7 +111,7 @@ def ensure_embedded_inputs(cfg: PPOConfig) -> None:
     """Train the SFT and RM defaults first when the embedded PPO run needs their outputs."""
     if not cfg.train_missing_stages:
         return
-    if cfg.model_name_or_path == "outputs/sft/final" and not Path(cfg.model_name_or_path).is_dir():
+    if cfg.model_name_or_path == str(SFT_DEFAULT_OUTPUT) and not SFT_DEFAULT_OUTPUT.is_dir():
         from align.config import SFTConfig
         from align.train.sft import run_sft
 

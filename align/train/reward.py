@@ -25,6 +25,7 @@ from accelerate import PartialState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from align.assets import resolve_model, start_model
 from align.config import RMConfig
 from align.data import DataReport, end_token_id, load_preference, tokenize_preference
 from align.evaluate_rm import evaluate_pairs, format_result, write_report
@@ -42,21 +43,6 @@ from align.train.runtime import (
     start_single_model_run,
     total_steps,
 )
-
-SFT_DEFAULT_OUTPUT = Path("outputs/sft/final")
-
-
-def resolve_backbone(name: str) -> str:
-    """`auto` -> the SFT default's output when it exists, else SmolLM2; anything else as `resolve_model`."""
-    from align.assets import resolve_model
-
-    if name == "auto":
-        name = (
-            str(SFT_DEFAULT_OUTPUT)
-            if (SFT_DEFAULT_OUTPUT / "config.json").is_file()
-            else "smollm2-135m-instruct"
-        )
-    return resolve_model(name)
 
 
 def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str]:
@@ -83,7 +69,7 @@ def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str
         model.config.default_system = cfg.default_system
         model.config.max_length = cfg.max_length
     else:
-        source = resolve_backbone(cfg.model_name_or_path)
+        source = resolve_model(start_model(cfg.model_name_or_path))
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         try:
             end_id = end_token_id(tokenizer, cfg.end_token)
