@@ -69,3 +69,23 @@ def byte_tokenizer(with_chatml: bool = True):
 def tiny_byte_dir(tmp_path_factory):
     """A tiny Qwen2 model over the byte tokenizer (259 ids), saved with it."""
     return build_tiny_qwen2(byte_tokenizer(), tmp_path_factory.mktemp("tiny-byte"))
+
+
+ASCII_IDS = 128  # byte-tokenizer ids below this are ASCII bytes
+
+
+def ascii_reward(batch, texts):
+    """A rule-based reward for RL tests: the share of response tokens that are ASCII bytes."""
+    hits = ((batch.response_ids < ASCII_IDS) & (batch.response_mask > 0)).sum(1).float()
+    return hits / batch.lengths.clamp(min=1).float()
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    """16 generated task prompts as a JSONL of {messages}."""
+    from align.tasks import generate_tasks, write_jsonl
+
+    tasks = generate_tasks(16, seed=5)
+    return write_jsonl(
+        tmp_path_factory.mktemp("prompts") / "p.jsonl", [{"messages": t.messages} for t in tasks]
+    )

@@ -5,29 +5,13 @@ import math
 
 import pytest
 import torch
+from conftest import ascii_reward
 from safetensors.torch import load_file
 
 from align.config import GRPOConfig, OnlineDPOConfig
 from align.rl_math import best_worst_pairs, group_advantages, variance_order
 from align.tracking import read_metrics
 from align.train.online import run_grpo, run_online_dpo
-
-LOW_IDS = 128  # the rule-based reward: share of response tokens that are ASCII bytes (ids below 128)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    from align.tasks import generate_tasks, write_jsonl
-
-    tasks = generate_tasks(16, seed=5)
-    return write_jsonl(
-        tmp_path_factory.mktemp("prompts") / "p.jsonl", [{"messages": t.messages} for t in tasks]
-    )
-
-
-def low_id_reward(batch, texts):
-    hits = ((batch.response_ids < LOW_IDS) & (batch.response_mask > 0)).sum(1).float()
-    return hits / batch.lengths.clamp(min=1).float()
 
 
 def _kw(policy, prompts, out, **kw):
@@ -113,7 +97,7 @@ def test_online_dpo_skips_all_tied_groups(tiny_byte_dir, prompts_file, tmp_path)
 def test_online_dpo_raises_a_rule_based_reward(tiny_byte_dir, prompts_file, tmp_path):
     out = tmp_path / "odpo"
     cfg = OnlineDPOConfig(**_kw(tiny_byte_dir, prompts_file, out, max_steps=10, learning_rate=2e-2, beta=0.5))
-    run_online_dpo(cfg, reward_fn=low_id_reward)
+    run_online_dpo(cfg, reward_fn=ascii_reward)
     records = read_metrics(out)
     rewards = [r["reward_mean"] for r in records]
     assert all(r["pairs"] + r["ties_skipped"] == 8 for r in records)
@@ -126,7 +110,7 @@ def test_grpo_orders_by_variance_and_raises_a_rule_based_reward(tiny_byte_dir, p
 
     out = tmp_path / "grpo"
     cfg = GRPOConfig(**_kw(tiny_byte_dir, prompts_file, out, max_steps=8, learning_rate=3e-2, kl_coef=0.0))
-    run_grpo(cfg, reward_fn=low_id_reward)
+    run_grpo(cfg, reward_fn=ascii_reward)
     order = json.loads((out / "query_order.json").read_text())
     variances = [order["variance"][q] for q in order["order"]]
     assert sorted(order["order"]) == list(range(16)) and variances == sorted(variances, reverse=True)

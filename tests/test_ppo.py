@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import ascii_reward
 from safetensors.torch import load_file
 
 import chatml
@@ -11,8 +12,6 @@ from align.config import PPOConfig
 from align.reward import RewardModel
 from align.tracking import read_metrics
 from align.train.ppo import ptx_lm_loss, run_ppo
-
-LOW_IDS = 128  # the rule-based reward: share of response tokens that are ASCII bytes (ids below 128)
 
 
 @pytest.fixture(scope="module")
@@ -23,21 +22,6 @@ def tiny_rm_dir(tiny_byte_dir, tmp_path_factory):
     _, im_end = chatml.chatml_token_ids(tokenizer)
     rm = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0)
     return rm.save_pretrained(tmp_path_factory.mktemp("tiny-rm"), tokenizer)
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    from align.tasks import generate_tasks, write_jsonl
-
-    tasks = generate_tasks(16, seed=5)
-    return write_jsonl(
-        tmp_path_factory.mktemp("prompts") / "p.jsonl", [{"messages": t.messages} for t in tasks]
-    )
-
-
-def low_id_reward(batch, texts):
-    hits = ((batch.response_ids < LOW_IDS) & (batch.response_mask > 0)).sum(1).float()
-    return hits / batch.lengths.clamp(min=1).float()
 
 
 def _cfg(policy, rm, prompts, out, **kw):
@@ -165,7 +149,7 @@ def test_rule_based_reward_rises(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_p
         missing_eos_penalty=None,
         save_steps=0,
     )
-    run_ppo(cfg, reward_fn=low_id_reward)
+    run_ppo(cfg, reward_fn=ascii_reward)
     scores = [r["score_normalised"] for r in read_metrics(out)]
     assert sum(scores[:2]) / 2 < 0.6  # a random model: about half its tokens are ASCII bytes
     assert sum(scores[-3:]) / 3 > 0.85, scores
@@ -224,7 +208,7 @@ def test_lora_policy_uses_the_adapter_free_weights_as_reference(
     run_ppo(
         _cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, use_lora=True, lora_r=4, lora_alpha=8, max_steps=2,
              value_warmup_steps=0, ref_dtype="bfloat16"),
-        reward_fn=low_id_reward,
+        reward_fn=ascii_reward,
     )  # fmt: skip
     records = read_metrics(out)
     # Before any update the adapter is zero, so policy and reference agree: KL 0 in the first iteration.

@@ -43,6 +43,7 @@ from align.train.ppo import load_frozen_lm
 from align.train.runtime import (
     BatchPlan,
     RunSetupError,
+    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -383,7 +384,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
             )
             logger.log(metrics, step=done)
             window_start = time.perf_counter()
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+        if checkpoint_due(cfg, done, num_steps):
             run.save(done, state)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()

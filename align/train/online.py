@@ -63,6 +63,7 @@ from align.train.runtime import (
     RunSetupError,
     build_optimizer,
     build_scheduler,
+    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -449,7 +450,7 @@ def run_online(
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+        if checkpoint_due(cfg, done, num_steps):
             checkpointer.save(done, state, *objects)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()

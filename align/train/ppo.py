@@ -54,6 +54,7 @@ from align.train.runtime import (
     RunSetupError,
     build_optimizer,
     build_scheduler,
+    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -494,7 +495,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         last = metrics
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rm_score']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+        if checkpoint_due(cfg, done, num_steps):
             state = {"reward_moments": moments.state_dict(), **({"ptx": ptx.state_dict()} if ptx else {})}
             checkpointer.save(done, state, *objects)
         if stop_after_step is not None and done >= stop_after_step:

@@ -36,6 +36,7 @@ from align.tracking import plot_metrics
 from align.train.runtime import (
     BatchPlan,
     RunSetupError,
+    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -460,7 +461,7 @@ def train_reward_model(
             )
             window_start, window_tokens = time.perf_counter(), 0
         state["train_seconds"] = train_seconds
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+        if checkpoint_due(cfg, done, num_steps):
             run.save(done, state)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()

@@ -309,3 +309,8 @@ def start_single_model_run(
         run_config=dataclasses.asdict(cfg),
     )
     return SingleModelRun(model, unwrapped, optimizer, scheduler, checkpointer, logger, start_step, saved)
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, total: int) -> bool:
+    """Whether optimiser step `step` (1-based) writes a checkpoint: every `save_steps`, and the last."""
+    return (cfg.save_steps > 0 and step % cfg.save_steps == 0) or step == total

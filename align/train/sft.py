@@ -30,6 +30,7 @@ from align.tracking import plot_metrics
 from align.train.runtime import (
     BatchPlan,
     RunSetupError,
+    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -219,7 +220,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 step=done,
             )
             window_start, window_tokens = time.perf_counter(), 0
-        if (cfg.save_steps > 0 and done % cfg.save_steps == 0) or done == num_steps:
+        if checkpoint_due(cfg, done, num_steps):
             run.save(done, state)
         if stop_after_step is not None and done >= stop_after_step:
             bar.close()
