@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,9 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
+# Seconds to pause inside every checkpoint write, after its files and before its manifest: lets the
+# tests kill a run in the middle of a write on purpose. Unset in normal use.
+PAUSE_ENV = "ALIGN_CHECKPOINT_WRITE_PAUSE_S"
 
 
 class CheckpointError(RuntimeError):
@@ -101,6 +105,8 @@ def save_checkpoint(
     if config is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
 
+    if os.environ.get(PAUSE_ENV):
+        time.sleep(float(os.environ[PAUSE_ENV]))
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     for path in files:
         with path.open("rb") as fh:
@@ -176,6 +182,13 @@ def verify_checkpoint(path: str | Path) -> None:
 
 def find_resume_checkpoint(root: str | Path) -> Path | None:
     """The newest whole checkpoint under root; corrupted ones are reported and passed over."""
+    root = Path(root)
+    if root.is_dir():
+        for unfinished in sorted(root.glob(f".tmp-{PREFIX}*")):
+            warnings.warn(
+                f"ignoring unfinished checkpoint write {unfinished} (the run was killed while saving)",
+                stacklevel=2,
+            )
     for path in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(path)

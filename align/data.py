@@ -743,6 +743,7 @@ def _expand(source: Any) -> list[Any]:
             "a local path, or pass a datasets.Dataset)"
         )
     if path.is_dir():
+        _refuse_escaping_links(path)
         if any((path / m).exists() for m in _SAVED_DATASET_FILES):
             return [_load_saved_dataset(path)]
         files = sorted(p for p in path.iterdir() if p.is_file() and _file_kind(p))
@@ -752,6 +753,33 @@ def _expand(source: Any) -> list[Any]:
     if not _file_kind(path):
         raise DataSourceError(f"{source}: unsupported file type (expected .jsonl or .json, optionally .gz)")
     return [path]
+
+
+def _refuse_escaping_links(root: Path) -> None:
+    """A data directory is read as a whole, so a symlink inside it that resolves outside it would
+    read a file the user never named (a key, another user's data): refuse it, naming the link."""
+    top = root.resolve()
+    for entry in sorted(root.rglob("*")):
+        if entry.is_symlink():
+            target = entry.resolve()
+            if target != top and top not in target.parents:
+                raise DataSourceError(
+                    f"{entry}: symlink to {target}, outside the data directory {root}; copy the file in "
+                    "instead (links are only followed inside the data root)"
+                )
+
+
+def iter_jsonl_values(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, decoded value) of each non-blank line of a JSONL file (optionally .gz).
+
+    For the small readers outside the record formats (prompt files, ptx text): a line that is not
+    UTF-8 JSON, an unreadable file, or a file with no records raises `DataError` as `file:line: reason`.
+    """
+    for raw in _iter_jsonl(Path(path)):
+        if raw.error is not None:
+            where = f"{raw.source}:{raw.line}" if raw.line is not None else raw.source
+            raise DataError(f"{where}: {raw.error}")
+        yield raw.line, raw.value
 
 
 def _file_kind(path: Path) -> str | None:

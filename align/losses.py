@@ -225,3 +225,24 @@ def pairwise_reward_loss(
             "rejected_mean": rejected.sum().detach() / count,
         }
     return loss, stats
+
+
+def sft_loss_from_logprobs(
+    token_logprobs: torch.Tensor, normalizer: float | torch.Tensor
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`sft_loss` from the (N,) log-probs of the targets instead of (N, V) logits.
+
+    Equal to `sft_loss(logits, targets, normalizer)` when `token_logprobs` are log softmax(logits) at
+    the targets; it lets the caller get them from `align.fused_logprobs.lm_logprobs`, which never
+    builds the full-vocabulary logits.
+    """
+    if token_logprobs.ndim != 1:
+        raise ValueError(
+            f"sft_loss_from_logprobs: expected (N,) log-probs, got {tuple(token_logprobs.shape)}"
+        )
+    nll = -token_logprobs.float().sum()
+    stats = {
+        "nll_sum": nll.detach(),
+        "tokens": torch.tensor(token_logprobs.numel(), device=token_logprobs.device),
+    }
+    return nll / normalizer, stats

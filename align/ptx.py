@@ -8,9 +8,10 @@ human-written English prose about software.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import inspect
-import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from align.data import DataError
+from align.data import DataError, iter_jsonl_values
 
 # Modules with long, well-written docstrings; only those importable here are used.
 STDLIB_MODULES = (
@@ -30,52 +31,81 @@ STDLIB_MODULES = (
 )  # fmt: skip
 
 
-def stdlib_text(min_chars: int = 200) -> list[str]:
-    """Docstrings of standard-library modules, classes and functions, deduplicated."""
+# One docstring in HELDOUT_BUCKETS goes to the held-out split (the alignment-tax text), the rest to the
+# ptx training stream. The split is decided per docstring by a stable hash of its text, so it does not
+# depend on which modules import here or in which order they are read.
+HELDOUT_BUCKETS = 5
+TEXT_SPLITS = ("all", "train", "heldout")
+
+
+def text_split(text: str) -> str:
+    """The split of one document, "heldout" or "train", from a sha256 of its text (stable across runs)."""
+    digest = hashlib.sha256(("ptx-split\x1f" + text).encode("utf-8")).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") % HELDOUT_BUCKETS == 0 else "train"
+
+
+def stdlib_text(min_chars: int = 200, split: str = "all") -> list[str]:
+    """Docstrings of standard-library modules, classes and functions, deduplicated.
+
+    ``split``: "train" (the ptx stream), "heldout" (the alignment-tax text, disjoint from "train"), or
+    "all" (both).
+    """
+    if split not in TEXT_SPLITS:
+        raise ValueError(f"split must be one of {TEXT_SPLITS}, got {split!r}")
+    return [doc for doc in _stdlib_docs(min_chars) if split == "all" or text_split(doc) == split]
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_docs(min_chars: int) -> tuple[str, ...]:
+    # Cached: importing and inspecting ~40 modules takes a second or two, and a run reads it more than once.
     seen, texts = set(), []
-    for name in STDLIB_MODULES:
-        try:
-            with warnings.catch_warnings():  # some members are deprecated aliases; reading them warns
-                warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # some members are deprecated aliases; reading them warns
+        warnings.simplefilter("ignore")
+        for name in STDLIB_MODULES:
+            try:
                 module = importlib.import_module(name)
                 members = inspect.getmembers(module)
-        except ImportError:
-            continue
-        objects = [module] + [obj for _, obj in members if inspect.isclass(obj) or inspect.isfunction(obj)]
-        for obj in objects:
-            doc = inspect.getdoc(obj)
-            if doc and len(doc) >= min_chars and doc not in seen:
-                seen.add(doc)
-                texts.append(doc)
-    return texts
+            except ImportError:
+                continue
+            objects = [module] + [
+                obj for _, obj in members if inspect.isclass(obj) or inspect.isfunction(obj)
+            ]
+            for obj in objects:
+                doc = inspect.getdoc(obj)
+                if doc and len(doc) >= min_chars and doc not in seen:
+                    seen.add(doc)
+                    texts.append(doc)
+    return tuple(texts)
 
 
-def load_text(source: str) -> list[str]:
+def load_text(source: str, split: str = "train") -> list[str]:
     """Texts from a JSONL file of `{"text": ...}` records (or plain .txt, one document per blank-line
-    separated block), or `embedded` for the standard-library docstrings."""
+    separated block), or `embedded` for the standard-library docstrings.
+
+    ``split`` applies to `embedded` only: the ptx stream reads "train", the alignment-tax evaluation
+    "heldout", so the tax is never measured on text the policy was trained on. A user file is taken whole
+    (the user keeps their own held-out file).
+    """
     if source == "embedded":
-        return stdlib_text()
+        return stdlib_text(split=split)
     path = Path(source)
     if not path.is_file():
         raise DataError(
             f"{source}: no such text file (use a JSONL of {{'text': ...}}, a .txt, or 'embedded')"
         )
     if path.suffix == ".txt":
-        return [block.strip() for block in path.read_text(encoding="utf-8").split("\n\n") if block.strip()]
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:  # name the line, not a traceback
+            line = data.count(b"\n", 0, err.start) + 1
+            raise DataError(f"{path}:{line}: invalid UTF-8: byte 0x{data[err.start]:02x}") from None
+        return [block.strip() for block in text.split("\n\n") if block.strip()]
     texts = []
-    with path.open(encoding="utf-8", errors="strict") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
-            texts.append(record["text"])
-    if not texts:
-        raise DataError(f"{path}: empty, no records")
+    for lineno, record in iter_jsonl_values(path):  # invalid UTF-8/JSON, empty file: file:line errors
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string field 'text'")
+        texts.append(record["text"])
     return texts
 
 

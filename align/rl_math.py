@@ -7,6 +7,7 @@ response tokens (the stop token included) and 0 on padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -58,15 +59,40 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_moments(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(3,) float64 [count, sum, sum of squares] of the masked entries of (B, T) `values`: what
+    processes all-reduce (sum) to get the mean and variance of the whole global batch."""
+    mask = mask.to(torch.float64)
+    v = values.detach().to(torch.float64) * mask
+    return torch.stack([mask.sum(), v.sum(), (v * v).sum()])
+
+
+def masked_whiten(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(values - mean) / std over masked entries; padding positions come back as 0.
 
     Args:
         values, mask: (B, T).
         shift_mean: False keeps the mean (rescale only), as some PPO variants do for rewards.
+        reduce_sum: with data parallelism, the all-reduce (sum) of a (3,) tensor across processes; the
+            statistics are then those of every process's entries (`masked_moments`), not of this
+            process's share, so the advantages are the same as with one process. None: local.
     """
     mask = mask.to(values.dtype)
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    if reduce_sum is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        n, total, squares = reduce_sum(masked_moments(values, mask)).tolist()
+        mean_f = total / max(n, 1.0)
+        var_f = max(squares / max(n, 1.0) - mean_f * mean_f, 0.0)
+        if n > 1:
+            var_f *= n / (n - 1)  # Bessel, as masked_var
+        mean = torch.tensor(mean_f, dtype=values.dtype, device=values.device)
+        var = torch.tensor(var_f, dtype=values.dtype, device=values.device)
     whitened = (values - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         whitened = whitened + mean

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
@@ -88,8 +89,9 @@ def top_p_filter(logits: torch.Tensor, top_p: float, *, initial_k: int = 64) -> 
 
     Sorting the whole vocabulary (152k for Qwen) per row and step is what makes stock top-p sampling slow.
     A peaked distribution reaches ``top_p`` within a few dozen tokens, so we take the top ``initial_k``
-    with ``torch.topk``, grow ``k`` fourfold until every row's mass reaches ``top_p``, and sort everything
-    only when ``k`` would cover an eighth of the vocabulary (flat distributions, where topk stops paying).
+    with ``torch.topk``, grow ``k`` (at least fourfold, and at once to the fewest tokens that could still
+    reach ``top_p``) until every row's mass reaches ``top_p``, and sort everything only when ``k`` would
+    cover an eighth of the vocabulary (flat distributions, where topk stops paying).
     Returns a new tensor of the same shape and dtype; ``top_p >= 1`` returns ``logits`` unchanged.
     """
     if top_p >= 1.0:
@@ -109,7 +111,11 @@ def top_p_filter(logits: torch.Tensor, top_p: float, *, initial_k: int = 64) -> 
         cum = head.cumsum(dim=-1)
         if bool((cum[..., -1] >= top_p).all()):
             break
-        k *= 4
+        # Every token past the k-th has probability <= head[..., -1], so a row still short of top_p needs
+        # at least (top_p - cum) / head[..., -1] more tokens: jump there (a flat distribution goes straight
+        # to the full sort instead of paying for topk at 4k, 16k, ... first).
+        short = ((top_p - cum[..., -1]) / head[..., -1].clamp(min=1e-30)).max().item()
+        k = max(4 * k, k + math.ceil(min(short, vocab)))
     cutoff = _nucleus_cutoff(head, cum, top_p)
     return logits.masked_fill(probs < cutoff, float("-inf"))
 

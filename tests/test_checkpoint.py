@@ -83,3 +83,14 @@ def test_truncated_file_is_named(tmp_path):
     (path / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes()[:20])
     with pytest.raises(CheckpointError, match="model.safetensors has 20 bytes"):
         load_checkpoint(path)
+
+
+def test_unfinished_write_is_named_and_passed_over(tmp_path):
+    good = _save(tmp_path, 1)
+    unfinished = tmp_path / ".tmp-step-2-12345"  # what a kill during the write of step 2 leaves
+    unfinished.mkdir()
+    (unfinished / "model.safetensors").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match=r"ignoring unfinished checkpoint write .*\.tmp-step-2-12345"):
+        assert find_resume_checkpoint(tmp_path) == good
+    _save(tmp_path, 3)  # the next save clears the leftovers of other processes
+    assert not unfinished.exists()

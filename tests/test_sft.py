@@ -135,7 +135,8 @@ def test_lora_trains_only_adapters_and_saves_a_merged_model(tiny_qwen_dir, sft_d
 
 
 def _run_recipe(args, env_extra=None, timeout=600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    # PYTHONPATH: the recipes import this checkout's `align`, whether or not it is pip-installed.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -208,11 +209,15 @@ def test_ddp_two_processes_give_the_losses_of_one(tiny_qwen_dir, sft_data, tmp_p
         "micro_batch_size=2", "max_length=128", "eval_tasks=0", "report_to=none", "learning_rate=3e-3",
         "progress=false",
     ]  # fmt: skip
+    # torchrun, not `accelerate launch`: for a CPU config accelerate 1.15 starts a single process unless
+    # it goes through mpirun (align refuses that launch; see test_accelerate_configs.py).
     two = _run_recipe(
-        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_ddp.yaml",
-         "--main_process_port", str(_free_port()), "recipes/sft.py", *common, f"output_dir={tmp_path / 'two'}"]
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "recipes/sft.py", *common, f"output_dir={tmp_path / 'two'}"],
+        env_extra={"ACCELERATE_USE_CPU": "true"},
     )  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
+    assert "x 2 process(es)" in two.stdout  # really two processes
     one = _run_recipe([sys.executable, "recipes/sft.py", *common, f"output_dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr[-3000:]
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-6)

@@ -35,9 +35,9 @@ import chatml
 from align.assets import resolve_model, start_model
 from align.config import DPOConfig
 from align.data import DataError, DataReport, load_preference
+from align.fused_logprobs import lm_logprobs
 from align.losses import dpo_loss
 from align.models import load_causal_lm, save_final_model
-from align.rl_math import token_logprobs
 from align.tracking import plot_metrics
 from align.train.ppo import load_frozen_lm
 from align.train.runtime import (
@@ -140,13 +140,15 @@ def sequence_logps(
         logps (S,) fp32 sums over each sequence's trained tokens, and their counts (S,).
     """
     row = packed_row(sequences, device)
-    logits = model(
+    # Chunked over positions: the (trained tokens, vocabulary) logits are never built.
+    token_lp = lm_logprobs(
+        model,
+        row["targets"],
         input_ids=row["input_ids"],
         position_ids=row["position_ids"],
         logits_to_keep=row["keep"],
         use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
-    ).logits
-    token_lp = token_logprobs(logits.reshape(-1, logits.shape[-1]), row["targets"])
+    )
     counts = torch.tensor([trained_tokens(s) for s in sequences], device=device)
     segment = torch.repeat_interleave(torch.arange(len(sequences), device=device), counts)
     sums = torch.zeros(len(sequences), device=device, dtype=token_lp.dtype).index_add(0, segment, token_lp)
@@ -223,7 +225,7 @@ def load_or_compute_reference(
         torch.save(values, tmp)
         os.replace(tmp, cache_file)
     wait()
-    values = torch.load(cache_file, map_location="cpu")
+    values = torch.load(cache_file, map_location="cpu", weights_only=True)  # tensors only, no pickled code
     if values["chosen"].numel() != expected or values["rejected"].numel() != expected:
         raise RunSetupError(
             f"{cache_file}: holds {values['chosen'].numel()} pairs, expected {expected}; delete it"
@@ -337,7 +339,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
                     loss = loss + cfg.rpo_alpha * nll
                     _acc(acc, nll_sum=-chosen_sums.detach().sum().reshape(1))
                 accelerator.backward(loss)
-            loss_sum += loss.detach() * accelerator.num_processes
+            loss_sum += loss.detach()  # this process's mean; the mean over processes is the global one
             _acc(
                 acc,
                 chosen_rewards=stats["chosen_rewards"],
@@ -352,7 +354,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
             state["skipped_nonfinite"] += 1
             optimizer.zero_grad(set_to_none=True)
-            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -384,9 +386,10 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
             )
             logger.log(metrics, step=done)
             window_start = time.perf_counter()
-        if checkpoint_due(cfg, done, num_steps):
+        stop = run.checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
+        if checkpoint_due(cfg, done, num_steps) or stop:
             run.save(done, state)
-        if stop_after_step is not None and done >= stop_after_step:
+        if stop or (stop_after_step is not None and done >= stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}
@@ -402,6 +405,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         "steps": num_steps,
         "pairs": len(examples),
         "pairs_skipped": skipped,
+        "skipped_nonfinite": state["skipped_nonfinite"],
         "dataset": source,
         "reference_cache": str(cache_file),
         "reference_cache_hit": hit,

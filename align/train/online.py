@@ -41,7 +41,6 @@ from align.rl_math import (
     group_advantages,
     kl_estimate,
     masked_mean,
-    token_logprobs,
     variance_order,
 )
 from align.rollout import HFRolloutEngine, ManualRolloutEngine, RolloutBatch
@@ -54,7 +53,7 @@ from align.train.ppo import (
     gold_score,
     load_frozen_lm,
     load_prompts,
-    response_logits,
+    response_logprobs,
     scatter_rows,
     sub_batch,
 )
@@ -68,6 +67,7 @@ from align.train.runtime import (
     global_batch_indices,
     make_accelerator,
     prepare_output_dir,
+    step_if_finite,
     total_steps,
 )
 from align.train.sft import heldout_accuracy
@@ -279,11 +279,9 @@ def run_online(
     def reference_logprobs(seq: Any, width: int, response_ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if reference is not None:
-                logits = response_logits(reference, seq, width)
-            else:
-                with policy_u.disable_adapter():
-                    logits = response_logits(policy_u, seq, width)
-            return token_logprobs(logits, response_ids, cfg.temperature)
+                return response_logprobs(reference, seq, response_ids, cfg.temperature)
+            with policy_u.disable_adapter():
+                return response_logprobs(policy_u, seq, response_ids, cfg.temperature)
 
     bar = tqdm(total=num_steps, initial=start_step, desc=method, disable=not (is_main and cfg.progress))
     last: dict[str, Any] = {}
@@ -324,9 +322,10 @@ def run_online(
                     sub = sub_batch(batch, rows)
                     seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
                     if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
-                        logits = response_logits(policy, seq, w)
                         scatter_rows(
-                            old_logprobs, rows, token_logprobs(logits, sub.response_ids, cfg.temperature)
+                            old_logprobs,
+                            rows,
+                            response_logprobs(policy, seq, sub.response_ids, cfg.temperature),
                         )
                     if cfg.kl_coef > 0:
                         scatter_rows(ref_logprobs, rows, reference_logprobs(seq, w, sub.response_ids))
@@ -349,8 +348,7 @@ def run_online(
                         sub_mask = mask[idx, :w]
                         sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
                         with sync, accelerator.autocast():
-                            logits = response_logits(policy, seq, w)
-                            logprobs = token_logprobs(logits, sub.response_ids, cfg.temperature)
+                            logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
                             old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
                             adv = advantages[idx][:, None].expand(-1, w)
                             loss, p_stats = ppo_policy_loss(
@@ -368,8 +366,7 @@ def run_online(
                         )
                         _add(stats_acc, p_stats)
                     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
                     _add(stats_acc, {"grad_norm": grad_norm})
             metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
         else:
@@ -386,8 +383,8 @@ def run_online(
                 ref_seq = (reference_logprobs(seq, w, sub.response_ids) * sub_mask).sum(1)
                 sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
                 with sync, accelerator.autocast():
-                    logits = response_logits(policy, seq, w)
-                    seq_logps = (token_logprobs(logits, sub.response_ids, cfg.temperature) * sub_mask).sum(1)
+                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    seq_logps = (logprobs * sub_mask).sum(1)
                     b = len(part)
                     loss, d_stats = dpo_loss(
                         seq_logps[:b],
@@ -414,7 +411,7 @@ def run_online(
                     )
             grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
             if n_pairs:
-                optimizer.step()
+                step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
             optimizer.zero_grad(set_to_none=True)
             _add(stats_acc, {"grad_norm": grad_norm})
             state["ties_skipped"] = state.get("ties_skipped", 0) + ties
@@ -434,6 +431,7 @@ def run_online(
                 "response_length": lengths.mean().item(),
                 "no_eos_frac": 1.0 - batch.finished.float().mean().item(),
                 "lr": scheduler.get_last_lr()[0],
+                "skipped_nonfinite": state.get("skipped_nonfinite", 0),
                 "time_rollout": t_rollout,
                 "time_scoring": t_score,
                 "time_training": t_train,
@@ -450,9 +448,10 @@ def run_online(
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        if checkpoint_due(cfg, done, num_steps):
+        stop = checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
+        if checkpoint_due(cfg, done, num_steps) or stop:
             checkpointer.save(done, state, *objects)
-        if stop_after_step is not None and done >= stop_after_step:
+        if stop or (stop_after_step is not None and done >= stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}
@@ -467,6 +466,7 @@ def run_online(
         "reward": source,
         "steps": num_steps,
         "time_variance_pass_s": round(t_order, 2),
+        "skipped_nonfinite": state.get("skipped_nonfinite", 0),
         "last": {k: v for k, v in last.items() if isinstance(v, int | float)},
     }
     accelerator.wait_for_everyone()

@@ -32,20 +32,19 @@ from transformers import AutoModelForCausalLM
 import chatml
 from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
 from align.config import PPOConfig, config_to_dict
-from align.data import DataError
-from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss
+from align.data import DataError, iter_jsonl_values
+from align.fused_logprobs import lm_logprobs
+from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss_from_logprobs
 from align.models import load_causal_lm, save_final_model
 from align.ptx import PtxStream, chunk_tokens, load_text
 from align.reward import RewardModel
 from align.rl_math import (
     RunningMoments,
-    entropy_from_logits,
     explained_variance,
     gae,
     kl_estimate,
     masked_mean,
     masked_whiten,
-    token_logprobs,
 )
 from align.rollout import HFRolloutEngine, ManualRolloutEngine, RolloutBatch, position_ids_from_mask
 from align.tracking import MetricsLogger, plot_metrics
@@ -59,6 +58,7 @@ from align.train.runtime import (
     global_batch_indices,
     make_accelerator,
     prepare_output_dir,
+    step_if_finite,
     total_steps,
 )
 
@@ -77,30 +77,21 @@ def load_prompts(cfg: PPOConfig) -> tuple[list[list[dict[str, str]]], list[Any] 
     if not path.is_file():
         raise DataError(f"{cfg.dataset}: no such prompt file")
     prompts = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({err})") from err
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if messages is None and isinstance(record, dict) and "prompt" in record:
-                prompt = record["prompt"]
-                messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if not isinstance(messages, list) or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in chatml.ROLES
-                for m in messages
-            ):
-                raise DataError(f"{path}:{lineno}: expected 'messages' or 'prompt' with role/content turns")
-            while messages and messages[-1]["role"] == "assistant":
-                messages = messages[:-1]  # a full conversation: generate its last reply anew
-            if not messages or messages[-1]["role"] not in ("user", "tool"):
-                raise DataError(f"{path}:{lineno}: a prompt must end with a user (or tool) turn")
-            prompts.append(messages)
-    if not prompts:
-        raise DataError(f"{path}: empty, no records")
+    for lineno, record in iter_jsonl_values(path):  # invalid UTF-8/JSON, empty file: file:line errors
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if messages is None and isinstance(record, dict) and "prompt" in record:
+            prompt = record["prompt"]
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in chatml.ROLES
+            for m in messages
+        ):
+            raise DataError(f"{path}:{lineno}: expected 'messages' or 'prompt' with role/content turns")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]  # a full conversation: generate its last reply anew
+        if not messages or messages[-1]["role"] not in ("user", "tool"):
+            raise DataError(f"{path}:{lineno}: a prompt must end with a user (or tool) turn")
+        prompts.append(messages)
     return prompts, None
 
 
@@ -147,16 +138,23 @@ def check_same_vocabulary(tokenizer: Any, path: str) -> None:
 # response starts at column P, so `logits[:, P-1 : P+R-1]` predict the response tokens.
 
 
-def response_logits(model: Any, seq: Any, width: int) -> torch.Tensor:
-    """(B, R, V) logits predicting each response token, from one forward pass."""
-    out = model(
+def response_logprobs(
+    model: Any, seq: Any, response_ids: torch.Tensor, temperature: float, with_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log-probs of the response tokens (and their entropy) from one forward pass, computed in
+    chunks from the last hidden states so the (B, R, V) logits are never built (`align.fused_logprobs`)."""
+    return lm_logprobs(
+        model,
+        response_ids,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        drop_last=True,
         input_ids=seq.input_ids,
         attention_mask=seq.attention_mask,
         position_ids=position_ids_from_mask(seq.attention_mask),
         use_cache=False,
-        logits_to_keep=width + 1,
+        logits_to_keep=response_ids.shape[1] + 1,
     )
-    return out.logits[:, :-1]
 
 
 def response_values(value_model: RewardModel, seq: Any, width: int) -> torch.Tensor:
@@ -281,6 +279,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         {"policy": policy_sched, "value": value_sched},
     )
     start_step, saved = checkpointer.restore(*objects)
+    counts: dict[str, Any] = {"skipped_nonfinite": (saved or {}).get("skipped_nonfinite", 0)}
     if saved is not None:
         moments.load_state_dict(saved["reward_moments"])
         if ptx is not None and "ptx" in saved:
@@ -296,11 +295,11 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     if is_main and saved is None and rollout_log.exists():
         rollout_log.unlink()
 
-    def reference_logits(seq: Any, width: int) -> torch.Tensor:
+    def reference_logprobs(seq: Any, response_ids: torch.Tensor) -> torch.Tensor:
         if reference is not None:
-            return response_logits(reference, seq, width)
+            return response_logprobs(reference, seq, response_ids, cfg.temperature)
         with policy_u.disable_adapter():
-            return response_logits(policy_u, seq, width)
+            return response_logprobs(policy_u, seq, response_ids, cfg.temperature)
 
     def micro_slices(rows: list[int]) -> list[list[int]]:
         return [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
@@ -348,11 +347,10 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
             for rows in micro_slices(all_rows):
                 sub = sub_batch(batch, rows)
                 seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                logits = response_logits(policy, seq, w)
-                scatter_rows(old_logprobs, rows, token_logprobs(logits, sub.response_ids, cfg.temperature))
-                scatter_rows(entropy, rows, entropy_from_logits(logits))
-                ref = reference_logits(seq, w)
-                scatter_rows(ref_logprobs, rows, token_logprobs(ref, sub.response_ids, cfg.temperature))
+                logps, ent = response_logprobs(policy, seq, sub.response_ids, cfg.temperature, True)
+                scatter_rows(old_logprobs, rows, logps)
+                scatter_rows(entropy, rows, ent)
+                scatter_rows(ref_logprobs, rows, reference_logprobs(seq, sub.response_ids))
                 scatter_rows(old_values, rows, response_values(value_model, seq, w))
                 if reward_model is not None:
                     scored = reward_model(seq.input_ids, seq.attention_mask)
@@ -384,7 +382,9 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         rewards[torch.arange(n_rows, device=device), last_token] += scores * (batch.lengths > 0)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            # Statistics of the global batch, so N processes give the advantages of one.
+            reduce_sum = (lambda t: accelerator.reduce(t.to(device), reduction="sum")) if world > 1 else None
+            advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)
 
         # 4. update
         t0 = time.perf_counter()
@@ -433,8 +433,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                         continue  # the policy's weights stay bit-identical during the warm-up
                     sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
                     with sync_p, accelerator.autocast():
-                        logits = response_logits(policy, seq, w)
-                        logprobs = token_logprobs(logits, sub.response_ids, cfg.temperature)
+                        logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
                         p_loss, p_stats = ppo_policy_loss(
                             logprobs,
                             old_logprobs[idx, :w],
@@ -450,12 +449,10 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                         accelerator.backward(p_loss)
                     _add(stats_acc, p_stats)
                 value_norm = accelerator.clip_grad_norm_(value_model.parameters(), _clip(cfg))
-                value_opt.step()
-                value_opt.zero_grad(set_to_none=True)
+                step_if_finite(value_opt, value_norm, counts, checkpointer, step + 1)
                 if not warmup:
                     policy_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
-                    policy_opt.step()
-                    policy_opt.zero_grad(set_to_none=True)
+                    step_if_finite(policy_opt, policy_norm, counts, checkpointer, step + 1)
                     _add(stats_acc, {"policy_grad_norm": policy_norm})
                 _add(stats_acc, {"value_grad_norm": value_norm})
         value_sched.step()
@@ -471,6 +468,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                 "rm_score": raw_scores[finished].mean().item() if finished.any() else float("nan"),
                 "score_normalised": scores.mean().item(),
                 "reward_running_mean": moments.mean,
+                "skipped_nonfinite": counts["skipped_nonfinite"],
                 "kl": (kl.sum(1)).mean().item(),
                 "entropy": masked_mean(entropy, mask).item(),
                 "response_length": lengths.mean().item(),
@@ -495,10 +493,11 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         last = metrics
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rm_score']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if checkpoint_due(cfg, done, num_steps):
+        stop = checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
+        if checkpoint_due(cfg, done, num_steps) or stop:
             state = {"reward_moments": moments.state_dict(), **({"ptx": ptx.state_dict()} if ptx else {})}
-            checkpointer.save(done, state, *objects)
-        if stop_after_step is not None and done >= stop_after_step:
+            checkpointer.save(done, {**state, **counts}, *objects)
+        if stop or (stop_after_step is not None and done >= stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}
@@ -511,6 +510,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         "metrics": str(out / "metrics.jsonl"),
         "steps": num_steps,
         "last": {k: v for k, v in last.items() if isinstance(v, int | float)},
+        "skipped_nonfinite": counts["skipped_nonfinite"],
     }
     accelerator.wait_for_everyone()
     policy_state = accelerator.get_state_dict(policy)
@@ -538,8 +538,10 @@ def ptx_lm_loss(policy: Any, rows: list[list[int]], device: torch.device) -> tor
     ends = torch.tensor([len(r) for r in rows], device=device).cumsum(0) - 1
     keep[0, ends] = False
     targets = torch.roll(ids, -1, dims=1)[keep]
-    logits = policy(input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
-    loss, _ = sft_loss(logits, targets, targets.numel())
+    logps = lm_logprobs(
+        policy, targets, input_ids=ids, position_ids=positions, logits_to_keep=keep, use_cache=False
+    )
+    loss, _ = sft_loss_from_logprobs(logps, targets.numel())
     return loss
 
 

@@ -260,6 +260,8 @@ def run_pmp_then_rm(cfg: RMConfig, *, stop_after_step: int | None = None) -> dic
         eval_before=False,  # the PMP model's held-out accuracy is already known
     )
     rm = train_reward_model(rm_cfg, accuracy_before=pmp.get("accuracy_after"))
+    if "stopped_at" in rm:  # stopped by a signal: no final model yet, resume continues it
+        return rm
     summary = {
         "stage": "pmp+rm",
         "output_dir": str(out),
@@ -411,7 +413,7 @@ def train_reward_model(
             state["skipped_nonfinite"] += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
         else:
             optimizer.step()
             scheduler.step()
@@ -461,9 +463,10 @@ def train_reward_model(
             )
             window_start, window_tokens = time.perf_counter(), 0
         state["train_seconds"] = train_seconds
-        if checkpoint_due(cfg, done, num_steps):
+        stop = run.checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
+        if checkpoint_due(cfg, done, num_steps) or stop:
             run.save(done, state)
-        if stop_after_step is not None and done >= stop_after_step:
+        if stop or (stop_after_step is not None and done >= stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}

@@ -7,7 +7,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
+import signal
+import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +37,118 @@ class RunSetupError(ValueError):
     """A run that cannot start as configured (batch sizes, output directory, resume)."""
 
 
+class NonFiniteStop(RunSetupError):
+    """A non-finite loss or gradient with `on_nonfinite=stop`: raised after the checkpoint is written."""
+
+
+class StopRequest:
+    """SIGTERM, or the first SIGINT (Ctrl-C), asks the run to stop at the next optimiser-step boundary.
+
+    The handler only sets a flag: the loop finishes the step it is in, writes a checkpoint and returns,
+    so the next run resumes exactly there. A second SIGINT aborts at once (KeyboardInterrupt). Under
+    accelerate every process polls and the flags are max-reduced, so all ranks stop at the same step
+    even if only one of them got the signal. The previous handlers come back when this object is
+    collected (the run is over), so a library caller's own Ctrl-C handling is left as it was.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator = accelerator
+        self.reason: str | None = None  # why the run stops: "SIGTERM", "SIGINT", "non-finite ..."
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        ref = weakref.ref(self)
+
+        def handler(signum: int, frame: Any) -> None:
+            me = ref()
+            if me is None:  # the run is over: behave as before it started
+                prior = previous[signum]
+                if callable(prior):
+                    prior(signum, frame)
+                elif prior in (signal.SIG_DFL, None):  # the default action (terminate): re-deliver
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
+                return
+            me._on_signal(signum)
+
+        for sig in self.SIGNALS:
+            signal.signal(sig, handler)
+        weakref.finalize(self, _restore_handlers, previous, handler)
+
+    def _on_signal(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: the user wants out now
+        if self.reason is None:
+            self.reason = name
+            print(
+                f"\n{name} received: finishing the current step, then writing a checkpoint and stopping "
+                "(Ctrl-C again aborts without one)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def request(self, reason: str) -> None:
+        """Ask for a stop from inside the loop (e.g. a non-finite step with on_nonfinite=stop)."""
+        self.reason = self.reason or reason
+
+    def poll(self) -> bool:
+        """Whether any process asked to stop; a collective under accelerate (every rank must call it)."""
+        local = self.reason is not None
+        if self.accelerator.num_processes == 1:
+            return local
+        flag = torch.tensor([float(local)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="max").item() > 0)
+
+
+def _restore_handlers(previous: dict[int, Any], ours: Any) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig, prior in previous.items():
+        if signal.getsignal(sig) is ours:  # a later run may have installed its own since
+            signal.signal(sig, prior if prior is not None else signal.SIG_DFL)
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """bf16 autocast over fp32 master weights on GPU; plain fp32 on CPU (bf16 there is slow and lossy)."""
+    """bf16 autocast over fp32 master weights on GPU; plain fp32 on CPU (bf16 there is slow and lossy).
+
+    DeepSpeed is refused: our loops accumulate gradients by hand (`no_sync` on all but the last
+    micro-batch, one `optimizer.step()` per global batch, our own non-finite check on the clipped norm),
+    while a DeepSpeed engine counts micro-batches itself (`gradient_accumulation_steps`, clipping and
+    stepping inside `engine.step()`), so the two would disagree on when a step happens. Sharding: FSDP.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise RunSetupError(
+            "DeepSpeed is not supported by align's training loops (they accumulate gradients themselves, "
+            "which a DeepSpeed engine does not allow); use accelerate_configs/fsdp.yaml to shard, or ddp.yaml"
+        )
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()):
         precision = "bf16"
     else:
         precision = "no"
-    return Accelerator(mixed_precision=precision)
+    simple_launch = "ACCELERATE_USE_CPU" in os.environ and "WORLD_SIZE" not in os.environ
+    mpi = any(os.environ.get(k) for k in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if simple_launch and "MASTER_PORT" in os.environ and not mpi:
+        # `accelerate launch` with a CPU config and num_processes > 1 sets MASTER_PORT but starts ONE
+        # process unless it goes through mpirun (accelerate 1.15): a "2-process" run that is not.
+        raise RunSetupError(
+            "accelerate launch started a single process for a multi-process CPU config (it starts several "
+            "CPU processes only through mpirun); use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N "
+            "recipes/<stage>.py ..."
+        )
+    accelerator = Accelerator(mixed_precision=precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        # accelerate falls back to "no distribution" when the config names an engine this machine
+        # cannot run (FSDP or multi-GPU without GPUs): every process would then train alone and
+        # write the same output_dir.
+        raise RunSetupError(
+            f"launched as {launched} processes, but accelerate set up no distributed backend (an FSDP or "
+            "multi-GPU config on a machine without GPUs?); on CPU use accelerate_configs/cpu_ddp.yaml"
+        )
+    return accelerator
 
 
 def prepare_output_dir(path: str | Path, *, overwrite: bool, is_main: bool, stage: str) -> Path:
@@ -135,9 +245,16 @@ def build_optimizer(
         lr=cfg.learning_rate if lr is None else lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
-        # The fused kernel is one launch per step instead of one per tensor; CUDA only.
-        fused=torch.cuda.is_available(),
+        **adamw_kernel(decay + no_decay),
     )
+
+
+def adamw_kernel(params: list[torch.Tensor]) -> dict[str, bool]:
+    """AdamW's implementation by device: the fused kernel (one launch per step instead of one per
+    tensor; on CPU ~9x faster than the per-tensor loop) where torch has it for every parameter, else
+    the multi-tensor `foreach` one. Both give the per-tensor loop's update to float rounding (~1e-7)."""
+    fused_ok = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return {"fused": True} if fused_ok else {"foreach": True}
 
 
 def lr_factor(step: int, *, warmup_steps: int, total: int, shape: str, min_ratio: float) -> float:
@@ -181,6 +298,18 @@ class RunCheckpointer:
         self.root = out / "checkpoints"
         self.cfg = cfg
         self.fingerprint = fingerprint
+        self.stop = StopRequest(accelerator)  # created with the run, so SIGTERM is handled from here on
+
+    def stop_requested(self) -> bool:
+        """Poll at an optimiser-step boundary: True when a signal (on any process) or a non-finite step
+        with on_nonfinite=stop asks the loop to write a checkpoint now and return."""
+        return self.stop.poll()
+
+    def nonfinite(self, step: int, what: str = "loss or gradient") -> None:
+        """Report a skipped non-finite step (1-based `step`); with on_nonfinite=stop, also ask to stop."""
+        self.accelerator.print(f"step {step}: non-finite {what}, update skipped")
+        if getattr(self.cfg, "on_nonfinite", "skip") == "stop":
+            self.stop.request(f"non-finite {what} at step {step}")
 
     def find(self) -> Path | None:
         """The checkpoint to continue from per `cfg.resume` (auto, never, or a path)."""
@@ -250,6 +379,17 @@ class RunCheckpointer:
                 keep=self.cfg.save_total_limit,
             )
         self.accelerator.wait_for_everyone()
+        reason = self.stop.reason
+        if reason is not None:
+            where = self.root / f"step-{step}"
+            if reason.startswith("non-finite"):
+                raise NonFiniteStop(
+                    f"{reason} (on_nonfinite=stop): stopped with a checkpoint at {where}; "
+                    "set on_nonfinite=skip or lower the learning rate, then run again to resume"
+                )
+            self.accelerator.print(
+                f"stopped on {reason} after step {step}; checkpoint {where}; run again (resume=auto) to continue"
+            )
 
 
 def fingerprint_rows(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("input_ids", "labels")) -> str:
@@ -309,6 +449,30 @@ def start_single_model_run(
         run_config=dataclasses.asdict(cfg),
     )
     return SingleModelRun(model, unwrapped, optimizer, scheduler, checkpointer, logger, start_step, saved)
+
+
+def step_if_finite(
+    optimizer: torch.optim.Optimizer,
+    grad_norm: torch.Tensor | float,
+    state: dict[str, Any],
+    checkpointer: RunCheckpointer,
+    step: int,
+) -> bool:
+    """Apply one optimiser update unless the (global, already clipped-for) gradient norm is non-finite.
+
+    A NaN/inf loss gives a non-finite gradient, and the norm from `accelerator.clip_grad_norm_` is the
+    same on every rank, so all processes skip together. A skipped update drops the gradients (they
+    would poison the weights and Adam's moments), counts it in `state["skipped_nonfinite"]` (logged
+    and checkpointed) and tells the checkpointer (which stops the run if on_nonfinite=stop).
+    """
+    if math.isfinite(float(grad_norm)):
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True
+    optimizer.zero_grad(set_to_none=True)
+    state["skipped_nonfinite"] = state.get("skipped_nonfinite", 0) + 1
+    checkpointer.nonfinite(step, "gradient")
+    return False
 
 
 def checkpoint_due(cfg: TrainConfig, step: int, total: int) -> bool:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from align.config import SFTConfig
 from align.data import DataReport, load_sft, tokenize_sft
-from align.losses import sft_loss
+from align.fused_logprobs import lm_logprobs
+from align.losses import sft_loss_from_logprobs
 from align.models import load_causal_lm, save_final_model
 from align.packing import pack_examples
 from align.tracking import plot_metrics
@@ -177,14 +178,17 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             # Gradients are all-reduced once per optimiser step, not once per micro-batch.
             sync = nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                logits = model(
+                # Chunked over positions: the (trained tokens, vocabulary) logits are never built.
+                logps = lm_logprobs(
+                    model,
+                    batch["targets"],
                     input_ids=batch["input_ids"],
                     position_ids=batch["position_ids"],
                     logits_to_keep=batch["keep"],
                     use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
-                ).logits
+                )
                 # DDP averages gradients over processes; scale so their sum is the global token mean.
-                loss, stats = sft_loss(logits, batch["targets"], normalizer / accelerator.num_processes)
+                loss, stats = sft_loss_from_logprobs(logps, normalizer / accelerator.num_processes)
                 accelerator.backward(loss)
             nll_sum += stats["nll_sum"]
         grad_norm = accelerator.clip_grad_norm_(
@@ -196,7 +200,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             state["skipped_nonfinite"] += 1
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            accelerator.print(f"step {step + 1}: non-finite loss or gradient, update skipped")
+            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
         else:
             optimizer.step()
             scheduler.step()
@@ -220,9 +224,10 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 step=done,
             )
             window_start, window_tokens = time.perf_counter(), 0
-        if checkpoint_due(cfg, done, num_steps):
+        stop = run.checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
+        if checkpoint_due(cfg, done, num_steps) or stop:
             run.save(done, state)
-        if stop_after_step is not None and done >= stop_after_step:
+        if stop or (stop_after_step is not None and done >= stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}
