@@ -1,0 +1,455 @@
+"""Compare an aligned policy with its baseline (normally the SFT model): win rates, KL, length, alignment tax.
+
+The pure pieces (win counting with ties, the Wilson interval, token-weighted LM loss, per-sequence KL) are
+small functions tested on worked numbers; ``compare_policies`` strings them together on real models and
+writes ``eval.json`` and ``eval.md``.
+
+What is greedy and what is sampled:
+* the responses that are judged (gold verifier, reward model, win rates) and measured (length) are greedy,
+  for both models: that is what a user gets at temperature 0, and greedy accuracy has no sampling noise,
+  so a difference between the two models is a difference between the models;
+* the KL is measured on one *sampled* response per prompt from the policy (temperature 1, no top-p):
+  ``KL(pi || pi_base) = E_{y ~ pi}[log pi(y) - log pi_base(y)]`` is an expectation over the policy's own
+  distribution, and a greedy response is not a sample of it (its log-ratio would be biased upwards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import chatml
+from align.rl_math import kl_estimate, masked_sum, token_logprobs
+from align.rollout import HFRolloutEngine, RolloutBatch, teacher_forced_logprobs
+from align.tasks import Task, generate_tasks, verify
+
+__all__ = [
+    "add_cli_args",
+    "check_cli_args",
+    "compare_policies",
+    "format_markdown",
+    "format_win_rate",
+    "lm_loss",
+    "load_lm",
+    "sequence_kl",
+    "tax_rows",
+    "win_counts",
+    "win_rate",
+    "wilson_interval",
+]
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------
+
+
+def win_counts(
+    policy_scores: Sequence[float], baseline_scores: Sequence[float], tol: float = 0.0
+) -> tuple[int, int, int]:
+    """(wins, ties, losses) of the policy over paired scores; |difference| <= ``tol`` is a tie."""
+    if len(policy_scores) != len(baseline_scores):
+        raise ValueError(f"unpaired scores: {len(policy_scores)} policy vs {len(baseline_scores)} baseline")
+    wins = ties = losses = 0
+    for p, b in zip(policy_scores, baseline_scores, strict=True):
+        if abs(p - b) <= tol:
+            ties += 1
+        elif p > b:
+            wins += 1
+        else:
+            losses += 1
+    return wins, ties, losses
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``successes / n`` (successes may be fractional: half ties).
+
+    Why Wilson and not a paired bootstrap: it is closed-form and deterministic (a report and a test give the
+    same numbers every time), it stays inside [0, 1] and keeps its coverage at the small n (32-64 prompts)
+    and near-0/near-1 rates an evaluation on a CPU sees, where the Wald interval collapses to a point.
+    Counting a tie as half a win shrinks the true variance, so the interval is, if anything, conservative.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def win_rate(
+    policy_scores: Sequence[float], baseline_scores: Sequence[float], tol: float = 0.0
+) -> dict[str, Any]:
+    """``{rate, lo, hi, wins, ties, losses, n}``: the policy's win rate (ties count half), 95% Wilson interval."""
+    wins, ties, losses = win_counts(policy_scores, baseline_scores, tol)
+    n = wins + ties + losses
+    score = wins + 0.5 * ties
+    lo, hi = wilson_interval(score, n)
+    return {"rate": score / n if n else float("nan"), "lo": lo, "hi": hi, "wins": wins, "ties": ties,
+            "losses": losses, "n": n}  # fmt: skip
+
+
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-sequence KL(pi || pi_ref) estimate from samples of pi: the sum over tokens of k1 = log pi - log pi_ref.
+
+    logprobs, ref_logprobs, mask: (B, T); returns (B,). k1 summed over a sampled sequence is an unbiased
+    estimate of the sequence-level KL (it can be negative for one sequence; its mean over many is not).
+    """
+    return masked_sum(kl_estimate(logprobs, ref_logprobs, "k1"), mask.to(torch.float32), dim=1)
+
+
+@torch.no_grad()
+def lm_loss(model: Any, rows: Sequence[Sequence[int]], batch_size: int = 8) -> dict[str, float]:
+    """Token-weighted language-model loss of ``model`` on text rows: ``{loss, ppl, tokens}``.
+
+    Every row of L tokens predicts its L - 1 next tokens; the loss is the mean negative log-likelihood over
+    all predicted tokens of all rows (a long row weighs more than a short one), ppl = exp(loss). Rows of
+    one batch are right-padded and masked, so the result does not depend on ``batch_size``.
+    """
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        chunk = [list(r) for r in rows[start : start + batch_size] if len(r) > 1]
+        if not chunk:
+            continue
+        width = max(len(r) for r in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+        logp = token_logprobs(logits, ids[:, 1:])
+        target_mask = mask[:, 1:].to(torch.float32)
+        total += float(-(logp * target_mask).sum())
+        count += int(target_mask.sum())
+    loss = total / count if count else float("nan")
+    return {"loss": loss, "ppl": math.exp(loss) if count else float("nan"), "tokens": count}
+
+
+def tax_rows(
+    tokenizer: Any, source: str = "embedded", max_rows: int = 64, length: int = 64
+) -> list[list[int]]:
+    """Held-out pre-training-style rows for the alignment tax: ``embedded`` = the held-out split of the
+    standard-library docstrings (disjoint from the ptx training stream), or a user text file."""
+    from align.ptx import chunk_tokens, load_text
+
+    return chunk_tokens(load_text(source, split="heldout"), tokenizer, length)[:max_rows]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------
+
+
+def load_lm(path: str | Path, device: str) -> Any:
+    """A causal LM for evaluation: float32, frozen, eval mode, on ``device`` (offline aliases resolved)."""
+    from transformers import AutoModelForCausalLM
+
+    from align.assets import resolve_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(str(path)), dtype=torch.float32)
+    model.requires_grad_(False)
+    return model.eval().to(device)
+
+
+def _greedy(model: Any, tokenizer: Any, prompt_ids: list[list[int]], max_new_tokens: int,
+            batch_size: int) -> RolloutBatch:  # fmt: skip
+    engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size, logprobs="none", show_progress=True)
+    return engine.generate(prompt_ids, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
+
+
+@torch.no_grad()
+def _rm_scores(reward_model: Any, batch: RolloutBatch, batch_size: int) -> list[float]:
+    """The reward model's score of every (prompt, response) row, read at its closing end token as in PPO
+    (left-padded layout; an unclosed response gets the model's ``unclosed_reward``)."""
+    device = next(reward_model.parameters()).device
+    seq = batch.sequences(left_pad=True)
+    scores: list[float] = []
+    for start in range(0, len(batch), batch_size):
+        ids = seq.input_ids[start : start + batch_size].to(device)
+        mask = seq.attention_mask[start : start + batch_size].to(device)
+        scores.extend(reward_model(ids, mask).rewards.float().tolist())
+    return scores
+
+
+def _cache_key(path: str | Path, extra: dict[str, Any]) -> str:
+    """A key for a model directory's evaluation: its files' names, sizes and mtimes, plus the settings."""
+    p = Path(path)
+    files = sorted(
+        (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*") if f.is_file()
+    )
+    blob = json.dumps([str(p.resolve()), files, extra], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _side(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[Task],
+    prompt_ids: list[list[int]],
+    reward_model: Any,
+    rows: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """One model's greedy responses, gold verdicts, RM scores and held-out LM loss."""
+    batch = _greedy(model, tokenizer, prompt_ids, max_new_tokens, batch_size)
+    texts = batch.texts(tokenizer)
+    gold = [float(verify(t, r)) for t, r in zip(tasks, texts, strict=True)]
+    return {
+        "texts": texts,
+        "gold": gold,
+        "rm": _rm_scores(reward_model, batch, batch_size) if reward_model is not None else None,
+        "lengths": batch.lengths.tolist(),
+        "finished": batch.finished.tolist(),
+        "lm": lm_loss(model, rows, batch_size=max(1, batch_size // 2)) if rows else None,
+    }
+
+
+def _tax(pol: dict[str, float] | None, base: dict[str, float] | None, acc_delta: float, text: str) -> dict:
+    """The tax block of the result; the LM-loss numbers are None when no held-out text was scored."""
+    lm = {
+        "lm_loss_policy": pol["loss"] if pol else None,
+        "lm_loss_baseline": base["loss"] if base else None,
+        "ppl_policy": pol["ppl"] if pol else None,
+        "ppl_baseline": base["ppl"] if base else None,
+        "delta_lm_loss": pol["loss"] - base["loss"] if pol and base else None,
+    }
+    return {**lm, "accuracy_delta": acc_delta, "tokens": pol["tokens"] if pol else 0, "text": text}
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def compare_policies(
+    policy: str | Path,
+    baseline: str | Path,
+    *,
+    reward_model: str | Path | None,
+    out_dir: str | Path,
+    num_prompts: int = 48,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    seed: int = 0,
+    tax_text: str = "embedded",
+    tax_max_rows: int = 64,
+    device: str | None = None,
+    prompts_file: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``policy`` against ``baseline`` on held-out prompts; write ``eval.json`` and ``eval.md``.
+
+    Prompts: ``num_prompts`` held-out tasks of ``align.tasks.generate_tasks(split="heldout", seed=seed)``
+    (problems no embedded training stage saw), or the first ``num_prompts`` tasks of ``prompts_file``
+    (a tasks JSONL from ``align.tasks.write_tasks_jsonl``). Both models answer greedily (see the module
+    docstring); the KL uses one temperature-1 sample per prompt from the policy.
+
+    Returns ``win_rate_rm`` (None without a reward model) and ``win_rate_gold``, each ``{rate, lo, hi, wins,
+    ties, losses, n}`` (ties count half, 95% Wilson interval); ``gold_accuracy``, ``rm_score`` and
+    ``response_length`` as ``{policy, baseline}``; ``kl_to_baseline`` (mean per-sequence k1 KL, nats);
+    ``tax`` ``{lm_loss_policy, lm_loss_baseline, ppl_policy, ppl_baseline, delta_lm_loss, accuracy_delta}``
+    on held-out text (``tax_text``: ``embedded`` = held-out standard-library docstrings, or a text file);
+    plus ``samples`` and ``seconds``. ``cache_dir``: where the baseline's side (which does not change
+    across the runs of a sweep) is cached, keyed by its files and these settings.
+    """
+    from align.models import load_tokenizer
+    from align.reward import RewardModel
+
+    t0 = time.perf_counter()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if prompts_file is not None:
+        from align.tasks import read_tasks_jsonl
+
+        tasks = read_tasks_jsonl(prompts_file)[:num_prompts]
+    else:
+        tasks = generate_tasks(num_prompts, seed=seed, split="heldout")
+    if not tasks:
+        raise ValueError("no prompts to evaluate on (num_prompts must be >= 1)")
+
+    from align.assets import resolve_model
+
+    policy_dir, baseline_dir = resolve_model(str(policy)), resolve_model(str(baseline))
+    tokenizer = load_tokenizer(policy_dir)
+    # Loading a tokenizer is slow (a 151k vocabulary); the same directory needs no check.
+    same_dir = Path(baseline_dir).resolve() == Path(policy_dir).resolve()
+    if not same_dir and load_tokenizer(baseline_dir).get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"{baseline} and {policy} use different tokenizers; the KL needs one vocabulary")
+    prompt_ids = [chatml.encode_prompt(t.messages, tokenizer) for t in tasks]
+    # tax_max_rows=0 skips the LM-loss part of the tax (eval/win_rate.py): its numbers come out as None.
+    rows = tax_rows(tokenizer, tax_text, tax_max_rows) if tax_max_rows > 0 else []
+    rm = None
+    if reward_model is not None:
+        rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
+        rm.requires_grad_(False)
+
+    settings = {"tasks": [t.key for t in tasks], "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
+                "tax_text": tax_text, "tax_rows": len(rows), "device": device}  # fmt: skip
+    base_model = load_lm(baseline_dir, device)
+    cache_file = None
+    if cache_dir is not None:
+        rm_key = _cache_key(reward_model, {}) if reward_model is not None else None
+        key = _cache_key(baseline_dir, {**settings, "rm_files": rm_key})
+        cache_file = Path(cache_dir) / f"baseline-{key}.json"
+    if cache_file is not None and cache_file.is_file():
+        base = json.loads(cache_file.read_text())
+    else:
+        base = _side(base_model, tokenizer, tasks, prompt_ids, rm, rows, max_new_tokens, batch_size)
+        if cache_file is not None:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            # Write then rename: runs of a sweep evaluating at the same time never read half a file.
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(base))
+            tmp.replace(cache_file)
+    pol_model = load_lm(policy_dir, device)
+    pol = _side(pol_model, tokenizer, tasks, prompt_ids, rm, rows, max_new_tokens, batch_size)
+
+    # KL on the policy's own samples: both log-probs teacher-forced, so both come from the same code path.
+    engine = HFRolloutEngine(pol_model, tokenizer, batch_size=batch_size, logprobs="none")
+    sampled = engine.generate(prompt_ids, n=1, max_new_tokens=max_new_tokens, temperature=1.0, seed=seed)
+    with torch.no_grad():
+        lp_pol = teacher_forced_logprobs(pol_model, sampled, temperature=1.0)
+        lp_base = teacher_forced_logprobs(base_model, sampled, temperature=1.0)
+    kl = sequence_kl(lp_pol, lp_base, sampled.response_mask.to(lp_pol.device))
+
+    acc_p, acc_b = _mean(pol["gold"]), _mean(base["gold"])
+    result: dict[str, Any] = {
+        "policy": str(policy),
+        "baseline": str(baseline),
+        "reward_model": str(reward_model) if reward_model is not None else None,
+        "num_prompts": len(tasks),
+        "win_rate_rm": win_rate(pol["rm"], base["rm"]) if rm is not None else None,
+        "win_rate_gold": win_rate(pol["gold"], base["gold"]),
+        "gold_accuracy": {"policy": acc_p, "baseline": acc_b},
+        "rm_score": {"policy": _mean(pol["rm"]), "baseline": _mean(base["rm"])} if rm is not None else None,
+        "kl_to_baseline": float(kl.mean()),
+        "kl_to_baseline_std": float(kl.std()) if len(kl) > 1 else 0.0,
+        "response_length": {"policy": _mean(pol["lengths"]), "baseline": _mean(base["lengths"])},
+        "unfinished": {"policy": 1 - _mean(pol["finished"]), "baseline": 1 - _mean(base["finished"])},
+        "tax": _tax(pol["lm"], base["lm"], acc_p - acc_b, tax_text),
+        "samples": [
+            {
+                "prompt": t.prompt,
+                "answer": t.answer,
+                "policy": pol["texts"][i],
+                "baseline": base["texts"][i],
+                "policy_rm": pol["rm"][i] if rm is not None else None,
+                "baseline_rm": base["rm"][i] if rm is not None else None,
+            }
+            for i, t in enumerate(tasks[:8])
+        ],  # fmt: skip
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "eval.md").write_text(format_markdown(result))
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command-line arguments shared by eval/policy.py, eval/win_rate.py and eval/alignment_tax.py
+# --------------------------------------------------------------------------------------------------------
+
+
+def add_cli_args(parser: Any, *, reward: bool = True) -> None:
+    """The arguments every policy-evaluation command shares (eval/policy.py, win_rate.py, alignment_tax.py)."""
+    parser.add_argument("--policy", required=True, help="the aligned model (a run's final/)")
+    parser.add_argument(
+        "--baseline", required=True, help="the model it started from (e.g. outputs/sft/final)"
+    )
+    if reward:
+        group = parser.add_mutually_exclusive_group(required=True)
+        group.add_argument("--reward-model", help="a reward model directory (judge and RM score)")
+        group.add_argument("--no-reward-model", action="store_true", help="judge with the gold verifier only")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where the JSON and Markdown reports go")
+    parser.add_argument("--num-prompts", type=int, default=48, help="held-out prompts (default 48)")
+    parser.add_argument(
+        "--prompts", default=None, metavar="FILE", help="a tasks JSONL instead of generated ones"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the held-out tasks and of the KL samples"
+    )
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+
+
+def check_cli_args(args: Any) -> str | None:
+    """A one-line reason the arguments cannot work, or None."""
+    for name in ("policy", "baseline", "reward_model", "prompts"):
+        value = getattr(args, name, None)
+        if value and not Path(value).exists() and value.lower() not in ("smollm2", "smollm2-135m-instruct"):
+            return f"--{name.replace('_', '-')} {value}: no such file or directory"
+    if args.num_prompts < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        return "--num-prompts, --max-new-tokens and --batch-size must be >= 1"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_win_rate(w: dict[str, Any] | None) -> str:
+    if w is None:
+        return "-"
+    return (f"{100 * w['rate']:.1f}% [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}] "
+            f"({w['wins']} W / {w['ties']} T / {w['losses']} L of {w['n']})")  # fmt: skip
+
+
+def format_markdown(r: dict[str, Any]) -> str:
+    """The Markdown report of a ``compare_policies`` result."""
+    tax = r["tax"]
+    rm = r.get("rm_score")
+    lines = [
+        f"# {r['policy']} vs {r['baseline']}",
+        "",
+        f"{r['num_prompts']} held-out prompts, greedy responses; reward model: {r.get('reward_model') or '-'}. "
+        "Win rates count ties as half; brackets are 95% Wilson intervals.",
+        "",
+        "| metric | policy | baseline |",
+        "|---|---|---|",
+        f"| gold accuracy | {100 * r['gold_accuracy']['policy']:.1f}% | {100 * r['gold_accuracy']['baseline']:.1f}% |",
+        f"| mean RM score | {rm['policy']:.3f} | {rm['baseline']:.3f} |" if rm else "| mean RM score | - | - |",
+        f"| response length (tokens) | {r['response_length']['policy']:.1f} | {r['response_length']['baseline']:.1f} |",
+        f"| held-out LM loss | {_num(tax['lm_loss_policy'], '.4f')} | {_num(tax['lm_loss_baseline'], '.4f')} |",
+        f"| held-out perplexity | {_num(tax['ppl_policy'], '.2f')} | {_num(tax['ppl_baseline'], '.2f')} |",
+        "",
+        f"- win rate, reward model: {format_win_rate(r.get('win_rate_rm'))}",
+        f"- win rate, gold verifier: {format_win_rate(r['win_rate_gold'])}",
+        f"- KL(policy || baseline), mean over sampled responses: {r['kl_to_baseline']:.4f} nats",
+        f"- alignment tax: LM loss {_num(tax['delta_lm_loss'], '+.4f')} nats/token on {tax['tokens']} held-out tokens "
+        f"({tax['text']}), accuracy {100 * tax['accuracy_delta']:+.1f} points",
+        "",
+        "## Samples",
+        "",
+        "| prompt | answer | policy | baseline |",
+        "|---|---|---|---|",
+    ]  # fmt: skip
+
+    def cell(s: Any) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")[:80]
+
+    for s in r.get("samples", []):
+        lines.append(
+            f"| {cell(s['prompt'])} | {cell(s['answer'])} | {cell(s['policy'])} | {cell(s['baseline'])} |"
+        )
+    return "\n".join(lines) + "\n"
