@@ -1,0 +1,753 @@
+"""The whole chain: SFT -> PMP -> RM -> PPO, and SFT -> DPO, then an evaluation and one report.
+
+Each stage runs in-process with the existing loop (run_sft, run_pmp_then_rm, run_ppo, run_dpo) on a
+config the pipeline builds: the user's section for that stage, validated strictly against the stage's
+config class before anything runs, plus the wiring (where the stage writes, which earlier outputs it
+reads). `pipeline_state.json` records each stage's config signature and timings, so a re-run
+
+- skips a stage whose outputs are complete and whose signature is unchanged,
+- resumes a stage that was interrupted (the loops continue from their checkpoints, resume=auto),
+- refuses a stage whose config, or an earlier stage's, changed, unless overwrite=true (then the
+  stage's old outputs are deleted and it runs again).
+
+A stage's signature holds its own config and its earlier stages' signature hashes, so changing SFT
+makes RM, PPO and DPO out of date too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate import PartialState
+
+from align.config import (
+    ConfigError,
+    DPOConfig,
+    PipelineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    _parse_override,
+    build_config,
+)
+from align.train.runtime import RunSetupError
+
+STAGES = ("sft", "rm", "ppo", "dpo")
+CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
+UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "dpo": ("sft",)}
+TITLES = {"sft": "SFT", "rm": "reward model (PMP then RM)", "ppo": "PPO", "dpo": "DPO"}
+# Keys the pipeline sets from the stage layout; a user value would break the chain silently.
+WIRED = {
+    "sft": {"output_dir", "overwrite"},
+    "rm": {"output_dir", "overwrite", "model_name_or_path", "init_from", "stage"},
+    "ppo": {
+        "output_dir",
+        "overwrite",
+        "model_name_or_path",
+        "reward_model_path",
+        "value_model_path",
+        "train_missing_stages",
+    },
+    "dpo": {"output_dir", "overwrite", "model_name_or_path", "ref_model_path"},
+}
+# Keys that change how a stage reports, not what it computes: a change does not make it out of date.
+# Checkpoint frequency is one of them: resume reproduces the uninterrupted run exactly (tested per loop).
+UNCOMPARED = {
+    "progress",
+    "report_to",
+    "overwrite",
+    "resume",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+}
+STATE_FILE = "pipeline_state.json"
+
+Runner = Callable[[Any], dict[str, Any]]
+
+
+class PipelineError(RunSetupError):
+    """A pipeline that cannot run as configured (a changed stage, a missing input); exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout and configs
+
+
+def stage_dir(root: str | Path, stage: str) -> Path:
+    return Path(root) / stage
+
+
+def final_model(root: str | Path, stage: str) -> Path:
+    """The model a stage hands on: the RM stage's is its RM fine-tuning's final/."""
+    if stage == "rm":
+        return stage_dir(root, "rm") / "rm" / "final"
+    return stage_dir(root, stage) / "final"
+
+
+def is_complete(root: str | Path, stage: str) -> bool:
+    """A stage is complete when its summary.json and its final model are both on disk (written last)."""
+    return (stage_dir(root, stage) / "summary.json").is_file() and final_model(root, stage).is_dir()
+
+
+def split_stage_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Split `ppo.kl_coef=0.1`-style items (a stage name, a dot, a key) from the pipeline's own argv."""
+    plain, staged = [], []
+    for item in argv:
+        head = item.split("=", 1)[0].lstrip("-")
+        if "=" in item and "." in head and head.split(".", 1)[0] in STAGES:
+            staged.append(item.lstrip("-"))
+        else:
+            plain.append(item)
+    return plain, staged
+
+
+def with_stage_overrides(cfg: PipelineConfig, overrides: Sequence[str]) -> PipelineConfig:
+    """A copy of `cfg` whose stage sections carry the `stage.key=value` overrides (applied last)."""
+    sections = {stage: dict(_section(cfg, stage)) for stage in STAGES}
+    for item in overrides:
+        key, value = _parse_override(item)
+        stage, _, name = key.partition(".")
+        if stage not in sections or not name:
+            raise ConfigError(
+                f"command line: {item!r} is not of the form stage.key=value ({', '.join(STAGES)})"
+            )
+        sections[stage][name] = value
+    return dataclasses.replace(cfg, **sections)
+
+
+def _section(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    section = getattr(cfg, stage)
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"pipeline config: {stage}: expected a mapping of key: value, got {section!r}")
+    return section
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage's config: its section, checked strictly, plus the wiring between stages.
+
+    All four are built (and so validated) whichever stages run, so a typo anywhere fails at once.
+    """
+    root = Path(cfg.output_dir)
+    wiring: dict[str, dict[str, Any]] = {
+        "sft": {"output_dir": str(stage_dir(root, "sft"))},
+        "rm": {
+            "output_dir": str(stage_dir(root, "rm")),
+            "stage": "pmp+rm",
+            "model_name_or_path": str(final_model(root, "sft")),
+            "init_from": None,
+        },
+        "ppo": {
+            "output_dir": str(stage_dir(root, "ppo")),
+            "model_name_or_path": str(final_model(root, "sft")),
+            "reward_model_path": str(final_model(root, "rm")),
+            "value_model_path": None,  # the value model starts from the reward model
+            "train_missing_stages": False,
+        },
+        "dpo": {
+            "output_dir": str(stage_dir(root, "dpo")),
+            "model_name_or_path": str(final_model(root, "sft")),
+            "ref_model_path": None,  # the reference is the starting (SFT) policy
+        },
+    }
+    configs = {}
+    for stage in STAGES:
+        section = _section(cfg, stage)
+        source = f"pipeline section '{stage}'"
+        wired = sorted(WIRED[stage] & set(section))
+        if wired:
+            raise ConfigError(
+                f"{source}: {', '.join(wired)} is set by the pipeline (it wires each stage to the previous "
+                "one's output under output_dir); remove it"
+            )
+        configs[stage] = build_config(CONFIG_CLASSES[stage], {**section, **wiring[stage]}, source=source)
+    return configs
+
+
+def signature(stage_cfg: Any, upstream_hashes: dict[str, str]) -> dict[str, Any]:
+    """What decides a stage's output: its config (less reporting keys) and its inputs' signatures."""
+    config = {k: v for k, v in dataclasses.asdict(stage_cfg).items() if k not in UNCOMPARED}
+    return {"config": config, "upstream": dict(upstream_hashes)}
+
+
+def signature_hash(sig: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """`key: old -> new` for the differing config keys and changed inputs, for the refusal message."""
+    parts = []
+    old_cfg, new_cfg = old.get("config", {}), new["config"]
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            parts.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
+    for up in sorted(set(old.get("upstream", {})) | set(new["upstream"])):
+        if old.get("upstream", {}).get(up) != new["upstream"].get(up):
+            parts.append(f"input stage {up} changed")
+    return "; ".join(parts[:6]) + (f"; and {len(parts) - 6} more" if len(parts) > 6 else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# State file
+
+
+def read_state(root: str | Path) -> dict[str, Any]:
+    path = Path(root) / STATE_FILE
+    if not path.is_file():
+        return {"stages": {}, "eval": {}}
+    try:
+        state = json.loads(path.read_text())
+    except ValueError as err:
+        raise PipelineError(
+            f"{path}: unreadable ({err}); delete it to start the pipeline's records afresh"
+        ) from err
+    state.setdefault("stages", {})
+    state.setdefault("eval", {})
+    return state
+
+
+def write_state(root: str | Path, state: dict[str, Any]) -> None:
+    """Write pipeline_state.json atomically (temp file, then rename), so a kill never leaves half of it."""
+    path = Path(root) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclass
+class StagePlan:
+    stage: str
+    action: str  # skip | run | resume | rerun
+    config: Any
+    signature: dict[str, Any]
+    hash: str
+    reason: str
+
+
+def plan_pipeline(cfg: PipelineConfig, configs: dict[str, Any], state: dict[str, Any]) -> list[StagePlan]:
+    """Decide, before anything runs, what each requested stage does; refuse all conflicts in one error."""
+    root = Path(cfg.output_dir)
+    requested = [s for s in STAGES if s in cfg.stages]
+    hashes: dict[str, str] = {}
+    actions: dict[str, str] = {}
+    plans, refusals = [], []
+    for stage in STAGES:
+        sig = signature(configs[stage], {up: hashes[up] for up in UPSTREAM[stage]})
+        digest = hashes[stage] = signature_hash(sig)
+        record = state["stages"].get(stage)
+        same = record is not None and record.get("hash") == digest
+        complete = is_complete(root, stage)
+        directory = stage_dir(root, stage)
+        has_files = directory.is_dir() and any(directory.iterdir())
+        if stage not in requested:
+            # Not run now: a later stage may still read it, which needs it complete and current.
+            actions[stage] = "skip" if (same and complete) else "absent"
+            continue
+        missing = [up for up in UPSTREAM[stage] if actions.get(up) == "absent"]
+        if missing:
+            refusals.append(
+                f"{stage} needs the output of {', '.join(missing)}, which is not complete under {root} "
+                f"with the current config; add {', '.join(missing)} to stages"
+            )
+            actions[stage] = "absent"
+            continue
+        upstream_runs = any(actions[up] != "skip" for up in UPSTREAM[stage])
+        if same and complete and not upstream_runs:
+            action, reason = "skip", "complete, same config"
+        elif same and not complete and not upstream_runs:
+            action, reason = ("resume", "interrupted: resuming") if has_files else ("run", "")
+        elif not has_files:
+            action, reason = "run", ""
+        else:
+            if record is None:
+                why = f"{directory} holds outputs the pipeline has no record of"
+            elif not same:
+                why = f"config changed since it ran ({_changes(record.get('signature', {}), sig)})"
+            else:
+                why = "an earlier stage runs again, so its outputs would be stale"
+            if not cfg.overwrite:
+                refusals.append(
+                    f"stage {stage}: {why}; set overwrite=true to delete {directory} and re-run it, "
+                    "or use another output_dir"
+                )
+            action, reason = "rerun", why
+        actions[stage] = action
+        plans.append(StagePlan(stage, action, configs[stage], sig, digest, reason))
+    if refusals:
+        raise PipelineError("pipeline refused before running anything:\n  " + "\n  ".join(refusals))
+    return plans
+
+
+# --------------------------------------------------------------------------------------------------
+# Run
+
+
+def default_runners() -> dict[str, Runner]:
+    from align.train.dpo import run_dpo
+    from align.train.ppo import run_ppo
+    from align.train.reward import run_pmp_then_rm
+    from align.train.sft import run_sft
+
+    return {"sft": run_sft, "rm": run_pmp_then_rm, "ppo": run_ppo, "dpo": run_dpo}
+
+
+def run_pipeline(
+    cfg: PipelineConfig,
+    *,
+    stage_overrides: Sequence[str] = (),
+    runners: dict[str, Runner] | None = None,
+    evaluator: Callable[..., dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Plan, run the stages in order, evaluate, write report.md; return the pipeline summary.
+
+    `runners` replaces stage functions by name (tests count calls or stop a stage early);
+    `evaluator` replaces align.evaluate_policy.compare_policies.
+    A runner that returns {"stopped_at": n} (an interrupted stage) ends the pipeline there.
+    """
+    cfg = with_stage_overrides(cfg, stage_overrides)
+    configs = stage_configs(cfg)  # every section validated before anything runs
+    root = Path(cfg.output_dir)
+    is_main = PartialState().is_main_process
+    state = read_state(root)
+    plans = plan_pipeline(cfg, configs, state)
+    runners = {**default_runners(), **(runners or {})}
+    started = time.perf_counter()
+    summary: dict[str, Any] = {"stage": "pipeline", "output_dir": str(root), "stages": {}}
+    for i, plan in enumerate(plans, 1):
+        label = f"[pipeline {i}/{len(plans)}] {plan.stage}"
+        if plan.action == "skip":
+            print(f"{label}: skipped, {stage_dir(root, plan.stage)} is complete with the same config")
+            summary["stages"][plan.stage] = "skipped"
+            continue
+        if plan.action == "rerun" and is_main:
+            print(f"{label}: {plan.reason}; overwrite=true: deleting {stage_dir(root, plan.stage)}")
+            shutil.rmtree(stage_dir(root, plan.stage), ignore_errors=True)
+        PartialState().wait_for_everyone()  # no rank starts the stage while the old outputs go
+        print(f"{label}: {'resuming (interrupted before)' if plan.action == 'resume' else 'running'}")
+        record = state["stages"].get(plan.stage) if plan.action == "resume" else None
+        record = record or {"attempts": []}
+        for old in record["attempts"]:
+            if "outcome" not in old:  # the process was killed mid-stage
+                old.update(outcome="killed", seconds=_killed_seconds(stage_dir(root, plan.stage), old))
+        record.update(status="running", signature=plan.signature, hash=plan.hash)
+        attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "t0": time.time(), "action": plan.action}
+        record["attempts"].append(attempt)
+        state["stages"][plan.stage] = record
+        # Recorded before the stage runs, so a kill mid-stage leaves a record the next run resumes from.
+        if is_main:
+            write_state(root, state)
+        t0 = time.perf_counter()
+        try:
+            result = runners[plan.stage](plan.config)
+        except BaseException as err:  # a kill (KeyboardInterrupt) too: record it, then let it go on
+            attempt["seconds"] = round(time.perf_counter() - t0, 1)
+            record["status"] = attempt["outcome"] = (
+                "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            )
+            record["error"] = f"{type(err).__name__}: {err}"
+            if is_main:
+                write_state(root, state)
+            raise
+        attempt["seconds"] = round(time.perf_counter() - t0, 1)
+        if "stopped_at" in result:
+            record["status"] = attempt["outcome"] = "interrupted"
+            if is_main:
+                write_state(root, state)
+            print(f"{label}: stopped at step {result['stopped_at']}; run the pipeline again to resume")
+            summary["stages"][plan.stage] = "interrupted"
+            summary["interrupted"] = plan.stage
+            return summary
+        record["status"] = attempt["outcome"] = "done"
+        record["seconds"] = round(sum(a.get("seconds") or 0.0 for a in record["attempts"]), 1)
+        record.pop("error", None)
+        if is_main:
+            write_state(root, state)
+            if not cfg.keep_checkpoints:
+                freed = prune_stage_checkpoints(stage_dir(root, plan.stage))
+                if freed:
+                    print(f"{label}: complete; deleted its checkpoints ({freed / 1e9:.1f} GB)")
+        summary["stages"][plan.stage] = "done"
+        print(f"{label}: done in {attempt['seconds']:.0f} s")
+
+    if cfg.evaluate and is_main:
+        summary["eval"] = evaluate_policies(cfg, state, evaluator)
+        write_state(root, state)
+    if is_main:
+        summary["report"] = str(write_report(root, state))
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    for stage in ("ppo", "dpo", "sft"):
+        if is_complete(root, stage):
+            summary["final_model"] = str(final_model(root, stage))
+            break
+    summary["metrics"] = str(root / STATE_FILE)
+    return summary
+
+
+def prune_stage_checkpoints(directory: Path) -> int:
+    """Delete every checkpoints/ folder under a completed stage (PMP and RM have one each); bytes freed."""
+    freed = 0
+    for ckpts in sorted(directory.rglob("checkpoints")):
+        if ckpts.is_dir():
+            freed += sum(f.stat().st_size for f in ckpts.rglob("*") if f.is_file())
+            shutil.rmtree(ckpts, ignore_errors=True)
+    return freed
+
+
+def _killed_seconds(directory: Path, attempt: dict[str, Any]) -> float | None:
+    """A killed attempt's duration, up to the last metrics line it wrote (None if it wrote none)."""
+    written = [p.stat().st_mtime for p in directory.rglob("metrics.jsonl")]
+    if not written or "t0" not in attempt:
+        return None
+    return round(max(written) - attempt["t0"], 1)
+
+
+def evaluate_policies(
+    cfg: PipelineConfig, state: dict[str, Any], evaluator: Callable[..., dict[str, Any]] | None
+) -> dict[str, str]:
+    """Compare each complete aligned policy (PPO, DPO) with the SFT model into eval/<policy>/.
+
+    A comparison whose inputs and settings are unchanged since it was written is not redone.
+    """
+    root = Path(cfg.output_dir)
+    if not (is_complete(root, "sft") and is_complete(root, "rm")):
+        print("[pipeline] evaluation: needs complete sft and rm stages; skipped")
+        return {}
+    if evaluator is None:
+        try:
+            from align.evaluate_policy import compare_policies as evaluator
+        except ImportError as err:
+            print(f"[pipeline] evaluation: align.evaluate_policy is unavailable ({err}); skipped")
+            return {}
+    settings = {
+        "num_prompts": cfg.eval_num_prompts,
+        "max_new_tokens": cfg.eval_max_new_tokens,
+        "batch_size": cfg.eval_batch_size,
+        "seed": cfg.eval_seed,
+        "tax_text": cfg.eval_tax_text,
+        "tax_max_rows": cfg.eval_tax_max_rows,
+    }
+    done = {}
+    for policy in ("ppo", "dpo"):
+        if not is_complete(root, policy) or state["stages"].get(policy, {}).get("status") != "done":
+            continue
+        out = root / "eval" / policy
+        inputs = {s: state["stages"].get(s, {}).get("hash") for s in ("sft", "rm", policy)}
+        digest = signature_hash({"settings": settings, "inputs": inputs})
+        record = state["eval"].get(policy, {})
+        if record.get("hash") == digest and (out / "eval.json").is_file():
+            print(f"[pipeline] evaluation of {policy}: {out} is up to date, skipped")
+            done[policy] = str(out)
+            continue
+        print(f"[pipeline] evaluation: {policy} against the SFT model -> {out}")
+        t0 = time.perf_counter()
+        evaluator(
+            str(final_model(root, policy)),
+            str(final_model(root, "sft")),
+            reward_model=str(final_model(root, "rm")),
+            out_dir=str(out),
+            cache_dir=str(root / "eval" / "cache"),  # the SFT side is scored once for both policies
+            **settings,
+        )
+        state["eval"][policy] = {"hash": digest, "seconds": round(time.perf_counter() - t0, 1)}
+        write_state(root, state)
+        done[policy] = str(out)
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+# (stage, metrics dirs under the stage dir, left-axis key, right-axis key or None) of the summary figure.
+CURVE_PANELS = (
+    ("sft", ("",), "loss", None),
+    ("rm", ("pmp", "rm"), "loss", "eval_accuracy"),
+    ("ppo", ("",), "rm_score", "kl"),
+    ("dpo", ("",), "loss", "rewards_accuracy"),
+)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _metric_series(run_dirs: list[Path], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of `key` across runs in sequence (PMP then RM: RM steps continue after PMP's)."""
+    from align.tracking import read_metrics
+
+    steps, values, offset = [], [], 0
+    for d in run_dirs:
+        if not (d / "metrics.jsonl").is_file():
+            continue
+        records = read_metrics(d)
+        for r in records:
+            if isinstance(r.get(key), int | float):
+                steps.append(offset + r["step"])
+                values.append(float(r[key]))
+        offset += max((r["step"] for r in records), default=0)
+    return steps, values
+
+
+def _ends(values: list[float], k: int = 2) -> tuple[float, float] | None:
+    """Mean of the first k and of the last k values: a start -> end figure that one noisy step won't set."""
+    if not values:
+        return None
+    k = max(1, min(k, len(values) // 2 or 1))
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+def _pct(x: Any) -> str:
+    return "-" if not isinstance(x, int | float) else f"{100 * x:.1f}%"
+
+
+def _num(x: Any, fmt: str = ".3f") -> str:
+    return "-" if not isinstance(x, int | float) else format(x, fmt)
+
+
+def _secs(x: Any) -> str:
+    if not isinstance(x, int | float):
+        return "-"
+    return f"{x:.0f} s" if x < 120 else f"{int(x // 60)} min {x % 60:.0f} s"
+
+
+def stage_numbers(root: str | Path) -> dict[str, dict[str, Any]]:
+    """The key numbers of every stage that has run, from its summary.json and metrics.jsonl."""
+    root = Path(root)
+    numbers: dict[str, dict[str, Any]] = {}
+    sft = _read_json(stage_dir(root, "sft") / "summary.json")
+    if sft:
+        numbers["sft"] = {
+            "steps": sft.get("steps"),
+            "final_loss": sft.get("final_loss"),
+            "accuracy_before": sft.get("accuracy_before"),
+            "accuracy_after": sft.get("accuracy_after"),
+        }
+    rm = _read_json(stage_dir(root, "rm") / "summary.json")
+    if rm:
+        numbers["rm"] = {
+            "accuracy_before_pmp": rm.get("accuracy_before_pmp"),
+            "accuracy_after_pmp": rm.get("accuracy_after_pmp"),
+            "accuracy_after_rm": rm.get("accuracy_after_rm"),
+            "eval_pairs": (rm.get("rm") or {}).get("eval_pairs"),
+        }
+    if _read_json(stage_dir(root, "ppo") / "summary.json"):
+        ppo_dir = [stage_dir(root, "ppo")]
+        entry: dict[str, Any] = {}
+        for key in ("rm_score", "gold_score", "kl", "ptx_loss", "response_length"):
+            entry[key] = _ends(_metric_series(ppo_dir, key)[1])
+        entry["steps"] = _read_json(stage_dir(root, "ppo") / "summary.json").get("steps")
+        numbers["ppo"] = entry
+    dpo = _read_json(stage_dir(root, "dpo") / "summary.json")
+    if dpo:
+        dpo_dir = [stage_dir(root, "dpo")]
+        numbers["dpo"] = {
+            "steps": dpo.get("steps"),
+            "accuracy_before": dpo.get("accuracy_before"),
+            "accuracy_after": dpo.get("accuracy_after"),
+            "rewards_accuracy": _ends(_metric_series(dpo_dir, "rewards_accuracy")[1]),
+            "rewards_margin": _ends(_metric_series(dpo_dir, "rewards_margin")[1]),
+        }
+    return numbers
+
+
+def plot_stage_curves(root: str | Path, path: Path) -> Path | None:
+    """One figure, a panel per stage that has metrics: its main curve (left axis) and a second (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(root)
+    panels = []
+    for stage, subdirs, left, right in CURVE_PANELS:
+        dirs = [stage_dir(root, stage) / s for s in subdirs]
+        series = [(key, *_metric_series(dirs, key)) if key else (None, [], []) for key in (left, right)]
+        if series[0][1] or series[1][1]:
+            panels.append((stage, series))
+    if not panels:
+        return None
+    cols = 2 if len(panels) > 1 else 1
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.2 * rows), squeeze=False)
+    for ax, (stage, series) in zip(axes.flat, panels, strict=False):
+        (lkey, lx, ly), (rkey, rx, ry) = series
+        ax.plot(lx, ly, marker=".", linewidth=1, color="tab:blue", label=lkey)
+        ax.set_ylabel(lkey, color="tab:blue")
+        ax.set_xlabel("optimiser step" + (" (PMP, then RM)" if stage == "rm" else ""))
+        ax.grid(alpha=0.3)
+        if stage == "rm":  # mark where RM fine-tuning starts
+            pmp_steps = _metric_series([stage_dir(root, "rm") / "pmp"], lkey)[0]
+            if pmp_steps:
+                ax.axvline(max(pmp_steps) + 0.5, color="grey", linestyle=":", linewidth=1)
+                ax.text(max(pmp_steps) + 0.5, 0.98, " RM starts", transform=ax.get_xaxis_transform(),
+                        va="top", fontsize=8, color="grey")  # fmt: skip
+        if ry:
+            twin = ax.twinx()
+            twin.plot(rx, ry, marker="o", markersize=3, linewidth=1, color="tab:orange", label=rkey)
+            twin.set_ylabel(rkey, color="tab:orange")
+        ax.set_title(TITLES[stage])
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("Training curves per pipeline stage")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rates(evals: dict[str, dict[str, Any]], path: Path) -> Path | None:
+    """Bars of each policy's win rate against the SFT model (RM- and gold-judged), 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    judges = [("win_rate_rm", "reward model", "tab:blue"), ("win_rate_gold", "gold verifier", "tab:green")]
+    policies = list(evals)
+    if not policies:
+        return None
+    fig, ax = plt.subplots(figsize=(1.8 + 2.2 * len(policies), 3.6))
+    width = 0.38
+    for j, (key, label, color) in enumerate(judges):
+        xs, rates, lows, highs = [], [], [], []
+        for i, policy in enumerate(policies):
+            w = evals[policy].get(key)
+            if w:
+                xs.append(i + (j - 0.5) * width)
+                rates.append(w["rate"])
+                lows.append(w["rate"] - w["lo"])
+                highs.append(w["hi"] - w["rate"])
+        if xs:
+            ax.bar(xs, rates, width, yerr=[lows, highs], capsize=4, color=color, alpha=0.8, label=label)
+            for x, r in zip(xs, rates, strict=True):
+                ax.text(x, 0.02, f"{100 * r:.0f}%", ha="center", va="bottom", fontsize=8, color="white")
+    ax.axhline(0.5, color="black", linestyle="--", linewidth=1, label="parity (0.5)")
+    ax.set_xticks(range(len(policies)), [p.upper() for p in policies])
+    ax.set_ylim(0, 1.2)  # headroom for the legend above the bars
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_ylabel("win rate vs SFT (ties = 1/2)")
+    ax.set_title("Win rate against the SFT model (95% Wilson intervals)")
+    ax.legend(fontsize=8, loc="upper center", ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _wr(w: dict[str, Any] | None) -> str:
+    if not w:
+        return "-"
+    return f"{_pct(w['rate'])} [{_pct(w['lo'])}, {_pct(w['hi'])}] ({w['wins']}/{w['ties']}/{w['losses']})"
+
+
+def _change(pair: tuple[float, float] | None, fmt: str = ".3f") -> str:
+    return "-" if pair is None else f"{format(pair[0], fmt)} -> {format(pair[1], fmt)}"
+
+
+def write_report(root: str | Path, state: dict[str, Any]) -> Path:
+    """report.md (stage table, key numbers, evaluation) plus curves.png and win_rates.png in `root`."""
+    root = Path(root)
+    numbers = stage_numbers(root)
+    evals = {p: e for p in ("ppo", "dpo") if (e := _read_json(root / "eval" / p / "eval.json"))}
+    curves = plot_stage_curves(root, root / "curves.png")
+    bars = plot_win_rates(evals, root / "win_rates.png")
+    lines = [
+        "# Pipeline report",
+        "",
+        f"`{root}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}. Stages: SFT -> PMP -> RM -> PPO, and "
+        "SFT -> DPO; records in `pipeline_state.json`.",
+        "",
+        "| stage | status | wall time (all attempts) | attempts (outcome, time) | output |",
+        "|---|---|---|---|---|",
+    ]
+    for stage in STAGES:
+        record = state["stages"].get(stage)
+        if record is None:
+            lines.append(f"| {stage} | not run | - | - | - |")
+            continue
+        seconds = sum(a.get("seconds") or 0.0 for a in record.get("attempts", []))
+        outcomes = ", ".join(
+            f"{a.get('outcome', 'running')} ({_secs(a.get('seconds'))})" for a in record.get("attempts", [])
+        )
+        lines.append(
+            f"| {stage} | {record.get('status')} | {_secs(seconds)} | {outcomes} | `{final_model(root, stage)}` |"
+        )
+    for policy, record in state.get("eval", {}).items():
+        lines.append(
+            f"| eval {policy} vs sft | done | {_secs(record.get('seconds'))} | - | `{root / 'eval' / policy}` |"
+        )
+    lines += ["", "## Key numbers", ""]
+    sft, rm, ppo, dpo = (numbers.get(s) for s in STAGES)
+    if sft:
+        lines.append(
+            f"- **sft**: held-out gold accuracy {_pct(sft['accuracy_before'])} -> {_pct(sft['accuracy_after'])}"
+            f"; steps: {sft['steps']}, final loss {_num(sft['final_loss'])}"
+        )
+    if rm:
+        lines.append(
+            f"- **rm**: held-out pair accuracy {_pct(rm['accuracy_before_pmp'])} before, "
+            f"{_pct(rm['accuracy_after_pmp'])} after PMP, {_pct(rm['accuracy_after_rm'])} after RM "
+            f"({rm['eval_pairs'] or '-'} pairs)"
+        )
+    if ppo:
+        lines.append(
+            f"- **ppo**: iterations: {ppo['steps']}; RM score {_change(ppo['rm_score'])}, gold score "
+            f"{_change(ppo['gold_score'], '.2f')}, KL {_change(ppo['kl'], '.4f')}, response length "
+            f"{_change(ppo['response_length'], '.1f')} (mean of the first two -> last two iterations)"
+        )
+    if dpo:
+        lines.append(
+            f"- **dpo**: held-out gold accuracy {_pct(dpo['accuracy_before'])} -> {_pct(dpo['accuracy_after'])}"
+            f"; steps: {dpo['steps']}, implicit-reward accuracy {_change(dpo['rewards_accuracy'], '.2f')}, "
+            f"margin {_change(dpo['rewards_margin'])}"
+        )
+    if not numbers:
+        lines.append("No stage has completed yet.")
+    lines += ["", "## Aligned policies against the SFT model", ""]
+    if evals:
+        lines += [
+            "Greedy responses on held-out prompts; win rate with ties counted half, 95% Wilson interval and "
+            "(wins/ties/losses); tax = held-out LM loss change on pre-training-style text.",
+            "",
+            "| policy | win rate (RM) | win rate (gold) | gold accuracy policy / SFT | RM score policy / SFT "
+            "| KL to SFT | length policy / SFT | tax: LM loss change | tax: accuracy change |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for policy, e in evals.items():
+            rm_score, tax = e.get("rm_score") or {}, e.get("tax") or {}
+            lines.append(
+                f"| {policy} | {_wr(e.get('win_rate_rm'))} | {_wr(e.get('win_rate_gold'))} "
+                f"| {_pct(e['gold_accuracy']['policy'])} / {_pct(e['gold_accuracy']['baseline'])} "
+                f"| {_num(rm_score.get('policy'))} / {_num(rm_score.get('baseline'))} "
+                f"| {_num(e.get('kl_to_baseline'), '.4f')} "
+                f"| {_num(e['response_length']['policy'], '.1f')} / {_num(e['response_length']['baseline'], '.1f')} "
+                f"| {_num(tax.get('delta_lm_loss'), '+.4f')} | {_num(tax.get('accuracy_delta'), '+.3f')} |"
+            )
+        lines += ["", "Per-policy details: " + ", ".join(f"`eval/{p}/eval.md`" for p in evals)]
+    else:
+        lines.append("No evaluation yet (it runs when PPO or DPO is complete and evaluate=true).")
+    lines += ["", "## Figures", ""]
+    if curves:
+        lines.append("![training curves per stage](curves.png)")
+    if bars:
+        lines.append("")
+        lines.append("![win rate against the SFT model](win_rates.png)")
+    path = root / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
