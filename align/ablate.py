@@ -272,6 +272,17 @@ def _reward_model(sweep: Sweep, cfg: Any) -> str | None:
     return None
 
 
+def _logged_run(cmd: list[str], env: dict[str, str], log: Path, what: str) -> None:
+    """Run `cmd` in the current directory, appending the command line and its output to `log`; raise
+    RunFailed with the log's end if it exits non-zero."""
+    with log.open("a", encoding="utf-8") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n")
+        fh.flush()
+        code = subprocess.run(cmd, cwd=Path.cwd(), env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        raise _failure(what, code, log)
+
+
 def subprocess_run(
     sweep: Sweep, run: Run, run_dir: Path, threads: int, gpu: int | None = None
 ) -> dict[str, Any]:
@@ -292,13 +303,7 @@ def subprocess_run(
     }
     cmd = [sys.executable, str(REPO / "recipes" / f"{sweep.recipe}.py")]
     cmd += [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
-    log = run_dir / "train.log"
-    with log.open("a", encoding="utf-8") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
-        fh.flush()
-        code = subprocess.run(cmd, cwd=Path.cwd(), env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise _failure("training", code, log)
+    _logged_run(cmd, env, run_dir / "train.log", "training")
     if sweep.recipe == "rm":  # a reward model is not a policy: its own evaluation is the result
         summary = json.loads((train_dir / "summary.json").read_text())
         return {"summary": summary}
@@ -311,13 +316,7 @@ def subprocess_run(
     cmd += ["--reward-model", rm] if rm else ["--no-reward-model"]
     for k, v in ev.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    elog = run_dir / "eval.log"
-    with elog.open("a", encoding="utf-8") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n")
-        fh.flush()
-        code = subprocess.run(cmd, cwd=Path.cwd(), env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if code != 0:
-        raise _failure("evaluation", code, elog)
+    _logged_run(cmd, env, run_dir / "eval.log", "evaluation")
     return json.loads((run_dir / "eval" / "eval.json").read_text())
 
 

@@ -355,8 +355,7 @@ def compare_policies(
         ],  # fmt: skip
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "eval.md").write_text(format_markdown(result))
+    write_report(out, "eval", result, format_markdown(result))
     return result
 
 
@@ -453,3 +452,13 @@ def format_markdown(r: dict[str, Any]) -> str:
             f"| {cell(s['prompt'])} | {cell(s['answer'])} | {cell(s['policy'])} | {cell(s['baseline'])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def write_report(out: str | Path, stem: str, result: dict[str, Any], markdown: str) -> Path:
+    """Write ``<stem>.json`` (the result) and ``<stem>.md`` (its report) into ``out``, created if missing;
+    returns the Markdown file's path. One layout for eval/policy.py, win_rate.py and alignment_tax.py."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    return out / f"{stem}.md"

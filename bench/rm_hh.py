@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf"
+sys.path.insert(0, str(ROOT))  # bench.common, as the other bench scripts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -152,6 +153,7 @@ def run_trl(args, model_dir: str, train: list[dict], held: list[dict], work: Pat
     from trl import RewardConfig, RewardTrainer
 
     from align.models import load_tokenizer
+    from bench import common  # imports torch: only after main() has picked the device
 
     def to_trl(pairs):
         return Dataset.from_list(
@@ -159,28 +161,26 @@ def run_trl(args, model_dir: str, train: list[dict], held: list[dict], work: Pat
         )
 
     cuda = args.device == "cuda"
+    peer = {
+        **common.peer_args(args.device),
+        # Where this run differs from the synthetic side-by-side peers: its own learning rate and seed,
+        # whole batches only, the loss logged every step, and TRL's defaults for progress bars and
+        # gradient checkpointing (RewardConfig turns it on).
+        "learning_rate": args.lr,
+        "seed": args.seed,
+        "dataloader_drop_last": True,
+        "logging_steps": 1,
+        "disable_tqdm": None,
+        "gradient_checkpointing": True,
+    }
     config = RewardConfig(
         output_dir=str(work / "trl-out"),
         per_device_train_batch_size=args.micro_batch,
         gradient_accumulation_steps=args.batch // args.micro_batch,
         per_device_eval_batch_size=8,
         max_steps=args.steps,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
         max_length=args.max_length,
-        logging_steps=1,
-        save_strategy="no",
-        eval_strategy="no",
-        report_to="none",
-        use_cpu=not cuda,
-        bf16=cuda,
-        seed=args.seed,
-        dataloader_drop_last=True,
+        **peer,
     )
     tokenizer = load_tokenizer(model_dir)
     step_seconds: list[float] = []

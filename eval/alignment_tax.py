@@ -12,14 +12,13 @@ Task accuracy is greedy, judged by the gold verifier on held-out generated tasks
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
-from align.evaluate_policy import add_cli_args, check_cli_args, lm_loss, load_lm, tax_rows
+from align.evaluate_policy import add_cli_args, check_cli_args, lm_loss, load_lm, tax_rows, write_report
 from align.generation import verifier_accuracy
 from align.models import load_tokenizer
 from align.tasks import generate_tasks, read_tasks_jsonl
@@ -79,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         "accuracy_delta": after["accuracy"] - before["accuracy"],
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tax.json").write_text(json.dumps(result, indent=2) + "\n")
     md = "\n".join([
         f"# Alignment tax: {args.policy} (after) vs {args.baseline} (before)",
         "",
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "A positive LM-loss change or a negative accuracy change is a tax.",
         "",
     ])  # fmt: skip
-    (out / "tax.md").write_text(md)
+    write_report(args.out, "tax", result, md)
     print(md)
     return 0
 

@@ -12,13 +12,18 @@ Exit status: 0, or 2 for unusable input.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
-from align.evaluate_policy import add_cli_args, check_cli_args, compare_policies, format_win_rate
+from align.evaluate_policy import (
+    add_cli_args,
+    check_cli_args,
+    compare_policies,
+    format_win_rate,
+    write_report,
+)
 
 KEYS = ("policy", "baseline", "reward_model", "num_prompts", "win_rate_rm", "win_rate_gold", "gold_accuracy",
         "rm_score", "kl_to_baseline", "kl_to_baseline_std", "response_length", "unfinished", "seconds")  # fmt: skip
@@ -52,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = {k: r[k] for k in KEYS}
-    (out / "win_rate.json").write_text(json.dumps(result, indent=2) + "\n")
     rm = r["rm_score"]
     md = "\n".join([
         f"# Win rate: {args.policy} vs {args.baseline}",
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Samples and the full comparison: `{out / 'full' / 'eval.md'}`.",
         "",
     ])  # fmt: skip
-    (out / "win_rate.md").write_text(md)
+    write_report(out, "win_rate", result, md)
     print(md)
     return 0
 

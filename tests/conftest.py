@@ -89,3 +89,17 @@ def prompts_file(tmp_path_factory):
     return write_jsonl(
         tmp_path_factory.mktemp("prompts") / "p.jsonl", [{"messages": t.messages} for t in tasks]
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_byte_dir, tmp_path_factory):
+    """A reward model over `tiny_byte_dir` (new scalar head, seed 0) reading the reward at <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    import chatml
+    from align.reward import RewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
+    _, im_end = chatml.chatml_token_ids(tokenizer)
+    rm = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0)
+    return rm.save_pretrained(tmp_path_factory.mktemp("tiny-rm"), tokenizer)

@@ -178,36 +178,32 @@ def _check_strict(load, path, report):
     assert f"{path}:{first}: " in str(err.value)
 
 
+def _check_labelled(tmp_path, labelled, good_lines, bad_lines, name, load):
+    """Draw a good or a bad line for each (good, data) of `labelled`, write them to `name` and load it
+    with skip_bad: exactly the bad lines are skipped and written to the rejects file, by line number."""
+    lines, expected_bad = [], []
+    for i, (good, data) in enumerate(labelled, 1):
+        lines.append(data.draw(good_lines() if good else bad_lines()))
+        if not good:
+            expected_bad.append(i)
+    path = _write(tmp_path, name, lines)
+    rejects = tmp_path / "rejects.jsonl"
+    records, report = load(path, skip_bad=True, rejects_path=rejects)
+    assert len(records) == report.used == len(lines) - len(expected_bad)
+    _check_accounting(path, lines, report, rejects, expected_bad)
+    _check_strict(load, path, report)
+
+
 @SETTINGS
 @given(st.lists(st.tuples(st.booleans(), st.data()), min_size=1, max_size=8))
 def test_sft_loader_accounts_for_every_line(tmp_path, labelled):
-    lines, expected_bad = [], []
-    for i, (good, data) in enumerate(labelled, 1):
-        lines.append(data.draw(sft_good() if good else sft_bad()))
-        if not good:
-            expected_bad.append(i)
-    path = _write(tmp_path, "sft.jsonl", lines)
-    rejects = tmp_path / "rejects.jsonl"
-    convs, report = load_sft(path, skip_bad=True, rejects_path=rejects)
-    assert len(convs) == report.used == len(lines) - len(expected_bad)
-    _check_accounting(path, lines, report, rejects, expected_bad)
-    _check_strict(load_sft, path, report)
+    _check_labelled(tmp_path, labelled, sft_good, sft_bad, "sft.jsonl", load_sft)
 
 
 @SETTINGS
 @given(st.lists(st.tuples(st.booleans(), st.data()), min_size=1, max_size=8))
 def test_preference_loader_accounts_for_every_line(tmp_path, labelled):
-    lines, expected_bad = [], []
-    for i, (good, data) in enumerate(labelled, 1):
-        lines.append(data.draw(pref_good() if good else pref_bad()))
-        if not good:
-            expected_bad.append(i)
-    path = _write(tmp_path, "pairs.jsonl", lines)
-    rejects = tmp_path / "rejects.jsonl"
-    pairs, report = load_preference(path, skip_bad=True, rejects_path=rejects)
-    assert len(pairs) == report.used == len(lines) - len(expected_bad)
-    _check_accounting(path, lines, report, rejects, expected_bad)
-    _check_strict(load_preference, path, report)
+    _check_labelled(tmp_path, labelled, pref_good, pref_bad, "pairs.jsonl", load_preference)
 
 
 @SETTINGS

@@ -7,21 +7,9 @@ import torch
 from conftest import ascii_reward
 from safetensors.torch import load_file
 
-import chatml
 from align.config import PPOConfig
-from align.reward import RewardModel
 from align.tracking import read_metrics
 from align.train.ppo import ptx_lm_loss, run_ppo
-
-
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_byte_dir, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
-    _, im_end = chatml.chatml_token_ids(tokenizer)
-    rm = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0)
-    return rm.save_pretrained(tmp_path_factory.mktemp("tiny-rm"), tokenizer)
 
 
 def _cfg(policy, rm, prompts, out, **kw):

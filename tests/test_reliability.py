@@ -61,6 +61,19 @@ def _nan_on_forward(monkeypatch, module, calls):
     monkeypatch.setattr(module, "load_causal_lm", load)
 
 
+def _nan_loss_on_call(monkeypatch, module, name, call):
+    """Make the loss function `module.<name>` (returning (loss, stats)) give a NaN loss on its `call`-th
+    call (1-based), as a diverging step would."""
+    real, count = getattr(module, name), [0]
+
+    def nan_on_call(*args, **kw):
+        count[0] += 1
+        loss, stats = real(*args, **kw)
+        return (loss * float("nan") if count[0] == call else loss), stats
+
+    monkeypatch.setattr(module, name, nan_on_call)
+
+
 def test_sft_nonfinite_step_is_skipped_and_counted(tiny_byte_dir, sft_data, tmp_path, monkeypatch, capsys):
     _nan_on_forward(monkeypatch, sft_mod, calls={3})  # 2 micro-batches per step: call 3 = step 2
     out = tmp_path / "skip"
@@ -95,14 +108,7 @@ def test_sft_nonfinite_step_can_stop_the_run_with_a_checkpoint(
 def test_dpo_nonfinite_loss_stops_with_a_checkpoint(tiny_byte_dir, tmp_path, monkeypatch):
     pairs = preference_pairs(generate_tasks(16, seed=7), seed=7, format_error_rate=0.3)
     data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    real, count = dpo_mod.dpo_loss, [0]
-
-    def nan_on_second_call(*args, **kw):
-        count[0] += 1
-        loss, stats = real(*args, **kw)
-        return (loss * float("nan") if count[0] == 2 else loss), stats
-
-    monkeypatch.setattr(dpo_mod, "dpo_loss", nan_on_second_call)
+    _nan_loss_on_call(monkeypatch, dpo_mod, "dpo_loss", call=2)
     out = tmp_path / "dpo"
     cfg = DPOConfig(
         model_name_or_path=str(tiny_byte_dir), dataset=str(data), output_dir=str(out), max_length=512,
@@ -115,28 +121,13 @@ def test_dpo_nonfinite_loss_stops_with_a_checkpoint(tiny_byte_dir, tmp_path, mon
     assert [r["skipped_nonfinite"] for r in read_metrics(out)] == [0, 1]
 
 
-def test_ppo_nonfinite_update_is_skipped_and_counted(tiny_byte_dir, prompts_file, tmp_path, monkeypatch):
-    from transformers import AutoTokenizer
-
-    import chatml
-    from align.reward import RewardModel
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
-    _, im_end = chatml.chatml_token_ids(tokenizer)
-    rm_dir = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0).save_pretrained(
-        tmp_path / "rm", tokenizer
-    )
-    real, count = ppo_mod.ppo_policy_loss, [0]
-
-    def nan_once(*args, **kw):
-        count[0] += 1
-        loss, stats = real(*args, **kw)
-        return (loss * float("nan") if count[0] == 1 else loss), stats
-
-    monkeypatch.setattr(ppo_mod, "ppo_policy_loss", nan_once)
+def test_ppo_nonfinite_update_is_skipped_and_counted(
+    tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
+):
+    _nan_loss_on_call(monkeypatch, ppo_mod, "ppo_policy_loss", call=1)
     out = tmp_path / "ppo"
     cfg = PPOConfig(
-        model_name_or_path=str(tiny_byte_dir), reward_model_path=str(rm_dir), dataset=str(prompts_file),
+        model_name_or_path=str(tiny_byte_dir), reward_model_path=str(tiny_rm_dir), dataset=str(prompts_file),
         output_dir=str(out), batch_size=4, micro_batch_size=4, samples_per_query=2, max_new_tokens=6,
         max_steps=2, value_warmup_steps=0, ppo_epochs=1, policy_lr=1e-3, value_lr=1e-3, ptx_coef=0.0,
         save_steps=1, save_total_limit=5, report_to=["none"], progress=False, train_missing_stages=False,

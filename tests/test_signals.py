@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import ascii_reward
 
-import chatml
 from align.checkpoint import PAUSE_ENV, list_checkpoints, verify_checkpoint
 from align.config import PPOConfig, SFTConfig
-from align.reward import RewardModel
 from align.tasks import write_sft_jsonl
 from align.tracking import read_metrics
 from align.train.ppo import run_ppo
@@ -35,16 +33,6 @@ def sft_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "train.jsonl"
     write_sft_jsonl(path, 48, seed=3)
     return path
-
-
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_byte_dir, tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
-    _, im_end = chatml.chatml_token_ids(tokenizer)
-    rm = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0)
-    return rm.save_pretrained(tmp_path_factory.mktemp("tiny-rm"), tokenizer)
 
 
 def _sft_args(model_dir, data, out):

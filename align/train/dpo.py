@@ -35,7 +35,6 @@ import chatml
 from align.assets import resolve_model, start_model
 from align.config import DPOConfig
 from align.data import DataError, DataReport, load_preference
-from align.fused_logprobs import lm_logprobs
 from align.losses import dpo_loss
 from align.models import load_causal_lm, save_final_model
 from align.tracking import plot_metrics
@@ -51,7 +50,7 @@ from align.train.runtime import (
     start_single_model_run,
     total_steps,
 )
-from align.train.sft import heldout_accuracy, packed_row, trained_tokens
+from align.train.sft import heldout_accuracy, packed_logprobs, packed_row, trained_tokens
 
 CACHE_VERSION = "dpo-ref-logps-v1"
 
@@ -139,16 +138,7 @@ def sequence_logps(
     Returns:
         logps (S,) fp32 sums over each sequence's trained tokens, and their counts (S,).
     """
-    row = packed_row(sequences, device)
-    # Chunked over positions: the (trained tokens, vocabulary) logits are never built.
-    token_lp = lm_logprobs(
-        model,
-        row["targets"],
-        input_ids=row["input_ids"],
-        position_ids=row["position_ids"],
-        logits_to_keep=row["keep"],
-        use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
-    )
+    token_lp = packed_logprobs(model, packed_row(sequences, device))
     counts = torch.tensor([trained_tokens(s) for s in sequences], device=device)
     segment = torch.repeat_interleave(torch.arange(len(sequences), device=device), counts)
     sums = torch.zeros(len(sequences), device=device, dtype=token_lp.dtype).index_add(0, segment, token_lp)

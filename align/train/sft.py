@@ -67,6 +67,21 @@ def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> d
     }
 
 
+def packed_logprobs(model: Any, row: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) log-probs of the trained targets of a `packed_row`, from one padding-free forward pass.
+
+    Chunked over positions: the (trained tokens, vocabulary) logits are never built.
+    """
+    return lm_logprobs(
+        model,
+        row["targets"],
+        input_ids=row["input_ids"],
+        position_ids=row["position_ids"],
+        logits_to_keep=row["keep"],
+        use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
+    )
+
+
 def trained_tokens(sequence: dict[str, list[int]]) -> int:
     """Tokens that carry loss (the first token never does: nothing predicts it)."""
     return sum(1 for label in sequence["labels"][1:] if label != -100)
@@ -178,15 +193,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             # Gradients are all-reduced once per optimiser step, not once per micro-batch.
             sync = nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                # Chunked over positions: the (trained tokens, vocabulary) logits are never built.
-                logps = lm_logprobs(
-                    model,
-                    batch["targets"],
-                    input_ids=batch["input_ids"],
-                    position_ids=batch["position_ids"],
-                    logits_to_keep=batch["keep"],
-                    use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
-                )
+                logps = packed_logprobs(model, batch)
                 # DDP averages gradients over processes; scale so their sum is the global token mean.
                 loss, stats = sft_loss_from_logprobs(logps, normalizer / accelerator.num_processes)
                 accelerator.backward(loss)

@@ -1,0 +1,157 @@
+"""Rollout generation side by side: align's rollout engines vs transformers `generate`, top-p 0.9.
+
+    python bench/generate.py --mode real --model qwen2.5-0.5b --device cuda
+    python bench/generate.py --mode smoke --device cpu
+
+The same randomly initialised model (bf16 weights on GPU, fp32 on CPU) samples continuations of the
+same length-varied prompts at temperature 1, top-p 0.9, no top-k (the peer's default top-k 50 is
+turned off so both sample the same distribution), in one batch of ``batch`` rows, stopping at
+``<|im_end|>``/EOS or ``new_tokens``. Peer: `model.generate(do_sample=True, top_p=0.9, top_k=0)` on
+the left-padded batch. Ours: `align.rollout.ManualRolloutEngine` (its own decoding loop: partial-sort
+top-p, finished rows dropped from the batch and the KV cache) and `HFRolloutEngine` (generate behind
+the rollout interface). Reports generated tokens/s (stop tokens included, padding not) and peak memory.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import common  # noqa: E402
+
+SETTINGS = {
+    "smoke": dict(batch=6, prompt_median=16, prompt_max=32, new_tokens=12, repeats=2),
+    "real": dict(batch=128, prompt_median=256, prompt_max=512, new_tokens=256, repeats=2),
+}
+
+
+def make_prompts(mode: str, vocab: int, seed: int) -> list[list[int]]:
+    s = SETTINGS[mode]
+    rng = random.Random(seed)
+    return [
+        common.random_ids(n, vocab, rng)
+        for n in common.lengths(s["batch"], s["prompt_median"], 4, s["prompt_max"], seed)
+    ]
+
+
+def _generated(rows: list[list[int]], stops: set[int]) -> int:
+    """Tokens up to and including each row's first stop token."""
+    total = 0
+    for row in rows:
+        cut = next((k for k, t in enumerate(row) if t in stops), None)
+        total += len(row) if cut is None else cut + 1
+    return total
+
+
+def engine_call(args, model, tokenizer, prompts: list[list[int]], engine_cls) -> Callable[[int], float]:
+    """One batch through an align rollout engine; returns the tokens generated."""
+    s = SETTINGS[args.mode]
+    engine = engine_cls(model, tokenizer, batch_size=s["batch"], logprobs="none")
+
+    def call(seed: int) -> float:
+        batch = engine.generate(prompts, n=1, max_new_tokens=s["new_tokens"], top_p=0.9, seed=seed)
+        return float(batch.response_mask.sum())
+
+    return call
+
+
+def generate_call(args, model, prompts: list[list[int]]) -> Callable[[int], float]:
+    """One batch through `model.generate` on the left-padded prompts; returns the tokens generated."""
+    s = SETTINGS[args.mode]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), common.PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, p in enumerate(prompts):
+        ids[j, width - len(p) :] = torch.tensor(p)
+        mask[j, width - len(p) :] = 1
+    ids, mask = ids.to(args.device), mask.to(args.device)
+    stops = [common.IM_END_ID, common.EOS_ID]
+
+    def call(seed: int) -> float:
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                top_p=0.9,
+                top_k=0,
+                temperature=1.0,
+                max_new_tokens=s["new_tokens"],
+                eos_token_id=stops,
+                pad_token_id=common.PAD_ID,
+            )
+        return float(_generated(out[:, width:].tolist(), set(stops)))
+
+    return call
+
+
+def run_interleaved(args, sides: dict[str, Callable[[int], float]]) -> dict[str, dict]:
+    """Each side once per round, round after round (so load drift on a shared host hits all sides
+    alike); the first round warms up. Peak memory per side is the largest over its calls."""
+    s = SETTINGS[args.mode]
+    clocks = {name: common.StepClock(args.device) for name in sides}
+    memory: dict[str, dict] = {name: {} for name in sides}
+    for r in range(s["repeats"] + 1):
+        for name, call in sides.items():
+            record: dict = {}
+            with common.peak_memory(args.device, record):
+                clocks[name].start()
+                clocks[name].stop(call(r))
+            key = "peak_memory_mb" if "peak_memory_mb" in record else "peak_memory_above_start_mb"
+            if record[key] >= memory[name].get(key, -1.0):
+                memory[name] = record
+    results = {}
+    for name, clock in clocks.items():
+        results[name] = {
+            "name": name,
+            **memory[name],
+            "tokens_per_s": round(clock.rate(1), 1),
+            "tokens_generated": int(sum(clock.work[1:])),
+            "calls": len(clock.seconds),
+            "warmup_calls": 1,
+            **{k: v for k, v in clock.summary(1).items() if k != "steps"},
+        }
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = common.stage_args("generate", __doc__, argv)
+    from align.rollout import HFRolloutEngine, ManualRolloutEngine
+
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = common.build_lm(args.shape, args.device, args.seed, dtype=dtype).eval()
+    model.generation_config.use_cache = True
+    tokenizer = common.synthetic_tokenizer(common.MODELS[args.shape]["vocab_size"])
+    prompts = make_prompts(args.mode, common.MODELS[args.shape]["vocab_size"], args.seed)
+    manual, hf = "align ManualRolloutEngine", "align HFRolloutEngine"
+    peer_name = f"transformers {__import__('transformers').__version__} generate"
+    results = run_interleaved(
+        args,
+        {
+            manual: engine_call(args, model, tokenizer, prompts, ManualRolloutEngine),
+            hf: engine_call(args, model, tokenizer, prompts, HFRolloutEngine),
+            peer_name: generate_call(args, model, prompts),
+        },
+    )
+    ours, peer = results[manual], results[peer_name]
+    setting = {
+        **SETTINGS[args.mode],
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "temperature": 1.0,
+        "top_p": 0.9,
+        "top_k": "off",
+        "weights": str(dtype).replace("torch.", ""),
+    }
+    ours["also_HFRolloutEngine"] = results[hf]
+    return common.compare(args, "tokens_per_s", ours, peer, setting)
+
+
+if __name__ == "__main__":
+    main()
