@@ -164,14 +164,14 @@ def run_trl(args, model_dir: str, train: list[dict], held: list[dict], work: Pat
     peer = {
         **common.peer_args(args.device),
         # Where this run differs from the synthetic side-by-side peers: its own learning rate and seed,
-        # whole batches only, the loss logged every step, and TRL's defaults for progress bars and
-        # gradient checkpointing (RewardConfig turns it on).
+        # whole batches only, the loss logged every step, and TRL's default progress bars. Gradient
+        # checkpointing stays off as on our side (RewardConfig's default turns it on; the CPU figures of
+        # 2026-11-23 were measured with it on, which made TRL recompute its forward pass).
         "learning_rate": args.lr,
         "seed": args.seed,
         "dataloader_drop_last": True,
         "logging_steps": 1,
         "disable_tqdm": None,
-        "gradient_checkpointing": True,
     }
     config = RewardConfig(
         output_dir=str(work / "trl-out"),
