@@ -22,6 +22,7 @@ from align.checkpoint import PAUSE_ENV, list_checkpoints, verify_checkpoint
 from align.config import PPOConfig, SFTConfig
 from align.tasks import write_sft_jsonl
 from align.tracking import read_metrics
+from align.train import runtime
 from align.train.ppo import run_ppo
 from align.train.sft import run_sft
 
@@ -153,7 +154,7 @@ def test_ppo_resumes_exactly_after_kill(tiny_byte_dir, tiny_rm_dir, prompts_file
 
 
 def _loops(tiny_byte_dir, tiny_rm_dir, prompts_file, data_dir):
-    """(name, loop module, run function, config) of every training loop, each on a tiny model."""
+    """(name, run function, config) of every training loop, each on a tiny model."""
     from align.config import DPOConfig, GRPOConfig, OnlineDPOConfig, RMConfig
     from align.tasks import generate_tasks, preference_pairs, write_jsonl
     from align.train import dpo, online, ppo, reward, sft
@@ -167,14 +168,14 @@ def _loops(tiny_byte_dir, tiny_rm_dir, prompts_file, data_dir):
     )  # fmt: skip
     small = dict(model_name_or_path=str(tiny_byte_dir), batch_size=4, micro_batch_size=4, **common)
     return [
-        ("sft", sft, sft.run_sft, SFTConfig(dataset=str(sft_data), max_length=512, packing=False, eval_tasks=0, **small)),
-        ("rm", reward, reward.run_reward, RMConfig(stage="rm", dataset=str(pairs), max_length=512, **small)),
-        ("dpo", dpo, dpo.run_dpo, DPOConfig(dataset=str(pairs), max_length=512, eval_tasks=0, **small)),
-        ("ppo", ppo, partial(ppo.run_ppo, reward_fn=ascii_reward), PPOConfig(
+        ("sft", sft.run_sft, SFTConfig(dataset=str(sft_data), max_length=512, packing=False, eval_tasks=0, **small)),
+        ("rm", reward.run_reward, RMConfig(stage="rm", dataset=str(pairs), max_length=512, **small)),
+        ("dpo", dpo.run_dpo, DPOConfig(dataset=str(pairs), max_length=512, eval_tasks=0, **small)),
+        ("ppo", partial(ppo.run_ppo, reward_fn=ascii_reward), PPOConfig(
             reward_model_path=str(tiny_rm_dir), train_missing_stages=False, value_warmup_steps=1,
             **{**rl, "micro_batch_size": 4})),
-        ("grpo", online, partial(online.run_grpo, reward_fn=ascii_reward), GRPOConfig(eval_tasks=0, **rl)),
-        ("odpo", online, partial(online.run_online_dpo, reward_fn=ascii_reward),
+        ("grpo", partial(online.run_grpo, reward_fn=ascii_reward), GRPOConfig(eval_tasks=0, **rl)),
+        ("odpo", partial(online.run_online_dpo, reward_fn=ascii_reward),
          OnlineDPOConfig(eval_tasks=0, **rl)),
     ]  # fmt: skip
 
@@ -182,21 +183,21 @@ def _loops(tiny_byte_dir, tiny_rm_dir, prompts_file, data_dir):
 def test_sigterm_stops_every_loop_with_a_checkpoint(
     tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
 ):
-    """In-process: SIGTERM arrives right after step 1's stop poll (from the loop's own checkpoint_due),
+    """In-process: SIGTERM arrives right after step 1's stop poll (from the step boundary's checkpoint_due),
     so each loop must finish step 2, write checkpoint step-2 (save_steps=0 writes none before the end)
     and return."""
     import dataclasses
 
     handler_before = signal.getsignal(signal.SIGTERM)
-    for name, module, run, cfg in _loops(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
-        real = module.checkpoint_due
+    real = runtime.checkpoint_due
 
-        def due_and_sigterm_after_step_1(cfg_, step, total, real=real):
-            if step == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(cfg_, step, total)
+    def due_and_sigterm_after_step_1(cfg_, step, total):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(cfg_, step, total)
 
-        monkeypatch.setattr(module, "checkpoint_due", due_and_sigterm_after_step_1)
+    for name, run, cfg in _loops(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
+        monkeypatch.setattr(runtime, "checkpoint_due", due_and_sigterm_after_step_1)
         out = tmp_path / name
         result = run(dataclasses.replace(cfg, output_dir=str(out)))
         monkeypatch.undo()

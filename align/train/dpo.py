@@ -42,7 +42,6 @@ from align.train.ppo import load_frozen_lm
 from align.train.runtime import (
     BatchPlan,
     RunSetupError,
-    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -376,10 +375,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
             )
             logger.log(metrics, step=done)
             window_start = time.perf_counter()
-        stop = run.checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
-        if checkpoint_due(cfg, done, num_steps) or stop:
-            run.save(done, state)
-        if stop or (stop_after_step is not None and done >= stop_after_step):
+        if run.checkpointer.end_of_step(done, num_steps, lambda step: run.save(step, state), stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}

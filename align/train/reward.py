@@ -36,7 +36,6 @@ from align.tracking import plot_metrics
 from align.train.runtime import (
     BatchPlan,
     RunSetupError,
-    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -463,10 +462,7 @@ def train_reward_model(
             )
             window_start, window_tokens = time.perf_counter(), 0
         state["train_seconds"] = train_seconds
-        stop = run.checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
-        if checkpoint_due(cfg, done, num_steps) or stop:
-            run.save(done, state)
-        if stop or (stop_after_step is not None and done >= stop_after_step):
+        if run.checkpointer.end_of_step(done, num_steps, lambda step: run.save(step, state), stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,17 @@ class RunCheckpointer:
         """Poll at an optimiser-step boundary: True when a signal (on any process) or a non-finite step
         with on_nonfinite=stop asks the loop to write a checkpoint now and return."""
         return self.stop.poll()
+
+    def end_of_step(
+        self, step: int, total: int, save: Callable[[int], None], stop_after_step: int | None = None
+    ) -> bool:
+        """Every loop's optimiser-step boundary (1-based `step` of `total`): call `save(step)` when a checkpoint
+        is due or a stop was asked (SIGTERM/Ctrl-C on any process, on_nonfinite=stop); True when the loop
+        must return now (stopped, or `stop_after_step` reached, a test hook)."""
+        stop = self.stop_requested()
+        if checkpoint_due(self.cfg, step, total) or stop:
+            save(step)
+        return stop or (stop_after_step is not None and step >= stop_after_step)
 
     def nonfinite(self, step: int, what: str = "loss or gradient") -> None:
         """Report a skipped non-finite step (1-based `step`); with on_nonfinite=stop, also ask to stop."""

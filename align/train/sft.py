@@ -31,7 +31,6 @@ from align.tracking import plot_metrics
 from align.train.runtime import (
     BatchPlan,
     RunSetupError,
-    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -231,10 +230,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 step=done,
             )
             window_start, window_tokens = time.perf_counter(), 0
-        stop = run.checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
-        if checkpoint_due(cfg, done, num_steps) or stop:
-            run.save(done, state)
-        if stop or (stop_after_step is not None and done >= stop_after_step):
+        if run.checkpointer.end_of_step(done, num_steps, lambda step: run.save(step, state), stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}
