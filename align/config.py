@@ -419,7 +419,9 @@ class PPOConfig(TrainConfig):
     ptx_dataset: str = doc("embedded", "Pre-training text: JSONL of {text}, a .txt file, or embedded.")
     ptx_batch_size: int = doc(2, "Pre-training rows per mini-batch.")
     ptx_max_length: int = doc(64, "Tokens per pre-training row.")
-    rollout_engine: Literal["hf", "manual"] = doc("hf", "Generation backend (see align/rollout.py).")
+    rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
+        "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
+    )
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )
@@ -532,7 +534,9 @@ class OnlineConfig(TrainConfig):
     missing_eos_penalty: float | None = doc(
         None, "Score given to a response that never emitted <|im_end|> (None: score it as it is)."
     )
-    rollout_engine: Literal["hf", "manual"] = doc("hf", "Generation backend (see align/rollout.py).")
+    rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
+        "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
+    )
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )

@@ -7,7 +7,12 @@ it without touching the training loops. Two engines live here:
 * :class:`HFRolloutEngine`: transformers' ``model.generate`` (left padding, KV cache), every sampling
   knob set explicitly so a checkpoint's ``generation_config`` cannot change what is sampled.
 * :class:`ManualRolloutEngine`: our own decoding loop (dynamic KV cache, :func:`top_p_filter`, per-row
-  stop, finished rows dropped from the batch so they stop costing compute); the seed of the fast path.
+  stop, finished rows dropped from the batch so they stop costing compute).
+
+Two more live in their own modules, picked by name with :func:`engine_class` (the configs'
+``rollout_engine``): :class:`align.rollout_static.StaticRolloutEngine` (pre-allocated KV slots, fixed-shape
+steps, finished slots refilled with the next prompt, batch-invariant counter-based sampling) and
+:class:`align.rollout_vllm.VLLMRolloutEngine` (optional, needs vLLM).
 
 Sampling semantics, shared by both engines:
 
@@ -77,6 +82,21 @@ def _nucleus_cutoff(sorted_probs: torch.Tensor, cum: torch.Tensor, top_p: float)
     return torch.where(first < k, cutoff, torch.zeros_like(cutoff))
 
 
+def _sort_descending(probs: torch.Tensor) -> torch.Tensor:
+    """Values of ``probs`` (..., V) sorted in descending order along the last dimension.
+
+    On CPU, numpy's vectorised sort (x86-simd-sort) is ~20x faster than ``torch.sort`` (measured: 0.09 ms vs
+    2.3 ms for 6 x 8,192 floats, one thread) and gives the same values (a sort's values do not depend on
+    how ties are ordered), hence the same cumulative sums below.
+    """
+    if probs.device.type == "cpu" and probs.dtype in (torch.float32, torch.float64):
+        import numpy as np
+
+        ascending = np.sort(probs.detach().contiguous().numpy(), axis=-1)
+        return torch.from_numpy(ascending[..., ::-1].copy())  # copy: torch refuses negative strides
+    return probs.sort(dim=-1, descending=True).values
+
+
 def top_p_filter(logits: torch.Tensor, top_p: float, *, initial_k: int = 64) -> torch.Tensor:
     """Nucleus filter: ``logits`` with every token outside the top-``top_p`` nucleus set to ``-inf``.
 
@@ -91,19 +111,28 @@ def top_p_filter(logits: torch.Tensor, top_p: float, *, initial_k: int = 64) -> 
     A peaked distribution reaches ``top_p`` within a few dozen tokens, so we take the top ``initial_k``
     with ``torch.topk``, grow ``k`` (at least fourfold, and at once to the fewest tokens that could still
     reach ``top_p``) until every row's mass reaches ``top_p``, and sort everything only when ``k`` would
-    cover an eighth of the vocabulary (flat distributions, where topk stops paying).
+    cover an eighth of the vocabulary (flat distributions, where topk stops paying). On CPU a vocabulary of at
+    most 16,384 words is sorted at once: numpy's sort of the whole row is cheaper than one ``topk`` there.
     Returns a new tensor of the same shape and dtype; ``top_p >= 1`` returns ``logits`` unchanged.
     """
     if top_p >= 1.0:
         return logits
+    probs = logits.float().softmax(dim=-1)
+    return logits.masked_fill(probs < nucleus_cutoff(probs, top_p, initial_k=initial_k), float("-inf"))
+
+
+def nucleus_cutoff(probs: torch.Tensor, top_p: float, *, initial_k: int = 64) -> torch.Tensor:
+    """The smallest kept probability (..., 1) of :func:`top_p_filter`'s nucleus, given ``probs`` (..., V)
+    (float32 softmax): token ``t`` is in the nucleus iff ``probs[t] >= cutoff``."""
     if top_p <= 0.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    probs = logits.float().softmax(dim=-1)
     vocab = probs.shape[-1]
     k = max(1, min(initial_k, vocab))
+    if probs.device.type == "cpu" and vocab <= 16_384:
+        k = vocab
     while True:
         if 8 * k > vocab:
-            head = probs.sort(dim=-1, descending=True).values
+            head = _sort_descending(probs)
             cum = head.cumsum(dim=-1)
             break
         head = probs.topk(k, dim=-1, sorted=True).values
@@ -116,8 +145,7 @@ def top_p_filter(logits: torch.Tensor, top_p: float, *, initial_k: int = 64) -> 
         # to the full sort instead of paying for topk at 4k, 16k, ... first).
         short = ((top_p - cum[..., -1]) / head[..., -1].clamp(min=1e-30)).max().item()
         k = max(4 * k, k + math.ceil(min(short, vocab)))
-    cutoff = _nucleus_cutoff(head, cum, top_p)
-    return logits.masked_fill(probs < cutoff, float("-inf"))
+    return _nucleus_cutoff(head, cum, top_p)
 
 
 def sample_tokens(
@@ -125,24 +153,71 @@ def sample_tokens(
     temperature: float,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and return ``(tokens (B,), logprobs (B,))``.
 
     ``logits``: (B, V) raw next-token logits. ``temperature == 0`` is greedy. ``logprobs`` is
     ``log_softmax(logits / T)`` at the drawn token (T = 1 when greedy): the plain tempered softmax, not the
     renormalised nucleus (see the module docstring). Sampling uses the exponential race
-    (``argmax p / E`` with ``E ~ Exp(1)``), which draws from ``p`` exactly like ``multinomial`` but needs no
-    cumulative sum and no host sync; ``generator`` makes it reproducible without the global RNG.
+    (``argmax p / E`` with ``E = -log U ~ Exp(1)``), which draws from ``p`` exactly like ``multinomial`` but
+    needs no cumulative sum and no host sync. ``U`` (B, V) in [0, 1) is ``uniforms`` when given (e.g.
+    :func:`counter_uniforms`), else drawn with ``generator`` (reproducible without the global RNG).
+    ``-log U`` rather than ``exponential_``: the same distribution, 6x cheaper on CPU (0.14 vs 0.81 ms for
+    6 x 8,192; measured with one thread).
     """
     scaled = logits.float() / (temperature if temperature > 0 else 1.0)
     logp = scaled.log_softmax(dim=-1)
     if temperature > 0:
-        probs = top_p_filter(scaled, top_p).softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
+        # The race needs p only up to a factor per row: the nucleus's probabilities need no renormalising.
+        probs = scaled.softmax(dim=-1)  # as in top_p_filter, so the kept set is exactly its
+        if top_p < 1.0:
+            probs = probs.masked_fill(probs < nucleus_cutoff(probs, top_p), 0.0)
+        if uniforms is None:
+            uniforms = torch.empty_like(probs).uniform_(generator=generator)
+        # E must be finite and > 0: a U of 0 (uniform_ gives it once in 2**24 draws) would make every kept
+        # token of a one-token nucleus tie with the filtered ones at p / inf = 0, and a U of 1 gives
+        # 0 / 0 = NaN on a filtered token, which argmax would pick.
+        race = uniforms.clamp(min=1e-12).log_().neg_().clamp_(min=torch.finfo(torch.float32).tiny)
         tokens = (probs / race).argmax(dim=-1)
     else:
         tokens = scaled.argmax(dim=-1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two xor-shift-multiply rounds, constant 0x45d9f3b) on int64 tensors.
+
+    The constant is below 2**27, so products stay below 2**59: no int64 overflow on any device. Mixes ``x``
+    in place (it runs on (B, V) every sampling step; callers pass a fresh tensor) and returns it.
+    """
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16).mul_(0x45D9F3B).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 16)
+
+
+def counter_token_keys(vocab: int, device: torch.device | str) -> torch.Tensor:
+    """Per-token hash keys (V,) long for :func:`counter_uniforms`; compute once per call, reuse every step."""
+    return _mix32(torch.arange(vocab, device=device, dtype=torch.long) * 0x3C6EF372 & _MASK32)
+
+
+def counter_uniforms(
+    seed: int, row_ids: torch.Tensor, steps: torch.Tensor, token_keys: torch.Tensor
+) -> torch.Tensor:
+    """Uniforms (B, V) in (0, 1) that depend only on ``(seed, row id, step, token)``, not on the batch.
+
+    ``row_ids``, ``steps``: (B,) long; ``token_keys``: :func:`counter_token_keys` (V,). A counter-based draw
+    (a hash of the four integers, like Philox but in plain tensor ops): a row gets the same noise at a given
+    step whichever batch slot it sits in and whichever rows it shares the batch with, so an engine that
+    refills finished slots with new prompts samples exactly what a plain batch would, and CPU and GPU draw
+    the same numbers. 23 bits per draw: ``(k + 0.5) / 2**23`` is exact in float32, so never 0 or 1.
+    """
+    base = _mix32(_mix32(_mix32(torch.full_like(row_ids, seed & _MASK32)) ^ row_ids) + steps * 0x9E3779B1)
+    x = _mix32(base[:, None] ^ token_keys[None, :])
+    return x.bitwise_right_shift_(9).float().add_(0.5).mul_(1.0 / (1 << 23))
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -455,6 +530,42 @@ class _BatchedEngine:
         row's first stop token is ignored by the caller."""
         raise NotImplementedError
 
+    def _decode_rows(
+        self,
+        rows: list[list[int]],
+        order: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stop: list[int],
+        generator: Any,
+        done: Any,
+    ) -> None:
+        """Decode every row (taken in ``order``), calling ``done(i, new_tokens, new_logps_or_None)`` once per
+        row. Here: chunks of ``batch_size`` rows, left-padded, each through :meth:`_decode`."""
+        device = _device_of(self.model)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            width = max(len(rows[i]) for i in idx)
+            input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for j, i in enumerate(idx):  # left padding: every prompt ends where generation starts
+                input_ids[j, width - len(rows[i]) :] = torch.tensor(rows[i], dtype=torch.long)
+                attention_mask[j, width - len(rows[i]) :] = 1
+            new, new_logps = self._decode(
+                input_ids.to(device),
+                attention_mask.to(device),
+                max_new_tokens,
+                temperature,
+                top_p,
+                stop,
+                generator,
+            )
+            new_list = new.tolist()
+            lp_list = new_logps.tolist() if new_logps is not None else None
+            for j, i in enumerate(idx):
+                done(i, new_list[j], lp_list[j] if lp_list is not None else None)
+
     def generate(
         self,
         prompts: list[list[int]],
@@ -483,41 +594,27 @@ class _BatchedEngine:
 
             bar = tqdm(total=len(rows), desc="generate", unit="seq", leave=False)
         t0, n_new = time.perf_counter(), 0
+
+        def done(i: int, new: list[int], new_logps: list[float] | None) -> None:
+            """Row ``i`` decoded ``new`` (anything after its first stop token is dropped here)."""
+            nonlocal n_new
+            # Finished rows are filled with pad (== eos for SmolLM2): cut at the first stop.
+            cut = next((k for k, t in enumerate(new) if t in stop_set), None)
+            end = len(new) if cut is None else cut + 1
+            responses[i] = new[:end]
+            finished[i] = cut is not None
+            if new_logps is not None:
+                logps[i] = new_logps[:end]
+            if bar is not None:
+                n_new += end
+                bar.update(1)
+                bar.set_postfix(tok_s=f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f}")
+
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling: the log-probs are those of the eval-mode model
         try:
             with self._rng(seed, device) as generator, torch.inference_mode():
-                for start in range(0, len(order), self.batch_size):
-                    idx = order[start : start + self.batch_size]
-                    width = max(len(rows[i]) for i in idx)
-                    input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-                    attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-                    for j, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                        input_ids[j, width - len(rows[i]) :] = torch.tensor(rows[i], dtype=torch.long)
-                        attention_mask[j, width - len(rows[i]) :] = 1
-                    new, new_logps = self._decode(
-                        input_ids.to(device),
-                        attention_mask.to(device),
-                        max_new_tokens,
-                        temperature,
-                        top_p,
-                        stops,
-                        generator,
-                    )
-                    new_list = new.tolist()
-                    lp_list = new_logps.tolist() if new_logps is not None else None
-                    for j, i in enumerate(idx):
-                        # Finished rows are filled with pad (== eos for SmolLM2): cut at the first stop.
-                        cut = next((k for k, t in enumerate(new_list[j]) if t in stop_set), None)
-                        end = len(new_list[j]) if cut is None else cut + 1
-                        responses[i] = new_list[j][:end]
-                        finished[i] = cut is not None
-                        if lp_list is not None:
-                            logps[i] = lp_list[j][:end]
-                    if bar is not None:
-                        n_new += sum(len(responses[i] or []) for i in idx)
-                        bar.update(len(idx))
-                        bar.set_postfix(tok_s=f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f}")
+                self._decode_rows(rows, order, max_new_tokens, temperature, top_p, stops, generator, done)
             batch = self._assemble(rows, responses, logps, finished, n, temperature, top_p, device)
             if self.logprobs == "forward" and len(batch):
                 # no_grad, not inference_mode: the result is used in the loss (old log-probs), and inference
@@ -680,3 +777,24 @@ class ManualRolloutEngine(_BatchedEngine):
             ).logits[:, -1]
             next_pos = next_pos + 1
         return tokens[:, :steps], (logps[:, :steps] if self.logprobs == "generate" else None)
+
+
+def engine_class(name: str) -> type:
+    """The engine class for a config's ``rollout_engine``: ``hf``, ``manual``, ``static`` or ``vllm``.
+
+    ``static`` (:mod:`align.rollout_static`) and ``vllm`` (:mod:`align.rollout_vllm`, optional dependency)
+    are imported only when asked for.
+    """
+    if name == "hf":
+        return HFRolloutEngine
+    if name == "manual":
+        return ManualRolloutEngine
+    if name == "static":
+        from align.rollout_static import StaticRolloutEngine
+
+        return StaticRolloutEngine
+    if name == "vllm":
+        from align.rollout_vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine
+    raise ValueError(f"unknown rollout engine {name!r} (hf, manual, static, vllm)")

@@ -7,9 +7,15 @@ The same randomly initialised model (bf16 weights on GPU, fp32 on CPU) samples c
 same length-varied prompts at temperature 1, top-p 0.9, no top-k (the peer's default top-k 50 is
 turned off so both sample the same distribution), in one batch of ``batch`` rows, stopping at
 ``<|im_end|>``/EOS or ``new_tokens``. Peer: `model.generate(do_sample=True, top_p=0.9, top_k=0)` on
-the left-padded batch. Ours: `align.rollout.ManualRolloutEngine` (its own decoding loop: partial-sort
-top-p, finished rows dropped from the batch and the KV cache) and `HFRolloutEngine` (generate behind
-the rollout interface). Reports generated tokens/s (stop tokens included, padding not) and peak memory.
+the left-padded batch. Ours: `align.rollout_static.StaticRolloutEngine` (pre-allocated KV slots, fixed-shape
+steps, finished slots refilled); also `ManualRolloutEngine` (dynamic cache, finished rows dropped) and
+`HFRolloutEngine` (generate behind the rollout interface). Reports generated tokens/s (stop tokens
+included, padding not) and peak memory.
+
+A second comparison, ``refill``: ``refill_factor`` x ``batch`` prompts and a stop set of one word in
+``new_tokens // 2`` (a random model never says ``<|im_end|>``; this gives geometric response lengths, as a
+real policy's vary). The peer runs ``generate`` on consecutive chunks of ``batch`` prompts (each chunk
+runs until its longest row ends); ours keeps ``batch`` slots busy by refilling them.
 """
 
 from __future__ import annotations
@@ -26,17 +32,23 @@ import torch  # noqa: E402
 from bench import common  # noqa: E402
 
 SETTINGS = {
-    "smoke": dict(batch=6, prompt_median=16, prompt_max=32, new_tokens=12, repeats=2),
-    "real": dict(batch=128, prompt_median=256, prompt_max=512, new_tokens=256, repeats=2),
+    "smoke": dict(batch=6, prompt_median=16, prompt_max=32, new_tokens=12, repeats=2, refill_factor=4),
+    "real": dict(batch=128, prompt_median=256, prompt_max=512, new_tokens=256, repeats=2, refill_factor=2),
 }
 
 
-def make_prompts(mode: str, vocab: int, seed: int) -> list[list[int]]:
+def refill_stops(vocab: int, new_tokens: int) -> list[int]:
+    """Stop words for the refill comparison: <|im_end|>, EOS and every (new_tokens // 2)-th word."""
+    every = max(2, new_tokens // 2)
+    return [common.IM_END_ID, common.EOS_ID] + list(range(common.FIRST_WORD, vocab, every))
+
+
+def make_prompts(mode: str, vocab: int, seed: int, count: int | None = None) -> list[list[int]]:
     s = SETTINGS[mode]
     rng = random.Random(seed)
     return [
         common.random_ids(n, vocab, rng)
-        for n in common.lengths(s["batch"], s["prompt_median"], 4, s["prompt_max"], seed)
+        for n in common.lengths(count or s["batch"], s["prompt_median"], 4, s["prompt_max"], seed)
     ]
 
 
@@ -49,52 +61,66 @@ def _generated(rows: list[list[int]], stops: set[int]) -> int:
     return total
 
 
-def engine_call(args, model, tokenizer, prompts: list[list[int]], engine_cls) -> Callable[[int], float]:
-    """One batch through an align rollout engine; returns the tokens generated."""
+def engine_call(
+    args, model, tokenizer, prompts: list[list[int]], engine_cls, stops: list[int] | None = None
+) -> Callable[[int], float]:
+    """All prompts through an align rollout engine (``batch`` rows at a time); returns the tokens generated."""
     s = SETTINGS[args.mode]
     engine = engine_cls(model, tokenizer, batch_size=s["batch"], logprobs="none")
 
     def call(seed: int) -> float:
-        batch = engine.generate(prompts, n=1, max_new_tokens=s["new_tokens"], top_p=0.9, seed=seed)
+        batch = engine.generate(
+            prompts, n=1, max_new_tokens=s["new_tokens"], top_p=0.9, stop=stops, seed=seed
+        )
         return float(batch.response_mask.sum())
 
     return call
 
 
-def generate_call(args, model, prompts: list[list[int]]) -> Callable[[int], float]:
-    """One batch through `model.generate` on the left-padded prompts; returns the tokens generated."""
+def generate_call(
+    args, model, prompts: list[list[int]], stops: list[int] | None = None
+) -> Callable[[int], float]:
+    """`model.generate` on consecutive left-padded chunks of ``batch`` prompts; returns the tokens generated."""
     s = SETTINGS[args.mode]
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), common.PAD_ID, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for j, p in enumerate(prompts):
-        ids[j, width - len(p) :] = torch.tensor(p)
-        mask[j, width - len(p) :] = 1
-    ids, mask = ids.to(args.device), mask.to(args.device)
-    stops = [common.IM_END_ID, common.EOS_ID]
+    stops = stops or [common.IM_END_ID, common.EOS_ID]
+    chunks = []
+    for start in range(0, len(prompts), s["batch"]):
+        chunk = prompts[start : start + s["batch"]]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), common.PAD_ID, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for j, p in enumerate(chunk):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            mask[j, width - len(p) :] = 1
+        chunks.append((ids.to(args.device), mask.to(args.device)))
 
     def call(seed: int) -> float:
         torch.manual_seed(seed)
+        total = 0.0
         with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                top_p=0.9,
-                top_k=0,
-                temperature=1.0,
-                max_new_tokens=s["new_tokens"],
-                eos_token_id=stops,
-                pad_token_id=common.PAD_ID,
-            )
-        return float(_generated(out[:, width:].tolist(), set(stops)))
+            for ids, mask in chunks:
+                out = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    top_p=0.9,
+                    top_k=0,
+                    temperature=1.0,
+                    max_new_tokens=s["new_tokens"],
+                    eos_token_id=stops,
+                    pad_token_id=common.PAD_ID,
+                )
+                total += _generated(out[:, ids.shape[1] :].tolist(), set(stops))
+        return total
 
     return call
 
 
 def run_interleaved(args, sides: dict[str, Callable[[int], float]]) -> dict[str, dict]:
     """Each side once per round, round after round (so load drift on a shared host hits all sides
-    alike); the first round warms up. Peak memory per side is the largest over its calls."""
+    alike); the first round warms up. Peak memory per side is the largest over its timed calls: the
+    warm-up round also pays one-off costs (first use of kernels and code pages, ~8 MB of RSS on CPU)
+    that land on whichever side happens to run first."""
     s = SETTINGS[args.mode]
     clocks = {name: common.StepClock(args.device) for name in sides}
     memory: dict[str, dict] = {name: {} for name in sides}
@@ -105,7 +131,7 @@ def run_interleaved(args, sides: dict[str, Callable[[int], float]]) -> dict[str,
                 clocks[name].start()
                 clocks[name].stop(call(r))
             key = "peak_memory_mb" if "peak_memory_mb" in record else "peak_memory_above_start_mb"
-            if record[key] >= memory[name].get(key, -1.0):
+            if r >= 1 and record[key] >= memory[name].get(key, -1.0):
                 memory[name] = record
     results = {}
     for name, clock in clocks.items():
@@ -124,23 +150,37 @@ def run_interleaved(args, sides: dict[str, Callable[[int], float]]) -> dict[str,
 def main(argv: list[str] | None = None) -> dict:
     args = common.stage_args("generate", __doc__, argv)
     from align.rollout import HFRolloutEngine, ManualRolloutEngine
+    from align.rollout_static import StaticRolloutEngine
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = common.build_lm(args.shape, args.device, args.seed, dtype=dtype).eval()
     model.generation_config.use_cache = True
     tokenizer = common.synthetic_tokenizer(common.MODELS[args.shape]["vocab_size"])
-    prompts = make_prompts(args.mode, common.MODELS[args.shape]["vocab_size"], args.seed)
-    manual, hf = "align ManualRolloutEngine", "align HFRolloutEngine"
+    vocab = common.MODELS[args.shape]["vocab_size"]
+    prompts = make_prompts(args.mode, vocab, args.seed)
+    static, manual, hf = "align StaticRolloutEngine", "align ManualRolloutEngine", "align HFRolloutEngine"
     peer_name = f"transformers {__import__('transformers').__version__} generate"
     results = run_interleaved(
         args,
         {
+            static: engine_call(args, model, tokenizer, prompts, StaticRolloutEngine),
             manual: engine_call(args, model, tokenizer, prompts, ManualRolloutEngine),
             hf: engine_call(args, model, tokenizer, prompts, HFRolloutEngine),
             peer_name: generate_call(args, model, prompts),
         },
     )
-    ours, peer = results[manual], results[peer_name]
+    s = SETTINGS[args.mode]
+    many = make_prompts(args.mode, vocab, args.seed + 1, count=s["refill_factor"] * s["batch"])
+    stops = refill_stops(vocab, s["new_tokens"])
+    refill = run_interleaved(
+        args,
+        {
+            static: engine_call(args, model, tokenizer, many, StaticRolloutEngine, stops),
+            manual: engine_call(args, model, tokenizer, many, ManualRolloutEngine, stops),
+            peer_name: generate_call(args, model, many, stops),
+        },
+    )
+    ours, peer = results[static], results[peer_name]
     setting = {
         **SETTINGS[args.mode],
         "prompt_tokens": sum(len(p) for p in prompts),
@@ -149,7 +189,19 @@ def main(argv: list[str] | None = None) -> dict:
         "top_k": "off",
         "weights": str(dtype).replace("torch.", ""),
     }
+    ours["also_ManualRolloutEngine"] = results[manual]
     ours["also_HFRolloutEngine"] = results[hf]
+    setting["refill"] = {
+        "prompts": len(many),
+        "stop_words": len(stops),
+        "ratio_ours_over_peer": round(refill[static]["tokens_per_s"] / refill[peer_name]["tokens_per_s"], 3),
+        "ratio_manual_over_peer": round(
+            refill[manual]["tokens_per_s"] / refill[peer_name]["tokens_per_s"], 3
+        ),
+        "ours": refill[static],
+        "manual": refill[manual],
+        "peer": refill[peer_name],
+    }
     return common.compare(args, "tokens_per_s", ours, peer, setting)
 
 

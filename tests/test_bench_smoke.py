@@ -93,9 +93,26 @@ def test_generate_record_same_batch_and_budget(smoke):
     _check_common(rec, "generate", "tokens_per_s")
     s = rec["setting"]
     most = s["batch"] * s["new_tokens"] * s["repeats"]  # timed calls only
-    for side in (rec["ours"], rec["peer"], rec["ours"]["also_HFRolloutEngine"]):
+    for side in (
+        rec["ours"],
+        rec["peer"],
+        rec["ours"]["also_HFRolloutEngine"],
+        rec["ours"]["also_ManualRolloutEngine"],
+    ):
         assert side["calls"] == s["repeats"] + 1
         assert 0 < side["tokens_generated"] <= most
+    # The refill comparison: more prompts than slots, every side generating for all of them.
+    refill = s["refill"]
+    assert refill["prompts"] == s["refill_factor"] * s["batch"]
+    for side in (refill["ours"], refill["manual"], refill["peer"]):
+        assert side["calls"] == s["repeats"] + 1
+        assert (
+            refill["prompts"] * s["repeats"]
+            <= side["tokens_generated"]
+            <= refill["prompts"] * most // s["batch"]
+        )
+    want = refill["ours"]["tokens_per_s"] / refill["peer"]["tokens_per_s"]
+    assert refill["ratio_ours_over_peer"] == pytest.approx(want, rel=2e-3)
 
 
 def test_ppo_record_without_peer_says_why(smoke):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,14 +17,18 @@ from align.rollout import (
     ManualRolloutEngine,
     RolloutBatch,
     RolloutEngine,
+    counter_token_keys,
+    counter_uniforms,
+    engine_class,
     position_ids_from_mask,
     sample_tokens,
     stop_token_ids,
     teacher_forced_logprobs,
     top_p_filter,
 )
+from align.rollout_static import StaticRolloutEngine
 
-ENGINES = [HFRolloutEngine, ManualRolloutEngine]
+ENGINES = [HFRolloutEngine, ManualRolloutEngine, StaticRolloutEngine]
 
 
 def _tiny(tok, head_scale: float) -> Qwen2ForCausalLM:
@@ -322,3 +328,114 @@ def test_sequences_layout_on_a_hand_made_batch():
     assert start.tolist() == [3, 1]
     assert batch.sequences().input_ids[0, -1].item() == 7  # default pad: the batch's own
     assert batch.responses() == [[14, 15], [22, 23, 24]]
+
+
+# ------------------------------------------------------------------------------------- static engine
+
+
+@pytest.fixture(scope="module")
+def varied_prompts(qwen_tokenizer):
+    """Five prompts of 9, 13 and 24 tokens: with n=2, ten rows, more than the engines' 3 slots below."""
+    texts = [
+        "Hi",
+        "ok",
+        "What is 12 + 30? Answer with just the number.",
+        "Tell me about cats.",
+        "Name a warm colour.",
+    ]
+    return [chatml.encode_prompt([{"role": "user", "content": t}], qwen_tokenizer) for t in texts]
+
+
+def _stops_at_different_steps(free: RolloutBatch) -> list[int]:
+    """Stop tokens taken from a free-running batch so that rows end at different steps (or never)."""
+    rows = free.responses()
+    return [rows[0][1], rows[2][4], rows[4][6]]
+
+
+def test_static_greedy_equals_hf_and_manual_with_refill(qwen_tokenizer, varied_prompts):
+    model = _tiny(qwen_tokenizer, 50.0)
+    kw = dict(n=2, max_new_tokens=9, temperature=0.0)
+    free = HFRolloutEngine(model, qwen_tokenizer, batch_size=16).generate(varied_prompts, stop=[], **kw)
+    stop = _stops_at_different_steps(free)
+    hf = HFRolloutEngine(model, qwen_tokenizer, batch_size=16).generate(varied_prompts, stop=stop, **kw)
+    manual = ManualRolloutEngine(model, qwen_tokenizer, batch_size=4).generate(
+        varied_prompts, stop=stop, **kw
+    )
+    # 3 slots for 10 rows: slots are refilled as rows end, at different steps.
+    static = StaticRolloutEngine(model, qwen_tokenizer, batch_size=3, logprobs="generate").generate(
+        varied_prompts, stop=stop, **kw
+    )
+    lengths = hf.lengths.tolist()
+    assert len(set(lengths)) >= 3 and hf.finished.any() and not hf.finished.all(), lengths
+    for other in (manual, static):
+        assert torch.equal(other.response_ids, hf.response_ids)
+        assert torch.equal(other.response_mask, hf.response_mask)
+        assert torch.equal(other.finished, hf.finished)
+    # Decoding log-probs of the static engine (through its slot cache) equal a teacher-forced pass.
+    assert torch.allclose(static.logprobs, teacher_forced_logprobs(model, static), atol=1e-5, rtol=0)
+    assert torch.allclose(static.logprobs, hf.logprobs, atol=1e-5, rtol=0)
+
+
+def test_static_sampling_does_not_depend_on_batch_size_or_refilling(qwen_tokenizer, varied_prompts):
+    model = _tiny(qwen_tokenizer, 10.0)
+    kw = dict(n=2, max_new_tokens=8, temperature=0.9, top_p=0.9, seed=3)
+    free = StaticRolloutEngine(model, qwen_tokenizer, batch_size=16).generate(varied_prompts, stop=[], **kw)
+    stop = _stops_at_different_steps(free)
+    runs = [
+        StaticRolloutEngine(model, qwen_tokenizer, batch_size=bs, logprobs="generate").generate(
+            varied_prompts, stop=stop, **kw
+        )
+        for bs in (16, 3, 1)  # no refill, refill, one row at a time
+    ]
+    assert len(set(runs[0].lengths.tolist())) >= 3 and runs[0].finished.any()
+    for run in runs[1:]:
+        assert torch.equal(run.response_ids, runs[0].response_ids)
+        assert torch.equal(run.lengths, runs[0].lengths)
+        assert torch.allclose(run.logprobs, runs[0].logprobs, atol=1e-5, rtol=0)
+    assert torch.allclose(runs[1].logprobs, teacher_forced_logprobs(model, runs[1]), atol=1e-5, rtol=0)
+    other_seed = StaticRolloutEngine(model, qwen_tokenizer).generate(
+        varied_prompts, stop=stop, **(kw | {"seed": 4})
+    )
+    assert not torch.equal(other_seed.response_ids, runs[0].response_ids)
+
+
+def test_counter_uniforms_are_uniform_keyed_and_sample_the_nucleus():
+    keys = counter_token_keys(5, "cpu")
+    rows = torch.arange(40_000)
+    u = counter_uniforms(11, rows, torch.full_like(rows, 2), keys)
+    assert u.shape == (40_000, 5) and u.min() > 0 and u.max() < 1
+    # Uniform: each decile holds a tenth of the draws (+-3 standard errors); neighbours uncorrelated.
+    deciles = torch.bincount((u.flatten() * 10).long(), minlength=10).float() / u.numel()
+    assert (deciles - 0.1).abs().max() < 3 * (0.1 * 0.9 / u.numel()) ** 0.5
+    assert abs(torch.corrcoef(torch.stack([u[:, 0], u[:, 1]]))[0, 1]) < 0.02
+    assert abs(torch.corrcoef(torch.stack([u[:-1, 0], u[1:, 0]]))[0, 1]) < 0.02
+    # Keyed by (seed, row, step, token) only: a row's draws do not depend on the rest of the batch.
+    sub = counter_uniforms(11, rows[[7, 3]], torch.tensor([2, 2]), keys)
+    assert torch.equal(sub, u[[7, 3]])
+    assert not torch.equal(counter_uniforms(11, rows[:5], torch.full((5,), 3), keys), u[:5])
+    assert not torch.equal(counter_uniforms(12, rows[:5], torch.full((5,), 2), keys), u[:5])
+    # Through the exponential race they draw from the renormalised nucleus.
+    logits = torch.tensor([1.5, 1.0, 0.5, 0.0, -1.0])
+    nucleus = ~torch.isinf(top_p_filter(logits / 0.8, 0.8))
+    probs = (logits / 0.8).softmax(-1)
+    expected = torch.where(nucleus, probs, 0.0) / probs[nucleus].sum()
+    tokens, _ = sample_tokens(logits.expand(40_000, -1), 0.8, 0.8, uniforms=u)
+    freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
+    assert (freq[~nucleus] == 0).all() and torch.allclose(freq, expected, atol=0.01)
+
+
+def test_race_never_picks_a_filtered_token_at_extreme_uniforms():
+    logits = torch.tensor([[0.0, 10.0, 0.0, 0.0]]).expand(3, -1)  # top-p 0.5 keeps token 1 alone
+    uniforms = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.5, 0.0, 0.3, 1.0]])
+    tokens, logps = sample_tokens(logits, 1.0, 0.5, uniforms=uniforms)
+    assert tokens.tolist() == [1, 1, 1] and torch.isfinite(logps).all()
+
+
+def test_engine_class_by_config_name_and_vllm_missing_error(tiny, qwen_tokenizer, monkeypatch):
+    assert engine_class("hf") is HFRolloutEngine and engine_class("manual") is ManualRolloutEngine
+    assert engine_class("static") is StaticRolloutEngine
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        engine_class("fast")
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    with pytest.raises(ImportError, match="pip install vllm"):
+        engine_class("vllm")(tiny, qwen_tokenizer)

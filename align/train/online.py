@@ -43,7 +43,7 @@ from align.rl_math import (
     masked_mean,
     variance_order,
 )
-from align.rollout import HFRolloutEngine, ManualRolloutEngine, RolloutBatch
+from align.rollout import RolloutBatch, engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.ppo import (
     _add,
@@ -62,7 +62,6 @@ from align.train.runtime import (
     RunSetupError,
     build_optimizer,
     build_scheduler,
-    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -178,7 +177,7 @@ def run_online(
     scheduler = build_scheduler(optimizer, cfg, num_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy_u = accelerator.unwrap_model(policy)
-    engine_cls = HFRolloutEngine if cfg.rollout_engine == "hf" else ManualRolloutEngine
+    engine_cls = engine_class(cfg.rollout_engine)
     engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
 
     fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
@@ -448,10 +447,9 @@ def run_online(
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        stop = checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
-        if checkpoint_due(cfg, done, num_steps) or stop:
-            checkpointer.save(done, state, *objects)
-        if stop or (stop_after_step is not None and done >= stop_after_step):
+        if checkpointer.end_of_step(
+            done, num_steps, lambda step: checkpointer.save(step, state, *objects), stop_after_step
+        ):
             bar.close()
             logger.close()
             return {"stopped_at": done}

@@ -46,14 +46,13 @@ from align.rl_math import (
     masked_mean,
     masked_whiten,
 )
-from align.rollout import HFRolloutEngine, ManualRolloutEngine, RolloutBatch, position_ids_from_mask
+from align.rollout import RolloutBatch, engine_class, position_ids_from_mask
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.runtime import (
     RunCheckpointer,
     RunSetupError,
     build_optimizer,
     build_scheduler,
-    checkpoint_due,
     fingerprint_rows,
     global_batch_indices,
     make_accelerator,
@@ -265,7 +264,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         policy, value_model, policy_opt, value_opt
     )
     policy_u, value_u = accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model)
-    engine_cls = HFRolloutEngine if cfg.rollout_engine == "hf" else ManualRolloutEngine
+    engine_cls = engine_class(cfg.rollout_engine)
     # Our own log-prob pass below uses the training layout, so the engine computes none.
     engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
     _, im_end = chatml.chatml_token_ids(tokenizer)
@@ -493,11 +492,12 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         last = metrics
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rm_score']:.3f}", kl=f"{metrics['kl']:.3f}")
-        stop = checkpointer.stop_requested()  # SIGTERM/Ctrl-C on any process, or on_nonfinite=stop
-        if checkpoint_due(cfg, done, num_steps) or stop:
+
+        def save(step: int) -> None:
             state = {"reward_moments": moments.state_dict(), **({"ptx": ptx.state_dict()} if ptx else {})}
-            checkpointer.save(done, {**state, **counts}, *objects)
-        if stop or (stop_after_step is not None and done >= stop_after_step):
+            checkpointer.save(step, {**state, **counts}, *objects)
+
+        if checkpointer.end_of_step(done, num_steps, save, stop_after_step):
             bar.close()
             logger.close()
             return {"stopped_at": done}
