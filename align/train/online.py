@@ -48,11 +48,10 @@ from align.tracking import MetricsLogger, plot_metrics
 from align.train.ppo import (
     _add,
     _clip,
-    append_rollouts,
     check_same_vocabulary,
-    gold_score,
     load_frozen_lm,
     load_prompts,
+    log_rl_step,
     response_logprobs,
     scatter_rows,
     sub_batch,
@@ -421,29 +420,20 @@ def run_online(
         t_train = time.perf_counter() - t0
 
         # 4. metrics
-        lengths = batch.lengths.float()
         metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         metrics.update(
             {
                 "reward_mean": scores.mean().item(),
                 "reward_std_within_group": grouped.std(dim=1).mean().item(),
-                "response_length": lengths.mean().item(),
-                "no_eos_frac": 1.0 - batch.finished.float().mean().item(),
                 "lr": scheduler.get_last_lr()[0],
                 "skipped_nonfinite": state.get("skipped_nonfinite", 0),
-                "time_rollout": t_rollout,
-                "time_scoring": t_score,
-                "time_training": t_train,
-                "response_tokens_per_s": lengths.sum().item() / max(t_rollout, 1e-9),
             }
         )
-        if tasks is not None:
-            metrics["gold_score"] = gold_score(tasks, local, batch, texts)
         done = step + 1
-        if done % cfg.logging_steps == 0 or done == num_steps:
-            logger.log(metrics, step=done)
-        if is_main and cfg.log_rollouts > 0:
-            append_rollouts(rollout_log, done, batch, texts, local, prompts, scores, cfg.log_rollouts)
+        log_rl_step(
+            cfg, metrics, done, num_steps, logger, batch, texts, scores, (t_rollout, t_score, t_train),
+            tasks=tasks, local=local, prompts=prompts, rollout_log=rollout_log, is_main=is_main,
+        )  # fmt: skip
         last = metrics
         bar.update(1)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")

@@ -460,7 +460,6 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         t_train = time.perf_counter() - t0
 
         # 5. metrics
-        lengths = batch.lengths.float()
         metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         metrics.update(
             {
@@ -470,25 +469,17 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                 "skipped_nonfinite": counts["skipped_nonfinite"],
                 "kl": (kl.sum(1)).mean().item(),
                 "entropy": masked_mean(entropy, mask).item(),
-                "response_length": lengths.mean().item(),
-                "no_eos_frac": 1.0 - finished.float().mean().item(),
                 "explained_variance": explained_variance(old_values, returns, mask).item(),
                 "score_std_within_query": batch.grouped(raw_scores).std(dim=1).mean().item()
                 if cfg.samples_per_query > 1
                 else 0.0,
-                "time_rollout": t_rollout,
-                "time_scoring": t_score,
-                "time_training": t_train,
-                "response_tokens_per_s": lengths.sum().item() / max(t_rollout, 1e-9),
             }
         )
-        if tasks is not None:
-            metrics["gold_score"] = gold_score(tasks, local, batch, texts)
         done = step + 1
-        if done % cfg.logging_steps == 0 or done == num_steps:
-            logger.log(metrics, step=done)
-        if is_main and cfg.log_rollouts > 0:
-            append_rollouts(rollout_log, done, batch, texts, local, prompts, raw_scores, cfg.log_rollouts)
+        log_rl_step(
+            cfg, metrics, done, num_steps, logger, batch, texts, raw_scores, (t_rollout, t_score, t_train),
+            tasks=tasks, local=local, prompts=prompts, rollout_log=rollout_log, is_main=is_main,
+        )  # fmt: skip
         last = metrics
         bar.update(1)
         bar.set_postfix(score=f"{metrics['rm_score']:.3f}", kl=f"{metrics['kl']:.3f}")
@@ -551,6 +542,46 @@ def gold_score(tasks: list[Any], local: list[int], batch: RolloutBatch, texts: l
 
     prompt_rows = batch.prompt_index.tolist()
     return sum(verify(tasks[local[p]], text) for p, text in zip(prompt_rows, texts, strict=True)) / len(texts)
+
+
+def log_rl_step(
+    cfg: Any,
+    metrics: dict[str, Any],
+    done: int,
+    total: int,
+    logger: Any,
+    batch: RolloutBatch,
+    texts: list[str],
+    scores: torch.Tensor,
+    timings: tuple[float, float, float],
+    *,
+    tasks: list[Any] | None,
+    local: list[int],
+    prompts: list[list[dict[str, str]]],
+    rollout_log: Path,
+    is_main: bool,
+) -> None:
+    """The end of an iteration of PPO or an online loop: response length, unclosed share and timings
+    (rollout, scoring, training) added to `metrics`, the gold verifier's score on generated prompts, the
+    metrics line every `logging_steps`, and the first `log_rollouts` responses to rollouts.jsonl."""
+    t_rollout, t_score, t_train = timings
+    lengths = batch.lengths.float()
+    metrics.update(
+        {
+            "response_length": lengths.mean().item(),
+            "no_eos_frac": 1.0 - batch.finished.float().mean().item(),
+            "time_rollout": t_rollout,
+            "time_scoring": t_score,
+            "time_training": t_train,
+            "response_tokens_per_s": lengths.sum().item() / max(t_rollout, 1e-9),
+        }
+    )
+    if tasks is not None:
+        metrics["gold_score"] = gold_score(tasks, local, batch, texts)
+    if done % cfg.logging_steps == 0 or done == total:
+        logger.log(metrics, step=done)
+    if is_main and cfg.log_rollouts > 0:
+        append_rollouts(rollout_log, done, batch, texts, local, prompts, scores, cfg.log_rollouts)
 
 
 def append_rollouts(
