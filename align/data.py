@@ -395,19 +395,7 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 def _parse_hh(rec: dict) -> Parsed:
     key = "text" if "text" in rec else "chosen"  # SFT on a preference pair uses the chosen transcript
-    text = _get(rec, key, "", str)
-    marks = list(_HH_TURN.finditer(text))
-    if not marks:
-        raise RecordError(f"'{key}': no 'Human:' / 'Assistant:' turns found")
-    if text[: marks[0].start()].strip():
-        raise RecordError(f"'{key}': text before the first 'Human:' turn")
-    turns = []
-    for k, m in enumerate(marks):
-        end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
-        role = "user" if m.group(1) == "Human" else "assistant"
-        # The transcript's spaces and newlines around a turn are separators, not content.
-        turns.append((role, text[m.end() : end].strip(), f"'{key}' turn {k + 1} ({m.group(1)})"))
-    return check_conversation(turns)
+    return check_conversation(_hh_turns(_get(rec, key, "", str), key))
 
 
 register_format("sft", RecordFormat("openai", lambda r: "messages" in r, _parse_openai, "messages"))
@@ -562,6 +550,7 @@ def _hh_turns(text: str, key: str) -> list[tuple[str, str, str]]:
     for k, m in enumerate(marks):
         end = marks[k + 1].start() if k + 1 < len(marks) else len(text)
         role = "user" if m.group(1) == "Human" else "assistant"
+        # The transcript's spaces and newlines around a turn are separators, not content.
         turns.append((role, text[m.end() : end].strip(), f"'{key}' turn {k + 1} ({m.group(1)})"))
     return turns
 
