@@ -225,3 +225,26 @@ def test_ddp_two_processes_give_the_losses_of_one(tiny_qwen_dir, sft_data, tmp_p
     b = load_file(tmp_path / "two" / "final" / "model.safetensors")
     for name in a:
         torch.testing.assert_close(b[name], a[name], atol=1e-6, rtol=1e-5)
+
+
+def test_heldout_accuracy_before_is_measured_once_and_reported_after(monkeypatch):
+    """A resumed run carries "before" in its checkpointed state: it must not measure again (it would
+    measure the partly trained model); "after" lands in the summary beside it."""
+    from align.train import sft as sft_mod
+
+    calls = []
+    results = iter([0.25, 0.75])
+
+    def fake_accuracy(model, tokenizer, cfg):
+        calls.append(model)
+        return {"accuracy": next(results)}
+
+    monkeypatch.setattr(sft_mod, "heldout_accuracy", fake_accuracy)
+    cfg = SFTConfig(eval_tasks=4)
+    state: dict = {}
+    sft_mod.record_accuracy_before(state, "start", None, cfg, say=lambda *_: None)
+    sft_mod.record_accuracy_before(state, "resumed", None, cfg, say=lambda *_: None)
+    assert calls == ["start"] and state == {"accuracy_before": 0.25}
+    summary: dict = {}
+    sft_mod.record_accuracy_after(summary, state, "end", None, cfg, say=lambda *_: None)
+    assert summary == {"accuracy_before": 0.25, "accuracy_after": 0.75} and calls == ["start", "end"]

@@ -49,7 +49,13 @@ from align.train.runtime import (
     start_single_model_run,
     total_steps,
 )
-from align.train.sft import heldout_accuracy, packed_logprobs, packed_row, trained_tokens
+from align.train.sft import (
+    packed_logprobs,
+    packed_row,
+    record_accuracy_after,
+    record_accuracy_before,
+    trained_tokens,
+)
 
 CACHE_VERSION = "dpo-ref-logps-v1"
 
@@ -295,9 +301,8 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
     start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
     embedded_eval = cfg.dataset == "embedded" and cfg.eval_tasks > 0
-    if embedded_eval and "accuracy_before" not in state and is_main:
-        accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
-        state["accuracy_before"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
+    if embedded_eval and is_main:
+        record_accuracy_before(state, unwrapped, tokenizer, cfg, accelerator.print)
 
     model.train()
     bar = tqdm(total=num_steps, initial=start_step, desc="dpo", disable=not (is_main and cfg.progress))
@@ -403,12 +408,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
     full_state = accelerator.get_state_dict(model)
     if is_main:
         if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
-            summary["accuracy_before"] = state.get("accuracy_before")
-            summary["accuracy_after"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
-            accelerator.print(
-                f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
-                f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
-            )
+            record_accuracy_after(summary, state, unwrapped, tokenizer, cfg, accelerator.print)
         save_final_model(unwrapped, tokenizer, out / "final", state_dict=full_state)
         summary["plot"] = str(
             plot_metrics(out, ["loss", "rewards_margin", "rewards_accuracy", "logps_chosen"], title="DPO")

@@ -68,7 +68,7 @@ from align.train.runtime import (
     step_if_finite,
     total_steps,
 )
-from align.train.sft import heldout_accuracy
+from align.train.sft import record_accuracy_after, record_accuracy_before
 
 Method = Literal["online_dpo", "grpo"]
 
@@ -195,9 +195,8 @@ def run_online(
     if is_main and saved is None and rollout_log.exists():
         rollout_log.unlink()
     embedded_eval = tasks is not None and cfg.eval_tasks > 0
-    if embedded_eval and "accuracy_before" not in state and is_main:
-        accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
-        state["accuracy_before"] = heldout_accuracy(policy_u, tokenizer, cfg)["accuracy"]
+    if embedded_eval and is_main:
+        record_accuracy_before(state, policy_u, tokenizer, cfg, accelerator.print)
 
     def micro_slices(rows: list[int]) -> list[list[int]]:
         return [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
@@ -461,12 +460,7 @@ def run_online(
     policy_state = accelerator.get_state_dict(policy)
     if is_main:
         if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
-            summary["accuracy_before"] = state.get("accuracy_before")
-            summary["accuracy_after"] = heldout_accuracy(policy_u, tokenizer, cfg)["accuracy"]
-            accelerator.print(
-                f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
-                f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
-            )
+            record_accuracy_after(summary, state, policy_u, tokenizer, cfg, accelerator.print)
         save_final_model(policy_u, tokenizer, out / "final", state_dict=policy_state)
         keys = ["reward_mean", "gold_score", "loss"] + (
             ["kl", "clipfrac"] if grpo else ["dpo_margin", "pairs"]

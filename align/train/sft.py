@@ -126,6 +126,30 @@ def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: SFTConfig) -> 
     return result
 
 
+def record_accuracy_before(
+    state: dict[str, Any], model: torch.nn.Module, tokenizer: Any, cfg: Any, say: Any = print
+) -> None:
+    """Held-out gold accuracy before training, measured once: it lives in the checkpointed `state`,
+    so a resumed run does not measure the already-trained model as its "before"."""
+    if "accuracy_before" not in state:
+        say(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
+        state["accuracy_before"] = heldout_accuracy(model, tokenizer, cfg)["accuracy"]
+
+
+def record_accuracy_after(
+    summary: dict[str, Any], state: dict[str, Any], model: torch.nn.Module, tokenizer: Any, cfg: Any,
+    say: Any = print,
+) -> None:  # fmt: skip
+    """Held-out gold accuracy after training, beside the "before" figure, into the run's summary."""
+    say(f"held-out accuracy after training ({cfg.eval_tasks} generated tasks)...")
+    summary["accuracy_before"] = state.get("accuracy_before")
+    summary["accuracy_after"] = heldout_accuracy(model, tokenizer, cfg)["accuracy"]
+    say(
+        f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
+        f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
+    )
+
+
 def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, Any]:
     """Train, checkpoint and save per `cfg`; return the run summary (also written to summary.json).
 
@@ -164,9 +188,8 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
     start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
     embedded_eval = cfg.dataset == "embedded" and cfg.eval_tasks > 0
-    if embedded_eval and "accuracy_before" not in state and is_main:
-        accelerator.print(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
-        state["accuracy_before"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
+    if embedded_eval and is_main:
+        record_accuracy_before(state, unwrapped, tokenizer, cfg, accelerator.print)
 
     model.train()
     bar = tqdm(
@@ -251,13 +274,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
     full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
     if is_main:
         if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
-            accelerator.print(f"held-out accuracy after training ({cfg.eval_tasks} generated tasks)...")
-            summary["accuracy_before"] = state.get("accuracy_before")
-            summary["accuracy_after"] = heldout_accuracy(unwrapped, tokenizer, cfg)["accuracy"]
-            accelerator.print(
-                f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
-                f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
-            )
+            record_accuracy_after(summary, state, unwrapped, tokenizer, cfg, accelerator.print)
         save_final_model(unwrapped, tokenizer, out / "final", state_dict=full_state)
         summary["plot"] = str(plot_metrics(out, ["loss", "lr", "grad_norm"], title="SFT"))
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
