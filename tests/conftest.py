@@ -11,9 +11,11 @@ def qwen_tokenizer():
     return chatml.qwen_tokenizer()
 
 
-def build_tiny_qwen2(tokenizer, out_dir, seed: int = 0, **overrides):
-    """A Qwen2-architecture model small enough for CPU tests (QKV bias, untied embeddings), saved
-    with the real Qwen tokenizer so recipes can load it by path."""
+def tiny_qwen2(tokenizer, seed: int = 0, head_scale: float = 1.0, **overrides):
+    """A Qwen2-architecture model small enough for CPU tests (QKV bias, untied embeddings), in eval mode.
+
+    ``head_scale`` > 1 sharpens the random output head: near-uniform logits would leave greedy choices
+    to float noise (padded vs unpadded runs differ in the last bits) and sampled log-probs bunched."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -32,8 +34,16 @@ def build_tiny_qwen2(tokenizer, out_dir, seed: int = 0, **overrides):
     )
     settings.update(overrides)
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(Qwen2Config(**settings))
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model = Qwen2ForCausalLM(Qwen2Config(**settings)).eval()
+    if head_scale != 1.0:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+def build_tiny_qwen2(tokenizer, out_dir, seed: int = 0, **overrides):
+    """``tiny_qwen2`` saved with the real Qwen tokenizer, so recipes can load it by path."""
+    tiny_qwen2(tokenizer, seed, **overrides).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

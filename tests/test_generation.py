@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from conftest import tiny_qwen2
 
 import chatml
 from align.generation import generate, generate_ids, stop_token_ids, verifier_accuracy
@@ -18,23 +18,8 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny(tok):
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
-    # Random init puts tiny logits everywhere; scale the head so greedy choices are clear-cut, not
-    # decided by float noise between a padded and an unpadded run.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(50.0)
-    return model
+    # Special-token ids left out of the config: generation must stop on the ids it is given.
+    return tiny_qwen2(tok, head_scale=50.0, max_position_embeddings=256, eos_token_id=None, pad_token_id=None)
 
 
 PROMPTS = [

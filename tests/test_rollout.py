@@ -6,9 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_qwen2
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import TopPLogitsWarper
 
 import chatml
@@ -32,23 +33,8 @@ ENGINES = [HFRolloutEngine, ManualRolloutEngine, StaticRolloutEngine]
 
 
 def _tiny(tok, head_scale: float) -> Qwen2ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-    )
-    model = Qwen2ForCausalLM(cfg).eval()
-    # Random init gives near-uniform logits; a larger head makes greedy choices clear-cut (not decided by
-    # float noise between padded and unpadded runs) and sampled log-probs spread out.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    return model
+    # No special-token ids in the config: the engines must stop on the ids they are given.
+    return tiny_qwen2(tok, head_scale=head_scale, eos_token_id=None, pad_token_id=None)
 
 
 @pytest.fixture(scope="module")
