@@ -39,7 +39,7 @@ from align.config import (
     _parse_override,
     build_config,
 )
-from align.train.runtime import RunSetupError
+from align.train.process import RunSetupError
 
 STAGES = ("sft", "rm", "ppo", "dpo")
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
