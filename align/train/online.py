@@ -43,7 +43,8 @@ from align.rl_math import (
     masked_mean,
     variance_order,
 )
-from align.rollout import RolloutBatch, engine_class
+from align.rollout import RolloutBatch
+from align.rollout_engines import engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows

@@ -46,7 +46,8 @@ from align.rl_math import (
     masked_mean,
     masked_whiten,
 )
-from align.rollout import RolloutBatch, engine_class, position_ids_from_mask
+from align.rollout import RolloutBatch, position_ids_from_mask
+from align.rollout_engines import engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
