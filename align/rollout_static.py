@@ -41,13 +41,8 @@ from typing import Any
 
 import torch
 
-from align.rollout import (
-    _BatchedEngine,
-    _device_of,
-    counter_token_keys,
-    counter_uniforms,
-    sample_tokens,
-)
+from align.rollout import _BatchedEngine, _device_of
+from align.sampling import counter_token_keys, counter_uniforms, sample_tokens
 
 
 class SlotKVCache:

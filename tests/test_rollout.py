@@ -15,19 +15,16 @@ from transformers.generation.logits_process import TopPLogitsWarper
 import chatml
 from align.rollout import (
     HFRolloutEngine,
-    ManualRolloutEngine,
     RolloutBatch,
     RolloutEngine,
-    counter_token_keys,
-    counter_uniforms,
-    engine_class,
     position_ids_from_mask,
-    sample_tokens,
     stop_token_ids,
     teacher_forced_logprobs,
-    top_p_filter,
 )
+from align.rollout_engines import engine_class
+from align.rollout_manual import ManualRolloutEngine
 from align.rollout_static import StaticRolloutEngine
+from align.sampling import counter_token_keys, counter_uniforms, sample_tokens, top_p_filter
 
 ENGINES = [HFRolloutEngine, ManualRolloutEngine, StaticRolloutEngine]
 
