@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import chatml
+from align.config import PPOConfig, SFTConfig
 from align.data import (
     DataError,
     load_preference,
@@ -27,7 +28,7 @@ GLAIVE = SHARED / "llama-factory" / "glaive_toolcall_en_demo.json"
 needs_glaive = pytest.mark.skipif(not GLAIVE.is_file(), reason="../shared/data is not present")
 M = -100
 TOOL_CALL, END_TOOL_CALL, IM_END_ID = 151657, 151658, 151645  # <tool_call>, </tool_call>, <|im_end|>
-DEFAULT = "template"  # the template's own system prompt, as apply_chat_template serves it
+DEFAULT = SFTConfig().default_system  # what a default config renders: the template's own system prompt
 
 
 @pytest.fixture(scope="module")
@@ -186,6 +187,37 @@ def test_qwen2_template_without_tools_matches_and_with_tools_is_refused():
     ]
     with pytest.raises(chatml.TemplateError, match="does not render tool definitions"):
         chatml.encode_conversation(next(c for c in convs if c.tools), qwen2)
+
+
+def test_default_system_is_the_templates_own(qwen25):
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert DEFAULT == "template" and PPOConfig().default_system == "template"
+    qwen2 = chatml.qwen_tokenizer(template="qwen2")
+    smollm2 = chatml.qwen_tokenizer(template="qwen2")  # same ChatML tokens; SmolLM2's published template
+    from align.assets import SMOLLM2_CHAT_TEMPLATE, SMOLLM2_DEFAULT_SYSTEM
+
+    smollm2.chat_template = SMOLLM2_CHAT_TEMPLATE
+    for tok, system in (
+        (qwen25, chatml.QWEN2_5_DEFAULT_SYSTEM),
+        (qwen2, chatml.QWEN2_DEFAULT_SYSTEM),
+        (smollm2, SMOLLM2_DEFAULT_SYSTEM),
+    ):
+        assert chatml.template_default_system(tok) == system
+        (ex,) = tokenize_sft([messages], tok, max_length=None, default_system=DEFAULT)
+        assert ex["input_ids"] == tok.apply_chat_template(messages)["input_ids"]
+        assert tok.decode(ex["input_ids"]).startswith(
+            f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user"
+        )
+        assert (
+            chatml.encode_prompt(messages[:1], tok, default_system=DEFAULT)
+            == tok.apply_chat_template(messages[:1], add_generation_prompt=True)["input_ids"]
+        )
+        for none in (None, "none"):  # opting out: no system turn at all
+            (ex,) = tokenize_sft([messages], tok, max_length=None, default_system=none)
+            assert tok.decode(ex["input_ids"]).startswith("<|im_start|>user\nHi<|im_end|>")
+    # the ids of the worked example of DESIGN.md, with the Qwen2 default system prompt
+    (ex,) = tokenize_sft([messages], qwen2, max_length=None, default_system=DEFAULT)
+    assert ex["input_ids"][:11] == [151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 151645, 198]
 
 
 BAD = [
