@@ -68,10 +68,27 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_qwen_dir, sft_data, tmp_path)
     weights = {}
     for micro in (8, 1):
         out = tmp_path / f"micro{micro}"
-        run_sft(_cfg(tiny_qwen_dir, sft_data, out, micro_batch_size=micro, max_steps=2, dropout=None))
-        weights[micro] = (load_file(out / "final" / "model.safetensors"), _losses(out))
-    (w8, l8), (w1, l1) = weights[8], weights[1]
+        # adam_epsilon 1e-4: with the default 1e-8, Adam turns a ~0 gradient entry into a +-lr step whose sign
+        # is summation-order noise (seen: one entry of 2048 off by 2e-5); a larger epsilon keeps the update
+        # continuous in the gradient, so the comparison below tests accumulation, not rounding.
+        run_sft(
+            _cfg(
+                tiny_qwen_dir,
+                sft_data,
+                out,
+                micro_batch_size=micro,
+                max_steps=2,
+                dropout=None,
+                adam_epsilon=1e-4,
+            )
+        )
+        norms = [r["grad_norm"] for r in read_metrics(out)]
+        weights[micro] = (load_file(out / "final" / "model.safetensors"), _losses(out), norms)
+    (w8, l8, g8), (w1, l1, g1) = weights[8], weights[1]
     assert l8 == pytest.approx(l1, abs=1e-5)
+    # Adam is blind to a constant factor on the gradient, so the gradient norm is what catches a
+    # mis-scaled accumulation (a sum of micro-batch means, say).
+    assert g8 == pytest.approx(g1, rel=1e-5)
     for name in w8:
         torch.testing.assert_close(w8[name], w1[name], atol=2e-6, rtol=1e-5)
     assert not torch.equal(
