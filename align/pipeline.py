@@ -29,16 +29,8 @@ from typing import Any
 
 from accelerate import PartialState
 
-from align.config import (
-    ConfigError,
-    DPOConfig,
-    PipelineConfig,
-    PPOConfig,
-    RMConfig,
-    SFTConfig,
-    _parse_override,
-    build_config,
-)
+from align.config import DPOConfig, PipelineConfig, PPOConfig, RMConfig, SFTConfig
+from align.config_loader import ConfigError, _parse_override, build_config
 from align.pipeline_layout import STAGES, final_model, is_complete, stage_dir
 from align.pipeline_report import write_report
 from align.train.process import RunSetupError

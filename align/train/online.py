@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 import chatml
 from align.assets import resolve_model, start_model
-from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig, config_to_dict
+from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig
+from align.config_loader import config_to_dict
 from align.data import DataError
 from align.losses import dpo_loss, ppo_policy_loss
 from align.models import load_causal_lm, save_final_model

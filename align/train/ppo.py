@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM
 
 import chatml
 from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
-from align.config import PPOConfig, config_to_dict
+from align.config import PPOConfig
+from align.config_loader import config_to_dict
 from align.data import DataError, iter_jsonl_values
 from align.fused_logprobs import lm_logprobs
 from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss_from_logprobs
