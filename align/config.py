@@ -42,7 +42,6 @@ class ModelKeys:
         "sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
-    dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
     trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
     use_lora: bool = doc(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = doc(16, "LoRA rank.")
@@ -125,6 +124,13 @@ class TrainConfig(RunKeys, CheckpointKeys, OptimKeys, BatchKeys, DataKeys, Model
 
 
 @dataclasses.dataclass
+class DropoutKeys:
+    """Dropout in the trained model; the RL stages have none (their log-prob ratios need it off)."""
+
+    dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
+
+
+@dataclasses.dataclass
 class RecordFileKeys:
     """Reading records (conversations, preference pairs) from files: the stages trained on them."""
 
@@ -164,7 +170,7 @@ class RolloutKeys:
 
 
 @dataclasses.dataclass
-class SFTConfig(GoldEvalKeys, RecordFileKeys, TrainConfig):
+class SFTConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     """Supervised fine-tuning on ChatML conversations. Defaults = the embedded default job."""
 
     output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
@@ -199,7 +205,7 @@ class SFTConfig(GoldEvalKeys, RecordFileKeys, TrainConfig):
 
 
 @dataclasses.dataclass
-class RMConfig(RecordFileKeys, TrainConfig):
+class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
     """Reward model training: preference-model pre-training (PMP) on large, noisier comparisons, then RM
     fine-tuning on fewer, better ones; the reward is read at the end token. Defaults = the embedded
     default job (both stages on generated comparisons)."""
@@ -354,7 +360,7 @@ class PPOConfig(RolloutKeys, TrainConfig):
 
 
 @dataclasses.dataclass
-class DPOConfig(GoldEvalKeys, RecordFileKeys, TrainConfig):
+class DPOConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     """Offline DPO on preference pairs (Qwen2/2.5): chosen and rejected in one padding-free forward pass,
     reference log-probs computed once and cached on disk. Defaults = the embedded default job."""
 

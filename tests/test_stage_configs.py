@@ -60,10 +60,10 @@ def test_the_shipped_configs_cover_every_directory():
     assert all(any(CONFIGS.joinpath(d).glob("*.yaml")) for d in directories)
 
 
-@pytest.mark.parametrize("key", ["skip_bad", "dataset_format"])
+@pytest.mark.parametrize("key", ["skip_bad", "dataset_format", "dropout"])
 @pytest.mark.parametrize("cls", [PPOConfig, OnlineDPOConfig, GRPOConfig], ids=lambda c: c.__name__)
 def test_a_key_the_rl_loops_do_not_read_is_refused_by_name(tmp_path, cls, key):
-    """The RL loops read prompts: no record formats, nothing to skip."""
+    """The RL loops read prompts (no record formats, nothing to skip) and train with dropout off."""
     path = tmp_path / "c.yaml"
     path.write_text(f"{key}: {'true' if key == 'skip_bad' else '0.1'}\n")
     with pytest.raises(ConfigError, match=f"unknown key '{key}' for {cls.__name__}"):
@@ -85,8 +85,8 @@ def test_ppo_with_skip_bad_is_refused_naming_the_key(tmp_path):
 
 def test_record_file_keys_stay_where_records_are_read():
     for cls in (SFTConfig, RMConfig, DPOConfig):
-        cfg = load_config(cls, None, ["skip_bad=true", "dataset_format=hh"])
-        assert (cfg.skip_bad, cfg.dataset_format) == (True, "hh")
+        cfg = load_config(cls, None, ["skip_bad=true", "dataset_format=hh", "dropout=0.1"])
+        assert (cfg.skip_bad, cfg.dataset_format, cfg.dropout) == (True, "hh", 0.1)
 
 
 def test_every_stage_says_what_its_batch_counts():
