@@ -4,6 +4,8 @@ with its name, and each stage's `--help` gives `batch_size` one unit."""
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,8 +22,16 @@ from align.config import (
     SFTConfig,
     TrainConfig,
 )
-from align.config_loader import ConfigError, load_config, parse_cli
-from align.pipeline import stage_configs
+from align.config_loader import ConfigError, build_config, load_config, parse_cli
+from align.pipeline import (
+    UPSTREAM,
+    PipelineError,
+    plan_pipeline,
+    signature,
+    signature_hash,
+    stage_configs,
+)
+from align.pipeline_layout import final_model, stage_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 # The one thing `batch_size` counts in each stage.
@@ -112,3 +122,40 @@ def test_help_gives_batch_size_one_unit(cls, capsys):
     unit = BATCH_UNIT[cls]
     assert f"in {unit}" in lines[0], lines[0]
     assert [u for u in UNITS if u in lines[0]] == [unit.split()[-1]], lines[0]
+
+
+def _completed_pipeline(root: Path, ppo_config_then: Callable[[dict], dict]) -> tuple[PipelineConfig, dict]:
+    """A pipeline output_dir whose sft, rm and ppo stages completed; ppo's record holds
+    `ppo_config_then(today's ppo config signature)`, as an earlier version of align recorded it."""
+    cfg = build_config(PipelineConfig, {"output_dir": str(root), "stages": ["ppo"]})
+    configs = stage_configs(cfg)
+    state: dict = {"stages": {}, "eval": {}}
+    hashes: dict[str, str] = {}
+    for stage in ("sft", "rm", "ppo"):
+        sig = signature(configs[stage], {up: hashes[up] for up in UPSTREAM[stage]})
+        if stage == "ppo":
+            sig = {**sig, "config": ppo_config_then(sig["config"])}
+        hashes[stage] = signature_hash(sig)
+        state["stages"][stage] = {"hash": hashes[stage], "signature": sig}
+        final_model(root, stage).mkdir(parents=True)
+        (stage_dir(root, stage) / "summary.json").write_text("{}")
+    return cfg, json.loads(json.dumps(state))  # as read back from pipeline_state.json
+
+
+def _with_removed_keys(config: dict) -> dict:
+    return {**config, "skip_bad": False, "dataset_format": None, "dropout": None}
+
+
+def test_a_completed_ppo_stage_from_before_the_key_removal_is_still_current(tmp_path):
+    """pipeline_state.json written when PPOConfig still had skip_bad, dataset_format and dropout: the
+    stage is skipped as complete, not refused as changed (the keys never reached the PPO loop)."""
+    cfg, state = _completed_pipeline(tmp_path / "run", _with_removed_keys)
+    [ppo] = plan_pipeline(cfg, stage_configs(cfg), state)
+    assert (ppo.stage, ppo.action) == ("ppo", "skip")
+
+    def kl_changed(config: dict) -> dict:  # a key PPO reads: still a change
+        return {**_with_removed_keys(config), "kl_coef": config["kl_coef"] * 2}
+
+    cfg, state = _completed_pipeline(tmp_path / "changed", kl_changed)
+    with pytest.raises(PipelineError, match="stage ppo: config changed since it ran \\(kl_coef"):
+        plan_pipeline(cfg, stage_configs(cfg), state)
