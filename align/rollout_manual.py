@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from align.hf_compat import cache_kwargs
 from align.rollout import _BatchedEngine, position_ids_from_mask
 from align.sampling import sample_tokens
 
@@ -47,7 +48,7 @@ class ManualRolloutEngine(_BatchedEngine):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -77,7 +78,7 @@ class ManualRolloutEngine(_BatchedEngine):
                 input_ids=tok[:, None],
                 attention_mask=attention_mask,
                 position_ids=next_pos,
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
             ).logits[:, -1]
             next_pos = next_pos + 1
