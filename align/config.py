@@ -23,7 +23,8 @@ def doc(default: Any, help: str) -> Any:
 # Parts: each is the keys one concern reads, under the same names in every stage that has it. A stage
 # config is composed of the parts its loop reads, so a key it would ignore is an unknown key (an error).
 # Dataclass fields come in reverse base order: a class lists its parts last-printed-first, so `--help`
-# shows model, data, batch, optimisation, checkpointing and run keys in that order, then the stage's own.
+# shows model, data, batch, optimisation, checkpointing and run keys in that order, then the parts the
+# stage adds (dropout, record files, gold eval, RL sampling) and its own keys.
 # --------------------------------------------------------------------------------------------------------
 
 
