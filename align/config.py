@@ -178,7 +178,11 @@ class SFTConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     train_on: Literal["all_assistant", "last_assistant"] = doc(
         "all_assistant", "Which assistant turns carry loss: all of them, or only the last."
     )
-    default_system: str | None = doc(None, "System prompt inserted when a conversation has none.")
+    default_system: str | None = doc(
+        "template",
+        "System prompt inserted when a conversation has none: 'template' = the chat template's own default "
+        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+    )
     add_chatml_tokens: bool = doc(
         False, "Add <|im_start|>/<|im_end|> to a tokenizer that lacks them and resize the embeddings."
     )
@@ -245,7 +249,11 @@ class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
         0.0, "Without eval_dataset: hold out this fraction of the training pairs (seeded) for evaluation."
     )
     output_dir: str = doc("outputs/rm", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
-    default_system: str | None = doc(None, "System prompt inserted when a conversation has none.")
+    default_system: str | None = doc(
+        "template",
+        "System prompt inserted when a conversation has none: 'template' = the chat template's own default "
+        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+    )
     end_token: str = doc(
         "<|im_end|>",
         "The token whose hidden state is scored: the <|im_end|> closing the last assistant turn, or "
@@ -316,7 +324,11 @@ class PPOConfig(RolloutKeys, TrainConfig):
     train_missing_stages: bool = doc(
         True, "With the embedded defaults: train the SFT and RM defaults first when their outputs are absent."
     )
-    default_system: str | None = doc(None, "System prompt inserted when a prompt has none.")
+    default_system: str | None = doc(
+        "template",
+        "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
+        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+    )
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     max_steps: int = doc(8, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
     batch_size: int = doc(
@@ -385,7 +397,11 @@ class DPOConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     output_dir: str = doc(
         "outputs/dpo", "Where checkpoints, metrics.jsonl, the reference cache and final/ go."
     )
-    default_system: str | None = doc(None, "System prompt inserted when a conversation has none.")
+    default_system: str | None = doc(
+        "template",
+        "System prompt inserted when a conversation has none: 'template' = the chat template's own default "
+        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+    )
     beta: float = doc(0.1, "DPO inverse temperature (Qwen2.5: 0.1).")
     loss_type: Literal["sigmoid", "robust", "hinge", "ipo"] = doc(
         "sigmoid",
@@ -446,7 +462,11 @@ class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
         "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",
     )
     embedded_prompts: int = doc(24, "With dataset=embedded: how many generated training prompts.")
-    default_system: str | None = doc(None, "System prompt inserted when a prompt has none.")
+    default_system: str | None = doc(
+        "template",
+        "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
+        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+    )
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     missing_eos_penalty: float | None = doc(
         None, "Score given to a response that never emitted <|im_end|> (None: score it as it is)."

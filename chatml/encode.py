@@ -1,9 +1,11 @@
 """ChatML rendering and tokenisation with SFT loss masks.
 
-A conversation renders as ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn, exactly as the Qwen2
-chat template does. Labels (``-100`` = no loss):
+A conversation renders through the tokenizer's own chat template (`chatml.render`; plain ChatML
+``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per turn when it has none), with the tool definitions of
+the conversation, so the ids equal ``apply_chat_template(messages, tools=...)``. Labels (``-100`` = no loss):
 
-* system, user and tool turns: masked;
+* system, user and tool turns (Qwen2.5: ``<tool_response>`` blocks inside user turns): masked;
+* assistant tool calls (Qwen2.5: the ``<tool_call>`` blocks) are part of the assistant turn: trained;
 * assistant turns: the header ``<|im_start|>assistant\\n`` is masked; the content and the closing
   ``<|im_end|>`` are trained (so the model learns to stop); the ``\\n`` after ``<|im_end|>`` is masked.
 
@@ -25,11 +27,29 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
+from chatml.render import IM_END, IM_START, render_with_spans
+
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 TRAIN_ON = ("all_assistant", "last_assistant")
+
+
+class Conversation(list):
+    """A list of messages that also carries the tool definitions offered in it (``tools``: OpenAI-style
+    ``{"type": "function", "function": {...}}`` dicts, or None). Being a list, it works wherever a plain
+    message list does; `encode_conversation` and `encode_prompt` render its ``tools``."""
+
+    def __init__(self, messages: Sequence[Mapping[str, Any]] = (), tools: Sequence[Mapping] | None = None):
+        super().__init__(messages)
+        self.tools = list(tools) if tools else None
+
+    def __reduce__(self):  # keep ``tools`` through pickling (multiprocessing, data loaders)
+        return (Conversation, (list(self), self.tools))
+
+
+def tools_of(messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping] | None = None) -> list | None:
+    """The tools to render: ``tools`` when given, else those the conversation carries."""
+    return list(tools) if tools else getattr(messages, "tools", None)
 
 
 def _validate(messages: Sequence[Mapping[str, Any]]) -> None:
@@ -50,41 +70,27 @@ def _validate(messages: Sequence[Mapping[str, Any]]) -> None:
             raise TypeError(f"message {i} content must be a str, got {type(message['content']).__name__}")
 
 
-def _render(
-    messages: Sequence[Mapping[str, Any]], default_system: str | None, add_generation_prompt: bool
-) -> tuple[str, list[tuple[int, int]]]:
-    """The ChatML text and, per assistant turn, the character span [content start, end of its <|im_end|>)."""
-    _validate(messages)
-    turns: list[tuple[str, str]] = [(m["role"], m["content"]) for m in messages]
-    if default_system is not None and turns[0][0] != "system":
-        turns.insert(0, ("system", default_system))
-    parts: list[str] = []
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for role, content in turns:
-        header = f"{IM_START}{role}\n"
-        piece = f"{header}{content}{IM_END}\n"
-        if role == "assistant":
-            start = pos + len(header)
-            spans.append((start, start + len(content) + len(IM_END)))
-        parts.append(piece)
-        pos += len(piece)
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts), spans
-
-
 def render_conversation(
     messages: Sequence[Mapping[str, Any]],
     default_system: str | None = None,
     add_generation_prompt: bool = False,
+    tokenizer: Any = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
-    """Render messages as ChatML text; with ``add_generation_prompt`` end with ``<|im_start|>assistant\\n``.
+    """Render messages as the tokenizer's chat template does (plain ChatML without a tokenizer or
+    template); with ``add_generation_prompt`` end with ``<|im_start|>assistant\\n``.
 
     ``default_system`` is prepended as a system turn when the first message is not one (as the Qwen2
-    template does with "You are a helpful assistant.").
+    template does with "You are a helpful assistant."); ``"template"`` keeps the template's own default.
     """
-    return _render(messages, default_system, add_generation_prompt)[0]
+    _validate(messages)
+    return render_with_spans(
+        messages,
+        tokenizer,
+        tools=tools_of(messages, tools),
+        default_system=default_system,
+        add_generation_prompt=add_generation_prompt,
+    )[0]
 
 
 def _single_token_id(tokenizer: Any, token: str) -> int | None:
@@ -134,11 +140,15 @@ def add_chatml_tokens(tokenizer: Any, model: Any | None = None) -> int:
     return added
 
 
-def _encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _require_fast(tokenizer: Any) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             "encode_conversation needs a fast tokenizer (character offsets); load it with use_fast=True"
         )
+
+
+def _encode_text(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    _require_fast(tokenizer)
     # Same call as apply_chat_template: special tokens in the text are parsed as added tokens, nothing added.
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
@@ -150,6 +160,7 @@ def encode_conversation(
     max_length: int | None = None,
     train_on: str = "all_assistant",
     default_system: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Tokenise a conversation as ChatML with SFT labels.
 
@@ -157,14 +168,20 @@ def encode_conversation(
     ``labels`` is ``-100`` where no loss is taken (see the module docstring for the rule). ``train_on`` is
     ``"all_assistant"`` or ``"last_assistant"`` (only the final assistant turn is trained). ``max_length``
     truncates ids and labels together from the right. With the Qwen2 template and
-    ``default_system="You are a helpful assistant."`` the ids equal ``tokenizer.apply_chat_template(messages)``.
+    ``default_system="You are a helpful assistant."`` (or ``"template"``) the ids equal
+    ``tokenizer.apply_chat_template(messages)``. ``tools`` (default: the conversation's own, see
+    `Conversation`) are rendered as the template renders them.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     im_start_id, _ = chatml_token_ids(tokenizer)
-    text, spans = _render(messages, default_system, add_generation_prompt=False)
+    _require_fast(tokenizer)
+    _validate(messages)
+    text, spans = render_with_spans(
+        messages, tokenizer, tools=tools_of(messages, tools), default_system=default_system
+    )
     if train_on == "last_assistant":
         spans = spans[-1:]
     ids, offsets = _encode_text(tokenizer, text)
@@ -191,14 +208,25 @@ def encode_conversation(
 
 
 def encode_prompt(
-    messages: Sequence[Mapping[str, Any]], tokenizer: Any, default_system: str | None = None
+    messages: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    default_system: str | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """Token ids of the generation prompt: the conversation followed by ``<|im_start|>assistant\\n``.
 
-    Equals ``apply_chat_template(messages, add_generation_prompt=True)`` for the Qwen2 template with its
-    default system prompt.
+    Equals ``apply_chat_template(messages, tools=tools, add_generation_prompt=True)`` (with the template's
+    default system prompt when ``default_system`` is ``"template"``, or is that prompt). ``tools`` default
+    to the conversation's own (see `Conversation`).
     """
     chatml_token_ids(tokenizer)
-    return _encode_text(tokenizer, render_conversation(messages, default_system, add_generation_prompt=True))[
-        0
-    ]
+    _require_fast(tokenizer)
+    _validate(messages)
+    text, _ = render_with_spans(
+        messages,
+        tokenizer,
+        tools=tools_of(messages, tools),
+        default_system=default_system,
+        add_generation_prompt=True,
+    )
+    return _encode_text(tokenizer, text)[0]

@@ -57,16 +57,26 @@ def A(c):
     return {"role": "assistant", "content": c}
 
 
+CALL = {
+    "role": "assistant",
+    "content": None,
+    "tool_calls": [{"function": {"name": "f", "arguments": '{"x": 1}'}}],
+}
+CALL_NORMALISED = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"x": 1}}}],
+}
+
+
 # ------------------------------------------------------------------------------------------------
 # formats: exact normalised output
 
 
 def test_openai_format(tmp_path):
     rec = {
-        "messages": msgs(
-            ("system", "S"), ("user", "Q"), ("assistant", "call"), ("tool", "R"), ("assistant", "A")
-        ),
-        "tools": [{"name": "f"}],  # ignored
+        "messages": msgs(("system", "S"), ("user", "Q"), ("assistant", "A")),
+        "tools": [{"name": "f"}],  # carried with the conversation, in the OpenAI form templates read
     }
     parts = {
         "messages": [
@@ -76,6 +86,7 @@ def test_openai_format(tmp_path):
     }
     convs, report = load_sft(write_jsonl(tmp_path / "d.jsonl", [rec, parts]))
     assert convs == [rec["messages"], [U("ab"), A("x")]]
+    assert convs[0].tools == [{"type": "function", "function": {"name": "f"}}] and convs[1].tools is None
     assert report.formats == {"openai": 2}
 
 
@@ -84,13 +95,16 @@ def test_sharegpt_format_with_tools_and_system(tmp_path):
         "system": "Be brief.",
         "conversations": [
             {"from": "human", "value": "Weather?"},
-            {"from": "function_call", "value": '{"name": "weather"}'},
+            {
+                "from": "function_call",
+                "value": '{"name": "weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}',
+            },
             {"from": "observation", "value": "sunny"},
             {"from": "gpt", "value": "Sunny."},
             {"from": "user", "value": "Thanks"},
             {"from": "assistant", "value": "Welcome"},
         ],
-        "tools": "[]",
+        "tools": '[{"name": "weather", "parameters": {}}]',
     }
     inline_system = {
         "conversations": [
@@ -102,15 +116,18 @@ def test_sharegpt_format_with_tools_and_system(tmp_path):
     convs, report = load_sft(
         write_jsonl(tmp_path / "d.jsonl", [rec, inline_system, {**inline_system, "system": ""}])
     )
-    assert convs[0] == msgs(
-        ("system", "Be brief."),
-        ("user", "Weather?"),
-        ("assistant", '{"name": "weather"}'),
-        ("tool", "sunny"),
-        ("assistant", "Sunny."),
-        ("user", "Thanks"),
-        ("assistant", "Welcome"),
-    )
+    call = {"type": "function", "function": {"name": "weather", "arguments": {"city": "Oslo"}}}
+    assert convs[0] == [
+        *msgs(("system", "Be brief."), ("user", "Weather?")),
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        *msgs(
+            ("tool", "sunny"),
+            ("assistant", "Sunny."),
+            ("user", "Thanks"),
+            ("assistant", "Welcome"),
+        ),
+    ]
+    assert convs[0].tools == [{"type": "function", "function": {"name": "weather", "parameters": {}}}]
     assert convs[1] == convs[2] == msgs(("system", "S"), ("user", "hi"), ("assistant", "yo"))
     assert report.formats == {"sharegpt": 3}
 
@@ -180,10 +197,13 @@ def test_auto_detection_per_record_and_format_override(tmp_path):
 def test_trailing_unanswered_turns_are_removed_and_noted(tmp_path):
     recs = [
         {"messages": [U("a"), A("b"), U("unanswered")]},
-        {"messages": [U("a"), A("call"), {"role": "tool", "content": "result"}]},
+        {
+            "messages": [U("a"), {**CALL, "content": "call"}, {"role": "tool", "content": "result"}],
+            "tools": [{"name": "f"}],
+        },
     ]
     convs, report = load_sft(write_jsonl(tmp_path / "d.jsonl", recs))
-    assert convs == [[U("a"), A("b")], [U("a"), A("call")]]
+    assert convs == [[U("a"), A("b")], [U("a"), {**CALL_NORMALISED, "content": "call"}]]
     assert report.notes == {data_mod.TRAILING_NOTE: 2}
     assert f"{data_mod.TRAILING_NOTE}: 2" in report.summary()
 
@@ -228,8 +248,32 @@ BAD_LINES = [
         "messages[1]: a tool turn must follow an assistant turn",
     ),
     (
-        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}, {"role": "tool", "content": "r"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "d"}]}',
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]}, {"role": "tool", "content": "r"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "d"}], "tools": [{"name": "f"}]}',
         "messages[3]: a user turn follows a tool turn (the assistant must answer it)",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "c"}, {"role": "tool", "content": "r"}, {"role": "assistant", "content": "d"}]}',
+        "messages[2]: a tool result with no preceding call (the assistant turn before it calls no function)",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{\\"x\\": 1"}}]}], "tools": [{"name": "f"}]}',
+        "'messages[1].tool_calls[0].function.arguments': the call's arguments is not valid JSON: Expecting ',' delimiter (column 8)",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "g", "arguments": {}}}]}], "tools": [{"name": "f"}]}',
+        "messages[1]: call to 'g', a function not in 'tools' ('tools' has 'f')",
+    ),
+    (
+        '{"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "{\\"name\\": \\"f\\""}], "tools": "[{\\"name\\": \\"f\\"}]"}',
+        "'conversations[1].value': the function call is not valid JSON: Expecting ',' delimiter (column 13)",
+    ),
+    (
+        '{"conversations": [{"from": "human", "value": "a"}, {"from": "function_call", "value": "{\\"name\\": \\"f\\"}"}]}',
+        "conversations[1]: call to 'f', a function not in 'tools' (the record has no 'tools')",
+    ),
+    (
+        '{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "tools": "[{name: 1}]"}',
+        "'tools': the tool list is not valid JSON: Expecting property name enclosed in double quotes (column 3)",
     ),
     (
         '{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}]}',
@@ -721,7 +765,20 @@ def test_real_tool_calls_and_hh_content():
         "user",
         "assistant",
     ]
-    assert convs[0][3]["content"].startswith('{"name": "search_recipes"')
+    assert convs[0][3] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {
+                    "name": "search_recipes",
+                    "arguments": {"ingredients": ["chicken", "bell peppers", "rice"]},
+                },
+            }
+        ],
+    }
+    assert [t["function"]["name"] for t in convs[0].tools] == ["search_recipes"]
     convs, _ = load_sft(SHARED_DATA / "hh-rlhf/harmless-base-pairs.jsonl.gz", skip_bad=True)
     assert convs[0][:2] == [
         U("what are some pranks with a pen i can do?"),
@@ -732,7 +789,7 @@ def test_real_tool_calls_and_hh_content():
 @needs_shared_data
 def test_real_data_truncation_with_qwen():
     chatml = pytest.importorskip("chatml")
-    tok = chatml.qwen_tokenizer()
+    tok = chatml.qwen_tokenizer(template="qwen2.5")  # Qwen2's template renders no tool calls
     convs, report = load_sft(SHARED_DATA / "llama-factory/glaive_toolcall_en_demo.json")
     full = [len(chatml.encode_conversation(c, tok)["input_ids"]) for c in convs]
     examples = tokenize_sft(convs, tok, max_length=256, report=report)
@@ -791,9 +848,18 @@ def test_cli_exit_codes_and_output(tmp_path):
 def test_cli_token_statistics_with_qwen(tmp_path):
     pytest.importorskip("chatml")
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD, {"messages": [U("Tell me"), A("more " * 100)]}])
-    proc = run_cli(path, "--tokenizer", "qwen", "--max-length", "64", "--train-on", "last_assistant")
+    args = (path, "--tokenizer", "qwen", "--max-length", "64", "--train-on", "last_assistant")
+    # By default conversations get the template's own system prompt, as apply_chat_template serves them:
+    # the Qwen2 template's "You are a helpful assistant." turn is 11 tokens.
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr
     assert "truncated to 64 tokens: 1" in proc.stdout
+    assert (
+        "tokens per example: min 23, mean 43.5, p50 23, p95 64, max 64; total 87, trainable 45 (51.7%)"
+        in proc.stdout
+    )
+    proc = run_cli(*args, "--default-system", "none")
+    assert proc.returncode == 0, proc.stderr
     assert (
         "tokens per example: min 12, mean 38.0, p50 12, p95 64, max 64; total 76, trainable 56 (73.7%)"
         in proc.stdout

@@ -13,8 +13,10 @@ every kind shares the same reading, error-reporting and accounting machinery via
     python -m align.data validate pairs.jsonl --kind preference
 
 Modules: `records` (errors, report, format registry, field checks), `conversations` (SFT formats),
-`preference` (pair formats), `sources` (file and data-set readers), `loading` (detect, parse,
-account), `tokenize` (ChatML ids and loss masks), `cli` (``python -m align.data``).
+`preference` (pair formats), `tools` (tool definitions and calls), `prompts` (PPO/online
+prompt files), `sources` (file and data-set readers), `loading` (detect, parse,
+account), `tokenize` (ids and loss masks through the chat template), `cli` (``python -m align.data
+validate`` and ``show``).
 """
 
 from align.data.cli import main
@@ -28,6 +30,7 @@ from align.data.preference import (
     OASST_TIE_NOTE,
     make_pair,
 )
+from align.data.prompts import load_prompt_file
 from align.data.records import (
     _FORMATS,
     ROLES,
@@ -81,6 +84,7 @@ __all__ = [
     "formats",
     "iter_jsonl_values",
     "load_preference",
+    "load_prompt_file",
     "load_records",
     "load_sft",
     "main",

@@ -124,8 +124,9 @@ def load_sft(
     format: str | None = None,
     max_errors_shown: int = 20,
 ) -> tuple[list[list[dict]], DataReport]:
-    """Load SFT conversations: each a list of ``{"role", "content"}`` turns, checked (see
-    `check_conversation`). Formats: openai, sharegpt, alpaca, hh (auto-detected per record unless
+    """Load SFT conversations: each a `chatml.Conversation` (a list of ``{"role", "content"}`` turns,
+    ``tool_calls`` on a calling assistant turn, and ``.tools``), checked (see `check_conversation`).
+    Formats: openai, sharegpt, alpaca, hh (auto-detected per record unless
     ``format`` is given). See `load_records` for sources and error handling."""
     return load_records(
         source,

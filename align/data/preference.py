@@ -7,10 +7,9 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from align.data.conversations import SHAREGPT_ROLES, _hh_turns, _text_content, check_conversation
+from align.data.conversations import Turn, _hh_turns, _system_turns, check_conversation, message_turn
 from align.data.records import (
     _SURROGATE,
-    ROLES,
     Parsed,
     RecordError,
     RecordFormat,
@@ -19,6 +18,7 @@ from align.data.records import (
     _short,
     register_format,
 )
+from align.data.tools import parse_tools
 
 # --------------------------------------------------------------------------------------------------
 # Preference pairs: every format becomes {"prompt", "chosen", "rejected", "margin"}, where the prompt is
@@ -45,72 +45,58 @@ def _margin(rec: dict) -> float | None:
     return float(m)
 
 
-def _message_turn(m: Any, where: str) -> tuple[str, str, str]:
-    """One message as an OpenAI ``{role, content}`` or a ShareGPT ``{from, value}`` object."""
-    if not isinstance(m, dict):
-        raise RecordError(f"'{where}' must be an object, found {_json_type(m)}")
-    if "role" in m:
-        role = _get(m, "role", where, str)
-        if role not in ROLES:
-            raise RecordError(f"'{where}.role': unknown role {_short(role)} (expected {', '.join(ROLES)})")
-        return role, _text_content(_get(m, "content", where, (str, list)), where), where
-    if "from" in m:
-        who = _get(m, "from", where, str)
-        if who not in SHAREGPT_ROLES:
-            raise RecordError(
-                f"'{where}.from': unknown role {_short(who)} (expected {', '.join(SHAREGPT_ROLES)})"
-            )
-        return SHAREGPT_ROLES[who], _get(m, "value", where, str), where
-    raise RecordError(f"'{where}' has neither 'role'/'content' nor 'from'/'value'")
-
-
-def _turns(value: Any, where: str, text_role: str) -> list[tuple[str, str, str]]:
+def _turns(value: Any, where: str, text_role: str) -> list[Turn]:
     """A prompt or a response: a string (one turn of ``text_role``), a message object, or a list of them."""
     if isinstance(value, str):
         if _SURROGATE.search(value):
             raise RecordError(f"'{where}' contains a lone surrogate (invalid Unicode)")
-        return [(text_role, value, where)]
+        return [Turn(text_role, value, where)]
     if isinstance(value, dict):
-        return [_message_turn(value, where)]
+        return [message_turn(value, where)]
     if isinstance(value, list):
         if not value:
             raise RecordError(f"'{where}' is empty")
-        return [_message_turn(m, f"{where}[{i}]") for i, m in enumerate(value)]
+        return [message_turn(m, f"{where}[{i}]") for i, m in enumerate(value)]
     raise RecordError(f"'{where}' must be a string, an object or an array, found {_json_type(value)}")
 
 
-def _messages(turns: Sequence[tuple[str, str, str]]) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c, _ in turns]
+def _messages(turns: Sequence[Turn]) -> list[dict[str, Any]]:
+    return [t.message() for t in turns]
 
 
 def make_pair(
-    prompt: Sequence[tuple[str, str, str]],
-    chosen: Sequence[tuple[str, str, str]],
-    rejected: Sequence[tuple[str, str, str]],
+    prompt: Sequence[Turn],
+    chosen: Sequence[Turn],
+    rejected: Sequence[Turn],
     margin: float | None = None,
-) -> dict[str, Any]:
-    """Check one comparison and return it as ``{"prompt", "chosen", "rejected", "margin"}`` messages.
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Check one comparison and return it as ``{"prompt", "chosen", "rejected", "margin"}`` messages
+    (plus ``"tools"`` when the record defines tools; a reply may be a tool call).
 
-    ``prompt``, ``chosen`` and ``rejected`` hold (role, content, where) turns. Each response ends with
-    the assistant turn that is scored; prompt + response must be a valid conversation (the rules of
-    `check_conversation`), except that the scored reply may be empty (saying nothing can be the better
-    answer; such pairs are noted); the prompt has a user turn; chosen and rejected differ (beyond
-    surrounding whitespace). Returns the pair and its notes.
+    ``prompt``, ``chosen`` and ``rejected`` hold turns (`Turn`, or (role, content, where) tuples). Each
+    response ends with the assistant turn that is scored; prompt + response must be a valid conversation
+    (the rules of `check_conversation`, calls checked against ``tools``), except that the scored reply may
+    be empty (saying nothing can be the better answer; such pairs are noted); the prompt has a user turn;
+    chosen and rejected differ (beyond surrounding whitespace). Returns the pair and its notes.
     """
-    if not any(role == "user" for role, _, _ in prompt):
+    prompt, chosen, rejected = ([Turn(*t) for t in turns] for turns in (prompt, chosen, rejected))
+    if not any(t.role == "user" for t in prompt):
         raise RecordError("the prompt has no user turn")
     notes = []
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if not response:
             raise RecordError(f"'{name}' is empty")
-        role, content, where = response[-1]
-        if role != "assistant":
-            raise RecordError(f"'{where}': the {name} response must end with an assistant turn, found {role}")
-        if not content.strip():
+        last = response[-1]
+        if last.role != "assistant":
+            raise RecordError(
+                f"'{last.where}': the {name} response must end with an assistant turn, found {last.role}"
+            )
+        if not last.content.strip() and not last.calls:
             notes.append(EMPTY_RESPONSE_NOTE)
-            response = [*response[:-1], (role, "(empty)", where)]  # the checker refuses empty replies
-        check_conversation([*prompt, *response])
-    if [(r, c.strip()) for r, c, _ in chosen] == [(r, c.strip()) for r, c, _ in rejected]:
+            response = [*response[:-1], last._replace(content="(empty)")]  # the checker refuses empty replies
+        check_conversation([*prompt, *response], tools)
+    if [t.key() for t in chosen] == [t.key() for t in rejected]:
         raise RecordError(IDENTICAL_REASON)
     pair = {
         "prompt": _messages(prompt),
@@ -118,30 +104,32 @@ def make_pair(
         "rejected": _messages(rejected),
         "margin": margin,
     }
+    if tools:
+        pair["tools"] = tools
     return pair, tuple(dict.fromkeys(notes))
 
 
-def _one_pair(prompt: list, chosen: list, rejected: list, margin: float | None) -> Parsed:
-    pair, notes = make_pair(prompt, chosen, rejected, margin)
+def _one_pair(
+    prompt: list, chosen: list, rejected: list, margin: float | None, tools: list | None = None
+) -> Parsed:
+    pair, notes = make_pair(prompt, chosen, rejected, margin, tools)
     return Parsed([pair], notes)
 
 
-def _split_shared_prefix(
-    chosen: list[tuple[str, str, str]], rejected: list[tuple[str, str, str]], what: str
-) -> tuple[list, list, list]:
+def _split_shared_prefix(chosen: list[Turn], rejected: list[Turn], what: str) -> tuple[list, list, list]:
     """Full conversations that share a prefix and differ in the last assistant turn -> (prompt, c, r)."""
     for name, turns in (("chosen", chosen), ("rejected", rejected)):
-        if turns[-1][0] != "assistant":
-            raise RecordError(f"'{turns[-1][2]}': the {name} {what} must end with an assistant turn")
+        if turns[-1].role != "assistant":
+            raise RecordError(f"'{turns[-1].where}': the {name} {what} must end with an assistant turn")
     if len(chosen) != len(rejected):
         raise RecordError(
             f"the chosen and rejected {what}s have {len(chosen)} and {len(rejected)} turns; they must share "
             "every turn but the last assistant turn"
         )
     for k, (c, r) in enumerate(zip(chosen[:-1], rejected[:-1], strict=True)):
-        if (c[0], c[1].strip()) != (r[0], r[1].strip()):
+        if c.key() != r.key():
             raise RecordError(
-                f"the chosen and rejected {what}s differ at turn {k + 1} ({c[2]}), before the last assistant "
+                f"the chosen and rejected {what}s differ at turn {k + 1} ({c.where}), before the last assistant "
                 "turn; they must share every turn but the last"
             )
     return chosen[:-1], chosen[-1:], rejected[-1:]
@@ -153,12 +141,11 @@ def _parse_pref_explicit(rec: dict) -> Parsed:
         if key not in rec:
             raise RecordError(f"missing field '{key}'")
     prompt = _turns(rec["prompt"], "prompt", "user")
-    system = _get(rec, "system", "", str, required=False)
-    if system and prompt[0][0] != "system":
-        prompt.insert(0, ("system", system, "system"))
+    if prompt[0].role != "system":
+        prompt[:0] = _system_turns(rec)
     chosen = _turns(rec["chosen"], "chosen", "assistant")
     rejected = _turns(rec["rejected"], "rejected", "assistant")
-    return _one_pair(prompt, chosen, rejected, _margin(rec))
+    return _one_pair(prompt, chosen, rejected, _margin(rec), parse_tools(rec.get("tools")))
 
 
 def _parse_pref_full(rec: dict) -> Parsed:
@@ -177,10 +164,10 @@ def _parse_pref_full(rec: dict) -> Parsed:
             f"'chosen' and 'rejected' must both be HH transcripts (strings) or both message arrays, found "
             f"{_json_type(chosen)} and {_json_type(rejected)} (a separate prompt goes in 'prompt')"
         )
-    if [(x[0], x[1].strip()) for x in c] == [(x[0], x[1].strip()) for x in r]:
+    if [x.key() for x in c] == [x.key() for x in r]:
         raise RecordError(IDENTICAL_REASON)
     prompt, c_last, r_last = _split_shared_prefix(c, r, what)
-    return _one_pair(prompt, c_last, r_last, _margin(rec))
+    return _one_pair(prompt, c_last, r_last, _margin(rec), parse_tools(rec.get("tools")))
 
 
 def _parse_pref_sharegpt(rec: dict) -> Parsed:
@@ -188,17 +175,13 @@ def _parse_pref_sharegpt(rec: dict) -> Parsed:
     convs = _get(rec, "conversations", "", list)
     if not convs:
         raise RecordError("'conversations' is empty")
-    prompt = []
-    system = _get(rec, "system", "", str, required=False)
-    if system:
-        prompt.append(("system", system, "system"))
-    prompt += _turns(convs, "conversations", "user")
+    prompt = _system_turns(rec) + _turns(convs, "conversations", "user")
     for key in ("chosen", "rejected"):
         if key not in rec:
             raise RecordError(f"missing field '{key}'")
     chosen = _turns(rec["chosen"], "chosen", "assistant")
     rejected = _turns(rec["rejected"], "rejected", "assistant")
-    return _one_pair(prompt, chosen, rejected, _margin(rec))
+    return _one_pair(prompt, chosen, rejected, _margin(rec), parse_tools(rec.get("tools")))
 
 
 OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
@@ -212,13 +195,13 @@ def _parse_oasst(rec: dict) -> Parsed:
     pairs: list[dict[str, Any]] = []
     notes: set[str] = set()
     # (node, where, turns before it); iterative so a deep tree cannot exhaust the stack.
-    stack: list[tuple[dict, str, list[tuple[str, str, str]]]] = [(root, "prompt", [])]
+    stack: list[tuple[dict, str, list[Turn]]] = [(root, "prompt", [])]
     while stack:
         node, where, before = stack.pop()
         role = _get(node, "role", where, str)
         if role not in OASST_ROLES:
             raise RecordError(f"'{where}.role': unknown role {_short(role)} (expected prompter or assistant)")
-        turns = [*before, (OASST_ROLES[role], _get(node, "text", where, str), f"{where}.text")]
+        turns = [*before, Turn(OASST_ROLES[role], _get(node, "text", where, str), f"{where}.text")]
         replies = _get(node, "replies", where, list, required=False) or []
         ranked, children = [], []
         for i, reply in enumerate(replies):
@@ -246,8 +229,8 @@ def _parse_oasst(rec: dict) -> Parsed:
                 if text_a.strip() == text_b.strip():
                     notes.add(OASST_SAME_TEXT_NOTE)
                     continue
-                chosen = [("assistant", text_a, where_a)]
-                rejected = [("assistant", text_b, where_b)]
+                chosen = [Turn("assistant", text_a, where_a)]
+                rejected = [Turn("assistant", text_b, where_b)]
                 pair, pair_notes = make_pair(turns, chosen, rejected)
                 pairs.append(pair)
                 notes.update(pair_notes)

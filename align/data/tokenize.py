@@ -83,14 +83,15 @@ def encode_scored(
     *,
     end_token: str | None = None,
     default_system: str | None = None,
+    tools: Sequence[dict] | None = None,
 ) -> list[int]:
-    """Token ids of a conversation scored by a reward model: ChatML, ending with the ``<|im_end|>``
-    that closes the last turn (the template's newline after it is left out), followed by
-    ``end_token`` when that is another token (e.g. ``<|endoftext|>``)."""
+    """Token ids of a conversation scored by a reward model: the tokenizer's chat template (with
+    ``tools``), ending with the ``<|im_end|>`` that closes the last turn (the template's newline after it
+    is left out), followed by ``end_token`` when that is another token (e.g. ``<|endoftext|>``)."""
     import chatml
 
-    text = chatml.render_conversation(messages, default_system)
-    text = text[: -len("\n")]  # every ChatML turn ends "<|im_end|>\n"
+    text = chatml.render_conversation(messages, default_system, tokenizer=tokenizer, tools=tools)
+    text = text[: text.rindex(chatml.IM_END) + len(chatml.IM_END)]
     if end_token is not None and end_token != chatml.IM_END:
         text += end_token
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -135,7 +136,11 @@ def tokenize_preference(
         ex: dict[str, Any] = {"margin": pair.get("margin")}
         ids = {
             side: encode_scored(
-                [*pair["prompt"], *pair[side]], tokenizer, end_token=end_token, default_system=default_system
+                [*pair["prompt"], *pair[side]],
+                tokenizer,
+                end_token=end_token,
+                default_system=default_system,
+                tools=pair.get("tools"),
             )
             for side in ("chosen", "rejected")
         }

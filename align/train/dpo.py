@@ -98,6 +98,7 @@ def tokenize_dpo_pairs(
                 tokenizer,
                 train_on="last_assistant",
                 default_system=default_system,
+                tools=pair.get("tools"),  # a reply may be a tool call: render the pair's tool definitions
             )
             ex[side] = {"input_ids": enc["input_ids"], "labels": enc["labels"]}
         too_long = max_length is not None and max(len(ex[s]["input_ids"]) for s in ex) > max_length

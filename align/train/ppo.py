@@ -31,7 +31,7 @@ import chatml
 from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
 from align.config import PPOConfig
 from align.config_loader import config_to_dict
-from align.data import DataError, iter_jsonl_values
+from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
 from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss_from_logprobs
 from align.models import load_causal_lm, save_final_model
@@ -67,23 +67,7 @@ def load_prompts(cfg: PPOConfig) -> tuple[list[list[dict[str, str]]], list[Any] 
     path = Path(cfg.dataset)
     if not path.is_file():
         raise DataError(f"{cfg.dataset}: no such prompt file")
-    prompts = []
-    for lineno, record in iter_jsonl_values(path):  # invalid UTF-8/JSON, empty file: file:line errors
-        messages = record.get("messages") if isinstance(record, dict) else None
-        if messages is None and isinstance(record, dict) and "prompt" in record:
-            prompt = record["prompt"]
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in chatml.ROLES
-            for m in messages
-        ):
-            raise DataError(f"{path}:{lineno}: expected 'messages' or 'prompt' with role/content turns")
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]  # a full conversation: generate its last reply anew
-        if not messages or messages[-1]["role"] not in ("user", "tool"):
-            raise DataError(f"{path}:{lineno}: a prompt must end with a user (or tool) turn")
-        prompts.append(messages)
-    return prompts, None
+    return load_prompt_file(path), None  # messages or prompt, optional tools; file:line errors
 
 
 # ---------------------------------------------------------------------------------------------------
