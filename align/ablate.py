@@ -43,17 +43,8 @@ from typing import Any
 
 import yaml
 
-from align.config import (
-    ConfigError,
-    DPOConfig,
-    GRPOConfig,
-    OnlineDPOConfig,
-    PPOConfig,
-    RMConfig,
-    SFTConfig,
-    _parse_override,
-    build_config,
-)
+from align.config import DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig
+from align.config_loader import ConfigError, _parse_override, build_config
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES: dict[str, type] = {

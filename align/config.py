@@ -1,26 +1,15 @@
-"""Dataclass configs: defaults < YAML file < `key=value` overrides.
+"""The stage configs: each stage's keys, defaults and documentation (`metadata["help"]`).
 
-Every stage has one dataclass whose fields carry their documentation in `metadata["help"]`. Loading is
-strict: an unknown key or a value of the wrong type is a `ConfigError` that names the key, because a
-typo in a sweep (`kl_coeff=0.1`) that silently does nothing wastes a whole run. Values are parsed with
-`yaml.safe_load` only; nothing from a config is ever evaluated.
+A stage config is composed of parts, one per concern (model, data, batch, optimisation, checkpointing,
+run, RL sampling, ...), holding exactly the keys that stage's loop reads; a key it would not read is not
+a field, so setting it is an unknown-key error. Loading (defaults < YAML file < `key=value` overrides,
+strictly checked) is in `align.config_loader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
-import typing
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Literal, TypeVar
-
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be applied; the message names the key."""
+from typing import Any, Literal
 
 
 def doc(default: Any, help: str) -> Any:
@@ -30,39 +19,67 @@ def doc(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+# --------------------------------------------------------------------------------------------------------
+# Parts: each is the keys one concern reads, under the same names in every stage that has it. A stage
+# config is composed of the parts its loop reads, so a key it would ignore is an unknown key (an error).
+# Dataclass fields come in reverse base order: a class lists its parts last-printed-first, so `--help`
+# shows model, data, batch, optimisation, checkpointing and run keys in that order, then the parts the
+# stage adds (dropout, record files, gold eval, RL sampling) and its own keys.
+# --------------------------------------------------------------------------------------------------------
+
+
 @dataclasses.dataclass
-class TrainConfig:
-    """Keys every training recipe shares, under the same names."""
+class ModelKeys:
+    """The model to train and how it is built."""
 
     model_name_or_path: str = doc(
         "smollm2-135m-instruct",
         "Local model directory, or `smollm2-135m-instruct` (the real model the project ships offline).",
     )
+    dtype: Literal["auto", "float32", "bfloat16"] = doc(
+        "auto", "Compute precision: auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU."
+    )
+    attn_implementation: str = doc(
+        "sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."
+    )
+    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
+    use_lora: bool = doc(False, "Train LoRA adapters (peft) instead of all weights.")
+    lora_r: int = doc(16, "LoRA rank.")
+    lora_alpha: int = doc(32, "LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = doc(0.05, "Dropout on the LoRA branch.")
+    lora_target_modules: list[str] = doc(
+        ["all-linear"], "Modules to adapt; `all-linear` adapts every Linear."
+    )
+
+
+@dataclasses.dataclass
+class DataKeys:
+    """Where the training data comes from and how long a sequence may be."""
+
     dataset: str = doc(
         "embedded",
         "A JSONL/JSON file, a directory, a saved `datasets` dataset, or `embedded` (generated tasks).",
     )
-    dataset_format: str | None = doc(
-        None, "Force a record format (messages, sharegpt, alpaca, hh); default: detect."
-    )
-    skip_bad: bool = doc(
-        False, "Skip malformed records (counted and written to rejects.jsonl) instead of stopping."
-    )
-    output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
-    overwrite: bool = doc(False, "Allow an output_dir that already holds files this tool did not write.")
+    max_length: int = doc(2048, "Longest sequence in tokens; longer conversations are truncated and counted.")
+
+
+@dataclasses.dataclass
+class BatchKeys:
+    """How many optimiser steps, and what each one trains on. Every stage redefines `batch_size` and
+    `micro_batch_size` with its own unit (sequences, preference pairs, or queries and responses)."""
+
+    batch_size: int = doc(128, "Global batch per optimiser step (the unit is the stage's).")
+    micro_batch_size: int = doc(4, "Items per device per forward pass; accumulation is derived.")
     max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
     num_epochs: float = doc(1.0, "Passes over the data when max_steps is -1.")
-    save_steps: int = doc(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
-    save_total_limit: int = doc(2, "Keep at most this many checkpoints (the oldest are removed).")
-    logging_steps: int = doc(1, "Log metrics every N optimiser steps.")
-    seed: int = doc(42, "Seed for model init of new heads, data order and dropout.")
-    resume: str = doc(
-        "auto", "`auto`: continue from the latest good checkpoint; `never`; or a checkpoint path."
-    )
-    max_length: int = doc(2048, "Longest sequence in tokens; longer conversations are truncated and counted.")
+
+
+@dataclasses.dataclass
+class OptimKeys:
+    """AdamW, the learning-rate schedule, gradient clipping and non-finite steps."""
+
     learning_rate: float = doc(2e-6, "Peak learning rate.")
-    batch_size: int = doc(128, "Global batch per optimiser step, in sequences (packed rows when packing).")
-    micro_batch_size: int = doc(4, "Sequences per device per forward pass; accumulation is derived.")
     adam_beta1: float = doc(0.9, "AdamW beta1.")
     adam_beta2: float = doc(0.95, "AdamW beta2.")
     adam_epsilon: float = doc(1e-8, "AdamW epsilon.")
@@ -77,28 +94,84 @@ class TrainConfig:
         "skip",
         "A non-finite loss or gradient: `skip` the update and count it, or `stop` with a checkpoint.",
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = doc(
-        "auto", "Compute precision: auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU."
+
+
+@dataclasses.dataclass
+class CheckpointKeys:
+    """Checkpoints and exact resume."""
+
+    save_steps: int = doc(50, "Write a checkpoint every N optimiser steps (0: only at the end).")
+    save_total_limit: int = doc(2, "Keep at most this many checkpoints (the oldest are removed).")
+    resume: str = doc(
+        "auto", "`auto`: continue from the latest good checkpoint; `never`; or a checkpoint path."
     )
-    attn_implementation: str = doc(
-        "sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."
-    )
-    gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
-    dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
-    trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
-    use_lora: bool = doc(False, "Train LoRA adapters (peft) instead of all weights.")
-    lora_r: int = doc(16, "LoRA rank.")
-    lora_alpha: int = doc(32, "LoRA alpha (scale = alpha / r).")
-    lora_dropout: float = doc(0.05, "Dropout on the LoRA branch.")
-    lora_target_modules: list[str] = doc(
-        ["all-linear"], "Modules to adapt; `all-linear` adapts every Linear."
-    )
+
+
+@dataclasses.dataclass
+class RunKeys:
+    """Where a run writes, its seed, and how it reports."""
+
+    output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
+    overwrite: bool = doc(False, "Allow an output_dir that already holds files this tool did not write.")
+    seed: int = doc(42, "Seed for model init of new heads, data order and dropout.")
+    logging_steps: int = doc(1, "Log metrics every N optimiser steps.")
     report_to: list[str] = doc(["tensorboard"], "Metric sinks besides metrics.jsonl: tensorboard, wandb.")
     progress: bool = doc(True, "Show a progress bar.")
 
 
 @dataclasses.dataclass
-class SFTConfig(TrainConfig):
+class TrainConfig(RunKeys, CheckpointKeys, OptimKeys, BatchKeys, DataKeys, ModelKeys):
+    """Keys every training loop reads, under the same names (the shared run set-up is typed with it)."""
+
+
+@dataclasses.dataclass
+class DropoutKeys:
+    """Dropout in the trained model; the RL stages have none (their log-prob ratios need it off)."""
+
+    dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
+
+
+@dataclasses.dataclass
+class RecordFileKeys:
+    """Reading records (conversations, preference pairs) from files: the stages trained on them."""
+
+    dataset_format: str | None = doc(
+        None, "Force a record format (messages, sharegpt, alpaca, hh); default: detect."
+    )
+    skip_bad: bool = doc(
+        False, "Skip malformed records (counted and written to rejects.jsonl) instead of stopping."
+    )
+
+
+@dataclasses.dataclass
+class GoldEvalKeys:
+    """The held-out generated tasks whose gold-verifier accuracy is reported before and after training."""
+
+    eval_tasks: int = doc(
+        48, "Held-out generated tasks whose gold-verifier accuracy is reported before and after (0: skip)."
+    )
+    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
+
+
+@dataclasses.dataclass
+class RolloutKeys:
+    """Sampling responses from the policy (PPO, online DPO, GRPO)."""
+
+    samples_per_query: int = doc(4, "Responses sampled per query.")
+    top_p: float = doc(1.0, "Nucleus sampling mass.")
+    temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
+    max_new_tokens: int = doc(24, "Response budget.")
+    rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
+        "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
+    )
+    ref_dtype: Literal["float32", "bfloat16"] = doc(
+        "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
+    )
+    log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, score).")
+
+
+@dataclasses.dataclass
+class SFTConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     """Supervised fine-tuning on ChatML conversations. Defaults = the embedded default job."""
 
     output_dir: str = doc("outputs/sft", "Where checkpoints, metrics.jsonl, TensorBoard logs and final/ go.")
@@ -124,155 +197,20 @@ class SFTConfig(TrainConfig):
     warmup_steps: int = doc(4, "Linear warm-up steps from 0 to the peak learning rate.")
     min_lr_ratio: float = doc(0.1, "Final learning rate of cosine/linear decay, as a fraction of the peak.")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
-    batch_size: int = doc(4, "Global batch per optimiser step, in sequences (packed rows when packing).")
+    batch_size: int = doc(
+        4,
+        "Global batch per optimiser step, in sequences: training rows of up to max_length tokens (packed "
+        "rows of several conversations when packing).",
+    )
     micro_batch_size: int = doc(2, "Sequences per device per forward pass; accumulation is derived.")
     save_steps: int = doc(20, "Write a checkpoint every N optimiser steps (0: only at the end).")
     embedded_train_tasks: int = doc(
         400, "With dataset=embedded: how many training conversations to generate."
     )
-    eval_tasks: int = doc(
-        48, "Held-out generated tasks whose gold-verifier accuracy is reported before and after (0: skip)."
-    )
-    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
-
-
-C = TypeVar("C")
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name -> its documentation line, for `--help` output."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
-
-
-def _coerce(key: str, value: Any, tp: Any) -> Any:
-    """Check `value` against the annotation `tp`; allow only lossless conversions."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(key, value, arg)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: got {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        (item_tp,) = args or (Any,)
-        if isinstance(value, str):  # `key=a,b` on the command line
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
-        return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `3e-3` (no dot) as a string; users write it so
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):  # `dataset=123` from YAML
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-    raise ConfigError(f"{key}: unsupported field type {tp!r}")
-
-
-def _parse_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} is not of the form key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip().lstrip("-").replace("-", "_")
-    try:
-        # YAML scalars: 1e-4, true, null, [a, b]. safe_load never constructs Python objects.
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def build_config(cls: type[C], values: dict[str, Any], source: str = "config") -> C:
-    """Make `cls` from a mapping, refusing unknown keys and wrong types with the key named."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in values.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}{hint}")
-        kwargs[key] = _coerce(f"{source}: {key}", value, hints[key])
-    return cls(**kwargs)
-
-
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """Defaults, then the YAML file (if any), then `key=value` overrides, strictly checked."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        with path.open(encoding="utf-8") as fh:
-            loaded = yaml.safe_load(fh)
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of key: value, got {type(loaded).__name__}")
-        build_config(cls, loaded, source=str(path))  # name the file in errors before merging
-        values.update(loaded)
-    for item in overrides:
-        key, value = _parse_override(item)
-        build_config(cls, {key: value}, source="command line")
-        values[key] = value
-    return build_config(cls, values)
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def parse_cli(cls: type[C], argv: Sequence[str], prog: str) -> C:
-    """`[--config FILE] [key=value ...]`, with `--help` listing every key and its meaning."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(cls.__doc__ or "")
-        + "\n\nkeys (override with key=value):\n"
-        + "\n".join(f"  {k:<26} {h}" for k, h in field_help(cls).items()),
-    )
-    parser.add_argument("--config", help="YAML file with key: value pairs")
-    parser.add_argument("overrides", nargs="*", help="key=value pairs applied after the file")
-    args = parser.parse_args(list(argv))
-    return load_config(cls, args.config, args.overrides)
 
 
 @dataclasses.dataclass
-class RMConfig(TrainConfig):
+class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
     """Reward model training: preference-model pre-training (PMP) on large, noisier comparisons, then RM
     fine-tuning on fewer, better ones; the reward is read at the end token. Defaults = the embedded
     default job (both stages on generated comparisons)."""
@@ -353,22 +291,18 @@ class RMConfig(TrainConfig):
     # The embedded default: a few minutes on 2 CPU cores with SmolLM2-135M-Instruct.
     max_length: int = doc(128, "Longest sequence in tokens; longer ones are cut per truncation_side.")
     learning_rate: float = doc(2e-5, "Peak learning rate.")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
-        "constant", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
-    )
     warmup_steps: int = doc(2, "Linear warm-up steps from 0 to the peak learning rate.")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
     batch_size: int = doc(16, "Global batch per optimiser step, in preference pairs.")
     micro_batch_size: int = doc(
         8, "Pairs per device per forward pass (2x as many sequences); accumulation is derived."
     )
-    max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
     num_epochs: float = doc(1.0, "Passes over the pairs when max_steps is -1.")
     save_steps: int = doc(10, "Write a checkpoint every N optimiser steps (0: only at the end).")
 
 
 @dataclasses.dataclass
-class PPOConfig(TrainConfig):
+class PPOConfig(RolloutKeys, TrainConfig):
     """PPO with four models (policy, reference, reward, value), the Qwen way. Defaults = the embedded job.
 
     `batch_size` counts queries per PPO iteration (each gets `samples_per_query` responses);
@@ -397,7 +331,9 @@ class PPOConfig(TrainConfig):
     )
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     max_steps: int = doc(8, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
-    batch_size: int = doc(4, "Queries per PPO iteration (global).")
+    batch_size: int = doc(
+        4, "Global batch per PPO iteration, in queries (each gets samples_per_query responses)."
+    )
     micro_batch_size: int = doc(8, "Responses per forward pass and device.")
     save_steps: int = doc(4, "Write a checkpoint every N iterations (0: only at the end).")
     policy_lr: float | None = doc(2e-5, "Policy learning rate (Qwen: 1e-6); None: learning_rate.")
@@ -409,7 +345,6 @@ class PPOConfig(TrainConfig):
     samples_per_query: int = doc(2, "Responses sampled per query; all are trained on (Qwen: 2).")
     value_warmup_steps: int = doc(2, "Iterations at the start that train only the value model (Qwen: 50).")
     top_p: float = doc(0.9, "Nucleus sampling mass (Qwen: 0.9).")
-    temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
     max_new_tokens: int = doc(24, "Response budget; a response that never emits <|im_end|> is penalised.")
     missing_eos_penalty: float = doc(
         -1.0, "Score given (after normalisation) to a response that never closed."
@@ -431,12 +366,6 @@ class PPOConfig(TrainConfig):
     ptx_dataset: str = doc("embedded", "Pre-training text: JSONL of {text}, a .txt file, or embedded.")
     ptx_batch_size: int = doc(2, "Pre-training rows per mini-batch.")
     ptx_max_length: int = doc(64, "Tokens per pre-training row.")
-    rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
-        "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
-    )
-    ref_dtype: Literal["float32", "bfloat16"] = doc(
-        "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
-    )
     offload_frozen: bool = doc(
         False, "Keep the reference and reward models on the CPU except while they score (saves GPU memory)."
     )
@@ -444,7 +373,7 @@ class PPOConfig(TrainConfig):
 
 
 @dataclasses.dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     """Offline DPO on preference pairs (Qwen2/2.5): chosen and rejected in one padding-free forward pass,
     reference log-probs computed once and cached on disk. Defaults = the embedded default job."""
 
@@ -494,9 +423,6 @@ class DPOConfig(TrainConfig):
         128, "Longest prompt + response in tokens; longer pairs are skipped and counted (never truncated)."
     )
     learning_rate: float = doc(2e-5, "Peak learning rate (Qwen2.5: 7e-7 over ~150k pairs).")
-    lr_scheduler: Literal["constant", "cosine", "linear"] = doc(
-        "constant", "Shape after warm-up: constant, cosine or linear decay to min_lr_ratio * lr."
-    )
     warmup_steps: int = doc(2, "Linear warm-up steps from 0 to the peak learning rate.")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
     batch_size: int = doc(8, "Global batch per optimiser step, in preference pairs.")
@@ -504,21 +430,16 @@ class DPOConfig(TrainConfig):
         4,
         "Pairs per device per forward pass (2x as many sequences, one packed row); accumulation is derived.",
     )
-    max_steps: int = doc(-1, "Optimiser steps to run; -1 derives them from num_epochs.")
     num_epochs: float = doc(1.0, "Passes over the pairs when max_steps is -1 (Qwen2.5: one epoch).")
     save_steps: int = doc(8, "Write a checkpoint every N optimiser steps (0: only at the end).")
     embedded_pairs: int = doc(256, "With dataset=embedded: how many generated comparisons to train on.")
     embedded_format_error_rate: float = doc(
         0.3, "With dataset=embedded: share of rejected replies that are the right value in the wrong format."
     )
-    eval_tasks: int = doc(
-        48, "Held-out generated tasks whose gold-verifier accuracy is reported before and after (0: skip)."
-    )
-    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
 
 
 @dataclasses.dataclass
-class OnlineConfig(TrainConfig):
+class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
     """What online DPO and GRPO share: prompts, sampling, reward, reference. `batch_size` counts queries
     per iteration (each gets `samples_per_query` responses); `micro_batch_size` counts responses per
     forward pass and device."""
@@ -547,30 +468,20 @@ class OnlineConfig(TrainConfig):
         "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
     )
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
-    samples_per_query: int = doc(4, "Responses sampled per query.")
-    top_p: float = doc(1.0, "Nucleus sampling mass.")
-    temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
-    max_new_tokens: int = doc(24, "Response budget.")
     missing_eos_penalty: float | None = doc(
         None, "Score given to a response that never emitted <|im_end|> (None: score it as it is)."
     )
-    rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
-        "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
+    batch_size: int = doc(
+        4, "Global batch per iteration, in queries (each gets samples_per_query responses)."
     )
-    ref_dtype: Literal["float32", "bfloat16"] = doc(
-        "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
-    )
-    batch_size: int = doc(4, "Queries per iteration (global).")
     micro_batch_size: int = doc(8, "Responses per forward pass and device.")
     max_steps: int = doc(6, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
     save_steps: int = doc(4, "Write a checkpoint every N iterations (0: only at the end).")
     lr_scheduler: Literal["constant", "cosine", "linear"] = doc("constant", "Shape after warm-up.")
     weight_decay: float = doc(0.0, "AdamW decoupled weight decay (not applied to biases and norms).")
-    log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, score).")
     eval_tasks: int = doc(
         32, "With embedded prompts: held-out tasks whose gold-verifier accuracy is reported before and after."
     )
-    eval_max_new_tokens: int = doc(24, "Generation budget per held-out task.")
 
 
 @dataclasses.dataclass
@@ -596,7 +507,9 @@ class GRPOConfig(OnlineConfig):
 
     output_dir: str = doc("outputs/grpo", "Where checkpoints, metrics.jsonl, rollouts.jsonl and final/ go.")
     samples_per_query: int = doc(8, "G, responses sampled per query (Qwen2.5: 8).")
-    batch_size: int = doc(2, "Queries per iteration (global).")
+    batch_size: int = doc(
+        2, "Global batch per iteration, in queries (each gets samples_per_query responses)."
+    )
     embedded_prompts: int = doc(8, "With dataset=embedded: how many generated training prompts.")
     max_steps: int = doc(4, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
     learning_rate: float = doc(1e-5, "Peak learning rate.")

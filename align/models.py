@@ -58,11 +58,15 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedToke
 
 
 def load_causal_lm(cfg: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The trainable causal LM described by `cfg`, in fp32 master weights, with LoRA if asked."""
+    """The trainable causal LM described by `cfg`, in fp32 master weights, with LoRA if asked.
+
+    A config without a `dropout` key (PPO, online DPO, GRPO) gets dropout off: those loops need the
+    training forward pass to give the log-probs the rollout scored (ratio 1 on the rollout's own data)."""
     path = resolve_model(cfg.model_name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    if cfg.dropout is not None:
-        set_dropout(config, cfg.dropout)
+    dropout = getattr(cfg, "dropout", 0.0)
+    if dropout is not None:
+        set_dropout(config, dropout)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         config=config,

@@ -29,16 +29,8 @@ from typing import Any
 
 from accelerate import PartialState
 
-from align.config import (
-    ConfigError,
-    DPOConfig,
-    PipelineConfig,
-    PPOConfig,
-    RMConfig,
-    SFTConfig,
-    _parse_override,
-    build_config,
-)
+from align.config import DPOConfig, PipelineConfig, PPOConfig, RMConfig, SFTConfig
+from align.config_loader import ConfigError, _parse_override, build_config
 from align.pipeline_layout import STAGES, final_model, is_complete, stage_dir
 from align.pipeline_report import write_report
 from align.train.process import RunSetupError
@@ -169,6 +161,19 @@ def signature_hash(sig: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _same_signature(record: dict[str, Any], sig: dict[str, Any], digest: str) -> bool:
+    """Whether a stage's recorded run had this signature. A key recorded then that the stage's config no
+    longer has is left out of the comparison: keys are removed from a stage only when its loop never
+    read them (e.g. PPO's skip_bad), so they cannot have changed its output."""
+    if record.get("hash") == digest:
+        return True
+    recorded = record.get("signature")
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
+        return False
+    kept = {k: v for k, v in recorded["config"].items() if k in sig["config"]}
+    return signature_hash({**recorded, "config": kept}) == digest
+
+
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
     """`key: old -> new` for the differing config keys and changed inputs, for the refusal message."""
     parts = []
@@ -236,7 +241,7 @@ def plan_pipeline(cfg: PipelineConfig, configs: dict[str, Any], state: dict[str,
         sig = signature(configs[stage], {up: hashes[up] for up in UPSTREAM[stage]})
         digest = hashes[stage] = signature_hash(sig)
         record = state["stages"].get(stage)
-        same = record is not None and record.get("hash") == digest
+        same = record is not None and _same_signature(record, sig, digest)
         complete = is_complete(root, stage)
         directory = stage_dir(root, stage)
         has_files = directory.is_dir() and any(directory.iterdir())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from align.checkpoint import CheckpointError
-from align.config import ConfigError, parse_cli
+from align.config_loader import ConfigError, parse_cli
 from align.data import DataError
 from align.train.process import RunSetupError
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from align.ablate import load_sweep, parse_grid, run_sweep
-from align.config import ConfigError
+from align.config_loader import ConfigError
 
 DEFAULT = Path(__file__).resolve().parent / "configs" / "ablate" / "ptx_kl.yaml"
 

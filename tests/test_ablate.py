@@ -16,7 +16,7 @@ from align.ablate import (
     parse_grid,
     run_sweep,
 )
-from align.config import ConfigError
+from align.config_loader import ConfigError
 
 
 def write_yaml(path, text):

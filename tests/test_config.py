@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from align.config import ConfigError, SFTConfig, load_config
+from align.config import SFTConfig
+from align.config_loader import ConfigError, load_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 

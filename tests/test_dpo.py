@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import chatml
-from align.config import DPOConfig, GRPOConfig, OnlineDPOConfig, load_config
+from align.config import DPOConfig, GRPOConfig, OnlineDPOConfig
+from align.config_loader import load_config
 from align.losses import dpo_loss
 from align.tasks import generate_tasks, preference_pairs, write_jsonl
 from align.tracking import read_metrics

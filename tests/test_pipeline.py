@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from align.config import ConfigError, PipelineConfig, load_config
+from align.config import PipelineConfig
+from align.config_loader import ConfigError, load_config
 from align.pipeline import (
     PipelineError,
     default_runners,

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from align.config import RMConfig, load_config
+from align.config import RMConfig
+from align.config_loader import load_config
 from align.recipe import run_recipe
 from align.reward import REWARD_HEAD, RewardModel
 from align.tracking import read_metrics

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 
 import chatml
 from align.assets import resolve_model, start_model
-from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig, config_to_dict
+from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig
+from align.config_loader import config_to_dict
 from align.data import DataError
 from align.losses import dpo_loss, ppo_policy_loss
 from align.models import load_causal_lm, save_final_model
@@ -130,9 +131,10 @@ def run_online(
             f"{rows_per_process} responses per process do not split into num_mini_batches={cfg.num_mini_batches}"
         )
 
-    # Models. Dropout off: the scored log-probs must be those the update recomputes.
+    # Models. Dropout off (the config has no dropout key): the scored log-probs must be those the update
+    # recomputes.
     start_name = start_model(cfg.model_name_or_path)
-    policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name, dropout=0.0))
+    policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name))
     frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
     needs_reference = not grpo or cfg.kl_coef > 0
     # A LoRA policy's reference is the same weights with the adapter off: no second copy.

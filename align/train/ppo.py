@@ -15,11 +15,9 @@ The maths is in pure functions (`align.rl_math`, `align.losses`); this file only
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,8 @@ from transformers import AutoModelForCausalLM
 
 import chatml
 from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
-from align.config import PPOConfig, config_to_dict
+from align.config import PPOConfig
+from align.config_loader import config_to_dict
 from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
 from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss_from_logprobs
@@ -188,12 +187,9 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
             f"{rows_per_process} responses per process do not split into num_mini_batches={cfg.num_mini_batches}"
         )
 
-    # Four models. Dropout is off in the trained ones, so the first PPO epoch sees ratio 1 exactly.
-    if cfg.dropout:
-        warnings.warn(
-            "dropout is forced to 0 in PPO: the ratio must be 1 on the rollout's own data", stacklevel=2
-        )
-    policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, dropout=0.0))
+    # Four models. Dropout is off in the trained ones, so the first PPO epoch sees ratio 1 exactly
+    # (PPOConfig has no dropout key: load_causal_lm turns dropout off for such a config).
+    policy, tokenizer = load_causal_lm(cfg)
     policy_path = resolve_model(cfg.model_name_or_path)
     frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
     # Frozen models only work in the scoring phase; with offload_frozen they wait on the CPU otherwise.

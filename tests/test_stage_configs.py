@@ -1,0 +1,161 @@
+"""Stage configs composed from parts: every shipped config loads, a key a stage does not read is refused
+with its name, and each stage's `--help` gives `batch_size` one unit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from align.ablate import RECIPES, load_sweep
+from align.config import (
+    BatchKeys,
+    DPOConfig,
+    GRPOConfig,
+    OnlineDPOConfig,
+    PipelineConfig,
+    PPOConfig,
+    RMConfig,
+    SFTConfig,
+    TrainConfig,
+)
+from align.config_loader import ConfigError, build_config, load_config, parse_cli
+from align.pipeline import (
+    UPSTREAM,
+    PipelineError,
+    plan_pipeline,
+    signature,
+    signature_hash,
+    stage_configs,
+)
+from align.pipeline_layout import final_model, stage_dir
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+# The one thing `batch_size` counts in each stage.
+BATCH_UNIT = {
+    SFTConfig: "sequences",
+    RMConfig: "preference pairs",
+    DPOConfig: "preference pairs",
+    PPOConfig: "queries",
+    OnlineDPOConfig: "queries",
+    GRPOConfig: "queries",
+}
+UNITS = ("sequences", "pairs", "queries")
+
+
+def _shipped_configs() -> list[Path]:
+    return sorted(CONFIGS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_every_shipped_config_loads(path: Path):
+    """Every YAML under recipes/configs, by its directory: a directory this test does not know fails."""
+    kind = path.relative_to(CONFIGS).parts[0]
+    if kind == "pipeline":
+        stage_configs(load_config(PipelineConfig, path))  # each stage's section against its class
+    elif kind == "ablate":
+        load_sweep(path)  # builds every run's config of the sweep's recipe
+    else:
+        # recipes/configs/<recipe>/*.yaml: loaded with that recipe's config class
+        assert kind in RECIPES, f"{path}: no recipe named {kind} for recipes/configs/{kind}/"
+        load_config(RECIPES[kind], path)
+
+
+def test_the_shipped_configs_cover_every_directory():
+    directories = {p.name for p in CONFIGS.iterdir() if p.is_dir()}
+    assert directories == set(RECIPES) | {"pipeline", "ablate"}
+    assert all(any(CONFIGS.joinpath(d).glob("*.yaml")) for d in directories)
+
+
+@pytest.mark.parametrize("key", ["skip_bad", "dataset_format", "dropout"])
+@pytest.mark.parametrize("cls", [PPOConfig, OnlineDPOConfig, GRPOConfig], ids=lambda c: c.__name__)
+def test_a_key_the_rl_loops_do_not_read_is_refused_by_name(tmp_path, cls, key):
+    """The RL loops read prompts (no record formats, nothing to skip) and train with dropout off."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: {'true' if key == 'skip_bad' else '0.1'}\n")
+    with pytest.raises(ConfigError, match=f"unknown key '{key}' for {cls.__name__}"):
+        load_config(cls, path)
+    with pytest.raises(ConfigError, match=f"unknown key '{key}'"):
+        load_config(cls, None, [f"{key}=1"])
+
+
+def test_ppo_with_skip_bad_is_refused_naming_the_key(tmp_path):
+    path = tmp_path / "ppo.yaml"
+    path.write_text("kl_coef: 0.05\nskip_bad: true\n")
+    with pytest.raises(ConfigError, match=f"{path}: unknown key 'skip_bad' for PPOConfig"):
+        load_config(PPOConfig, path)
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("ppo:\n  skip_bad: true\n")
+    with pytest.raises(ConfigError, match="skip_bad"):
+        stage_configs(load_config(PipelineConfig, pipeline))
+
+
+def test_record_file_keys_stay_where_records_are_read():
+    for cls in (SFTConfig, RMConfig, DPOConfig):
+        cfg = load_config(cls, None, ["skip_bad=true", "dataset_format=hh", "dropout=0.1"])
+        assert (cfg.skip_bad, cfg.dataset_format, cfg.dropout) == (True, "hh", 0.1)
+
+
+def test_every_stage_says_what_its_batch_counts():
+    assert set(BATCH_UNIT) == set(RECIPES.values())
+
+
+def test_every_stage_has_the_shared_training_keys():
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    for cls in RECIPES.values():
+        assert shared <= {f.name for f in dataclasses.fields(cls)}, cls.__name__
+
+
+@pytest.mark.parametrize("cls", list(BATCH_UNIT), ids=lambda c: c.__name__)
+def test_help_gives_batch_size_one_unit(cls, capsys):
+    """`recipes/<stage>.py --help` prints parse_cli's key list: the stage's own `batch_size` line (not
+    the shared part's unit-less one) names its unit, and no other."""
+    generic = BatchKeys.__dataclass_fields__["batch_size"].metadata["help"]
+    assert cls.__dataclass_fields__["batch_size"].metadata["help"] != generic
+    with pytest.raises(SystemExit):
+        parse_cli(cls, ["--help"], prog=f"recipes/{cls.__name__}.py")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.split()[:1] == ["batch_size"]]
+    assert len(lines) == 1, lines
+    unit = BATCH_UNIT[cls]
+    assert f"in {unit}" in lines[0], lines[0]
+    assert [u for u in UNITS if u in lines[0]] == [unit.split()[-1]], lines[0]
+
+
+def _completed_pipeline(root: Path, ppo_config_then: Callable[[dict], dict]) -> tuple[PipelineConfig, dict]:
+    """A pipeline output_dir whose sft, rm and ppo stages completed; ppo's record holds
+    `ppo_config_then(today's ppo config signature)`, as an earlier version of align recorded it."""
+    cfg = build_config(PipelineConfig, {"output_dir": str(root), "stages": ["ppo"]})
+    configs = stage_configs(cfg)
+    state: dict = {"stages": {}, "eval": {}}
+    hashes: dict[str, str] = {}
+    for stage in ("sft", "rm", "ppo"):
+        sig = signature(configs[stage], {up: hashes[up] for up in UPSTREAM[stage]})
+        if stage == "ppo":
+            sig = {**sig, "config": ppo_config_then(sig["config"])}
+        hashes[stage] = signature_hash(sig)
+        state["stages"][stage] = {"hash": hashes[stage], "signature": sig}
+        final_model(root, stage).mkdir(parents=True)
+        (stage_dir(root, stage) / "summary.json").write_text("{}")
+    return cfg, json.loads(json.dumps(state))  # as read back from pipeline_state.json
+
+
+def _with_removed_keys(config: dict) -> dict:
+    return {**config, "skip_bad": False, "dataset_format": None, "dropout": None}
+
+
+def test_a_completed_ppo_stage_from_before_the_key_removal_is_still_current(tmp_path):
+    """pipeline_state.json written when PPOConfig still had skip_bad, dataset_format and dropout: the
+    stage is skipped as complete, not refused as changed (the keys never reached the PPO loop)."""
+    cfg, state = _completed_pipeline(tmp_path / "run", _with_removed_keys)
+    [ppo] = plan_pipeline(cfg, stage_configs(cfg), state)
+    assert (ppo.stage, ppo.action) == ("ppo", "skip")
+
+    def kl_changed(config: dict) -> dict:  # a key PPO reads: still a change
+        return {**_with_removed_keys(config), "kl_coef": config["kl_coef"] * 2}
+
+    cfg, state = _completed_pipeline(tmp_path / "changed", kl_changed)
+    with pytest.raises(PipelineError, match="stage ppo: config changed since it ran \\(kl_coef"):
+        plan_pipeline(cfg, stage_configs(cfg), state)
