@@ -81,7 +81,10 @@ class TrainConfig:
         "auto", "Compute precision: auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU."
     )
     attn_implementation: str = doc(
-        "sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."
+        "auto",
+        "Attention kernel: auto = align's document-masked attention (align/attention.py: FlashAttention-2 "
+        "varlen on CUDA, per-document SDPA on CPU; no (T, T) mask for packed rows), sdpa for models with "
+        "sliding-window layers; or a transformers name (sdpa, eager, flash_attention_2).",
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
     dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from align.attention import check_no_mask_on_packed_rows
 from align.rl_math import entropy_from_logits, token_logprobs
 
 # One (chunk, V) fp32 block of logits is at most this many bytes (256 MiB).
@@ -205,6 +206,8 @@ def lm_logprobs(
     Returns:
         fp32 log-probs of `targets`' shape (and the entropy, same shape, when `with_entropy`).
     """
+    # Packed rows under a mask would silently attend across documents: refuse them.
+    check_no_mask_on_packed_rows(forward_kwargs.get("attention_mask"), forward_kwargs.get("position_ids"))
     found = _fast_head(model) if fast else None
     if found is None:
         logits = model(**forward_kwargs).logits

@@ -16,6 +16,7 @@ from transformers import (
 
 import chatml
 from align.assets import resolve_model
+from align.attention import resolve_attn_implementation
 from align.config import TrainConfig
 
 
@@ -67,7 +68,7 @@ def load_causal_lm(cfg: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         path,
         config=config,
         dtype=torch.float32,  # master weights; bf16 comes from autocast on GPU
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, config),
         trust_remote_code=cfg.trust_remote_code,
     )
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from align.attention import document_kwargs, lengths_from_positions
 from align.config import SFTConfig
 from align.data import DataReport, load_sft, tokenize_sft
 from align.fused_logprobs import lm_logprobs
@@ -44,8 +45,10 @@ def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> d
     """Concatenate tokenised sequences into one (1, T) row for a padding-free forward pass.
 
     Returns input_ids and position_ids (1, T), `keep` (1, T) bool marking positions whose next token is
-    trained, and `targets` (N,) those next tokens. Labels are shifted inside each sequence, so the
-    last token of one conversation never predicts the first of the next.
+    trained, `targets` (N,) those next tokens, and `documents`: the varlen kwargs of the row's documents
+    (`align.attention.document_kwargs`, from the positions, so no per-layer re-derivation or host sync).
+    Labels are shifted inside each sequence, so the last token of one conversation never predicts the
+    first of the next.
     """
     ids, pos, targets = [], [], []
     for seq in sequences:
@@ -63,6 +66,7 @@ def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> d
         "position_ids": torch.tensor([pos], dtype=torch.long, device=device),
         "keep": keep,
         "targets": tgt[keep],
+        "documents": document_kwargs(lengths_from_positions(pos), device),
     }
 
 
@@ -78,6 +82,7 @@ def packed_logprobs(model: Any, row: dict[str, torch.Tensor]) -> torch.Tensor:
         position_ids=row["position_ids"],
         logits_to_keep=row["keep"],
         use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
+        **row.get("documents", {}),
     )
 
 
