@@ -425,6 +425,13 @@ class PPOConfig(TrainConfig):
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
         "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
     )
+    rollout_compile: Literal["auto", "on", "off"] = doc(
+        "auto",
+        "CUDA-graph decoding for rollout_engine=static: the whole decoding step (forward, top-p, sampling, "
+        "stop test) captured once per batch-size bucket; auto = on for CUDA, off on CPU; on = also on CPU "
+        "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
+        "Other engines run eager (on is an error there).",
+    )
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )
@@ -539,6 +546,13 @@ class OnlineConfig(TrainConfig):
     )
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
         "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
+    )
+    rollout_compile: Literal["auto", "on", "off"] = doc(
+        "auto",
+        "CUDA-graph decoding for rollout_engine=static: the whole decoding step (forward, top-p, sampling, "
+        "stop test) captured once per batch-size bucket; auto = on for CUDA, off on CPU; on = also on CPU "
+        "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
+        "Other engines run eager (on is an error there).",
     )
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."

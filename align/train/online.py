@@ -43,7 +43,7 @@ from align.rl_math import (
     masked_mean,
     variance_order,
 )
-from align.rollout import RolloutBatch, engine_class
+from align.rollout import RolloutBatch, engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.ppo import (
     _add,
@@ -177,7 +177,9 @@ def run_online(
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy_u = accelerator.unwrap_model(policy)
     engine_cls = engine_class(cfg.rollout_engine)
-    engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
+    engine = engine_cls(
+        policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none", **engine_options(cfg)
+    )
 
     fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
     checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)

@@ -46,7 +46,7 @@ from align.rl_math import (
     masked_mean,
     masked_whiten,
 )
-from align.rollout import RolloutBatch, engine_class, position_ids_from_mask
+from align.rollout import RolloutBatch, engine_class, engine_options, position_ids_from_mask
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.runtime import (
     RunCheckpointer,
@@ -266,7 +266,9 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     policy_u, value_u = accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model)
     engine_cls = engine_class(cfg.rollout_engine)
     # Our own log-prob pass below uses the training layout, so the engine computes none.
-    engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
+    engine = engine_cls(
+        policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none", **engine_options(cfg)
+    )
     _, im_end = chatml.chatml_token_ids(tokenizer)
 
     moments = RunningMoments()
