@@ -138,24 +138,33 @@ def _kernel_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
-def _use_varlen_kernel(q: torch.Tensor, dtype: torch.dtype, dropout: float) -> bool:
-    """FlashAttention-2 varlen where it applies: CUDA, half precision, no attention dropout (it has none)."""
+def _use_varlen_kernel(q: torch.Tensor, dtype: torch.dtype, dropout: float, scaling: float | None) -> bool:
+    """FlashAttention-2 varlen where it applies: CUDA, half precision, no attention dropout (it has none),
+    and an installed signature that can say "causal" and the scale (read with inspect: the arguments
+    changed between torch 2.10 and 2.12)."""
+    causal = "window_size" in _VARLEN_PARAMS or "is_causal" in _VARLEN_PARAMS
+    default_scale = scaling is None or abs(scaling - q.shape[-1] ** -0.5) < 1e-9
     return (
-        _varlen_attn is not None and q.is_cuda and dtype in (torch.float16, torch.bfloat16) and dropout == 0.0
+        _varlen_attn is not None
+        and q.is_cuda
+        and dtype in (torch.float16, torch.bfloat16)
+        and dropout == 0.0
+        and causal
+        and ("scale" in _VARLEN_PARAMS or default_scale)
     )
 
 
 def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling) -> torch.Tensor:
     """FlashAttention-2 varlen: q (N, H, D), k/v (N, Hkv, D) -> (N, H, D); causal within each document."""
-    kwargs: dict[str, Any] = {"scale": scaling}
-    if "window_size" in _VARLEN_PARAMS:  # torch >= 2.11: causal is the window (-1, 0)
+    kwargs: dict[str, Any] = {"scale": scaling} if "scale" in _VARLEN_PARAMS else {}
+    if "window_size" in _VARLEN_PARAMS:  # newer torch: causal is the window (-1, 0)
         kwargs["window_size"] = (-1, 0)
     else:  # torch 2.10
         kwargs["is_causal"] = True
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in _VARLEN_PARAMS:
             kwargs["enable_gqa"] = True
-        else:
+        else:  # a kernel without GQA needs the K/V heads repeated
             groups = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return _varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
@@ -228,7 +237,7 @@ def document_attention_forward(
     dtype = _kernel_dtype(query)
     # (B, H, T, D) -> (B * T, H, D): the varlen layout, one token per row.
     q, k, v = (x.to(dtype).transpose(1, 2).reshape(-1, x.shape[1], head_dim) for x in (query, key, value))
-    if _use_varlen_kernel(q, dtype, dropout):
+    if _use_varlen_kernel(q, dtype, dropout, scaling):
         out = _varlen_cuda(
             q.contiguous(),
             k.contiguous(),

@@ -135,12 +135,24 @@ def test_varlen_kernel_call_on_the_cuda_path(monkeypatch):
         want = packed_logprobs(model, row)
         monkeypatch.setattr(attention, "_varlen_attn", fake_varlen)
         monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "enable_gqa", "scale"})
-        monkeypatch.setattr(attention, "_use_varlen_kernel", lambda q, dtype, dropout: True)
+        monkeypatch.setattr(attention, "_use_varlen_kernel", lambda *args: True)
         got = packed_logprobs(model, row)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     total = sum(DOC_LENS)
     cu = [0, 7, 19, 24, 36, 39]
     assert calls == [((total, 4, 8), (total, 2, 8), cu, 12, (-1, 0), True)] * 2  # one per layer
+    # The signature decides: a kernel without GQA gets repeated K/V heads, torch 2.10's is_causal.
+    calls.clear()
+
+    def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False):
+        calls.append((k.shape, is_causal))
+        return attention._per_document_sdpa(q, k, v, cu_q.tolist(), None, 0.0)
+
+    monkeypatch.setattr(attention, "_varlen_attn", old_varlen)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"is_causal"})
+    with torch.no_grad():
+        torch.testing.assert_close(packed_logprobs(model, row), want, rtol=1e-6, atol=1e-6)
+    assert calls == [((total, 4, 8), True)] * 2
 
 
 def test_document_kwargs_from_metadata_and_from_positions_agree():
