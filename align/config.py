@@ -87,6 +87,11 @@ class TrainConfig:
         "sliding-window layers; or a transformers name (sdpa, eager, flash_attention_2).",
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    compile_layers: bool = doc(
+        False,
+        "torch.compile each decoder layer (layer.compile(): fused norms, rotary and MLP; one compilation "
+        "reused by every layer). Off by default: not yet measured on a GPU.",
+    )
     dropout: float | None = doc(None, "Set attention/hidden dropout in the model config (Qwen SFT: 0.1).")
     trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
     use_lora: bool = doc(False, "Train LoRA adapters (peft) instead of all weights.")

@@ -210,3 +210,22 @@ def test_default_loading_picks_document_attention_and_others_stay_selectable(tin
         assert model.config._attn_implementation == name
     sliding = Qwen2Config(use_sliding_window=True, sliding_window=16, max_window_layers=0)
     assert resolve_attn_implementation("auto", sliding) == "sdpa"
+
+
+@pytest.mark.slow  # inductor compiles one decoder layer (forward and backward) on the CPU
+def test_compiled_decoder_layers_equal_eager_with_gradients():
+    """compile_layers: every decoder layer compiled (layer.compile()); the packed row's log-probs and every
+    gradient equal the eager model's."""
+    from align.models import compile_decoder_layers
+
+    eager, compiled = _tiny_lm(DOC_ATTENTION), _tiny_lm(DOC_ATTENTION)
+    assert compile_decoder_layers(compiled) == 2
+
+    def packed(model):
+        return packed_logprobs(model, packed_row(_docs(), torch.device("cpu")))
+
+    want, want_grads = _logprobs_and_grads(eager, packed)
+    got, got_grads = _logprobs_and_grads(compiled, packed)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

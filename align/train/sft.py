@@ -58,16 +58,26 @@ def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> d
         # Packed rows already mask the first label of each conversation, so no token is trained to
         # predict the start of the next conversation.
         targets.extend(seq["labels"][1:] + [-100])
-    ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-    tgt = torch.tensor([targets], dtype=torch.long, device=device)
+    # Built on the CPU and copied without blocking: a copy from pageable memory (or a boolean index on
+    # the GPU) would wait for the GPU's queue, one host sync per micro-batch.
+    tgt = torch.tensor([targets], dtype=torch.long)
     keep = tgt != -100
-    return {
-        "input_ids": ids_t,
-        "position_ids": torch.tensor([pos], dtype=torch.long, device=device),
+    row = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
         "keep": keep,
         "targets": tgt[keep],
-        "documents": document_kwargs(lengths_from_positions(pos), device),
     }
+    row = {k: _to_device(v, device) for k, v in row.items()}
+    documents = document_kwargs(lengths_from_positions(pos), "cpu")
+    row["documents"] = {k: _to_device(v, device) if torch.is_tensor(v) else v for k, v in documents.items()}
+    return row
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def packed_logprobs(model: Any, row: dict[str, torch.Tensor]) -> torch.Tensor:
