@@ -30,6 +30,15 @@ def doc(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+# Shared by the PPO and online configs.
+ROLLOUT_COMPILE_DOC = (
+    "CUDA-graph decoding for rollout_engine=static: the whole decoding step (forward, top-p, sampling, stop "
+    "test) captured once per batch-size bucket; auto = on for CUDA, off on CPU; on = also on CPU "
+    "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
+    "Other engines run eager (on is an error there)."
+)
+
+
 @dataclasses.dataclass
 class TrainConfig:
     """Keys every training recipe shares, under the same names."""
@@ -430,13 +439,7 @@ class PPOConfig(TrainConfig):
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
         "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
     )
-    rollout_compile: Literal["auto", "on", "off"] = doc(
-        "auto",
-        "CUDA-graph decoding for rollout_engine=static: the whole decoding step (forward, top-p, sampling, "
-        "stop test) captured once per batch-size bucket; auto = on for CUDA, off on CPU; on = also on CPU "
-        "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
-        "Other engines run eager (on is an error there).",
-    )
+    rollout_compile: Literal["auto", "on", "off"] = doc("auto", ROLLOUT_COMPILE_DOC)
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )
@@ -552,13 +555,7 @@ class OnlineConfig(TrainConfig):
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
         "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
     )
-    rollout_compile: Literal["auto", "on", "off"] = doc(
-        "auto",
-        "CUDA-graph decoding for rollout_engine=static: the whole decoding step (forward, top-p, sampling, "
-        "stop test) captured once per batch-size bucket; auto = on for CUDA, off on CPU; on = also on CPU "
-        "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
-        "Other engines run eager (on is an error there).",
-    )
+    rollout_compile: Literal["auto", "on", "off"] = doc("auto", ROLLOUT_COMPILE_DOC)
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )

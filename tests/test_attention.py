@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import byte_tokenizer, tiny_qwen2
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import align.attention as attention
@@ -21,19 +22,11 @@ DOC_LENS = [7, 12, 5, 12, 3]
 
 
 def _tiny_lm(attn: str, seed: int = 0) -> Qwen2ForCausalLM:
-    """Qwen2 with grouped K/V (4 query heads, 2 KV heads), dropout off, fp32."""
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = attn
-    return Qwen2ForCausalLM(config).train()
+    """conftest's tiny Qwen2 (grouped K/V: 4 query heads, 2 KV heads), a 97-word vocabulary, in training
+    mode (dropout is 0), fp32, with attention ``attn``."""
+    model = tiny_qwen2(byte_tokenizer(), seed, vocab_size=VOCAB, eos_token_id=None, pad_token_id=None)
+    model.config._attn_implementation = attn
+    return model.train()
 
 
 def _docs(seed: int = 1) -> list[dict]:
