@@ -39,12 +39,12 @@ from align.config import (
     _parse_override,
     build_config,
 )
-from align.train.runtime import RunSetupError
+from align.pipeline_layout import STAGES, final_model, is_complete, stage_dir
+from align.pipeline_report import write_report
+from align.train.process import RunSetupError
 
-STAGES = ("sft", "rm", "ppo", "dpo")
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
 UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "dpo": ("sft",)}
-TITLES = {"sft": "SFT", "rm": "reward model (PMP then RM)", "ppo": "PPO", "dpo": "DPO"}
 # Keys the pipeline sets from the stage layout; a user value would break the chain silently.
 WIRED = {
     "sft": {"output_dir", "overwrite"},
@@ -81,22 +81,6 @@ class PipelineError(RunSetupError):
 
 # --------------------------------------------------------------------------------------------------
 # Layout and configs
-
-
-def stage_dir(root: str | Path, stage: str) -> Path:
-    return Path(root) / stage
-
-
-def final_model(root: str | Path, stage: str) -> Path:
-    """The model a stage hands on: the RM stage's is its RM fine-tuning's final/."""
-    if stage == "rm":
-        return stage_dir(root, "rm") / "rm" / "final"
-    return stage_dir(root, stage) / "final"
-
-
-def is_complete(root: str | Path, stage: str) -> bool:
-    """A stage is complete when its summary.json and its final model are both on disk (written last)."""
-    return (stage_dir(root, stage) / "summary.json").is_file() and final_model(root, stage).is_dir()
 
 
 def split_stage_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -390,8 +374,6 @@ def run_pipeline(
         summary["eval"] = evaluate_policies(cfg, state, evaluator)
         write_state(root, state)
     if is_main:
-        from align.pipeline_report import write_report  # imports this module: import here, not at the top
-
         summary["report"] = str(write_report(root, state))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     for stage in ("ppo", "dpo", "sft"):

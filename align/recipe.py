@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from align.checkpoint import CheckpointError
 from align.config import ConfigError, parse_cli
 from align.data import DataError
-from align.train.runtime import RunSetupError
+from align.train.process import RunSetupError
 
 C = TypeVar("C")
 USER_ERRORS = (ConfigError, DataError, RunSetupError, CheckpointError, FileNotFoundError)

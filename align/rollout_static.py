@@ -1,7 +1,7 @@
 """A fixed-shape rollout engine: pre-allocated KV slots, continuous refilling, batch-invariant sampling.
 
 :class:`StaticRolloutEngine` sits behind the same :class:`~align.rollout.RolloutEngine` interface as the
-other engines. What differs from :class:`~align.rollout.ManualRolloutEngine`:
+other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngine`:
 
 * **Static KV cache** (:class:`SlotKVCache`): per layer one (slots, kv_heads, capacity, head_dim) buffer,
   allocated once per ``generate`` call (kept per bucket when compiled). A decoding step writes each slot's new key/value in place at the
@@ -13,12 +13,12 @@ other engines. What differs from :class:`~align.rollout.ManualRolloutEngine`:
   emitted a stop token (or hit ``max_new_tokens``) is refilled with the next row (one prefill of the new
   prompts into their slots, once ``refill_fraction`` of the slots are idle) instead of idling until the
   whole batch is done.
-* **Counter-based sampling** (:func:`~align.rollout.counter_uniforms`): the race noise of row ``i`` at step
+* **Counter-based sampling** (:func:`~align.sampling.counter_uniforms`): the race noise of row ``i`` at step
   ``t`` is a hash of ``(seed, i, t, token)``, so a row samples the same tokens whichever slot it lands in
   and whoever shares the batch with it. That keeps sampling exactly reproducible given the seed *and*
   independent of ``batch_size`` and of refilling (up to float rounding of the logits, which differs a few
   ulps between batch compositions on any engine). It is a different random stream from
-  :class:`~align.rollout.ManualRolloutEngine`'s ``torch.Generator`` (same distribution, other draws):
+  :class:`~align.rollout_manual.ManualRolloutEngine`'s ``torch.Generator`` (same distribution, other draws):
   the two agree token for token only when greedy.
 * **CUDA-graph decoding** (``compile``, the RL configs' ``rollout_compile``; default on for CUDA): the
   whole step (forward, top-p by one full sort, counter-based sampling, stop test:
@@ -46,13 +46,9 @@ from typing import Any
 
 import torch
 
-from align.rollout import (
-    _BatchedEngine,
-    _device_of,
-    counter_token_keys,
-    counter_uniforms,
-    sample_tokens,
-)
+from align.hf_compat import cache_kwargs
+from align.rollout import _BatchedEngine, _device_of
+from align.sampling import counter_token_keys, counter_uniforms, sample_tokens
 
 
 class SlotKVCache:
@@ -257,8 +253,8 @@ class StaticRolloutEngine(_BatchedEngine):
             input_ids=ids,
             position_ids=positions,
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.model, cache),
             logits_to_keep=keep,
         ).logits[:, -1]
 

@@ -458,7 +458,7 @@ def our_optimizer(model: torch.nn.Module):
     """align's AdamW (the same settings as `peer_args`), built as the loops build it."""
     from types import SimpleNamespace
 
-    from align.train.runtime import build_optimizer
+    from align.train.optimization import build_optimizer
 
     cfg = SimpleNamespace(
         weight_decay=0.0, learning_rate=1e-5, adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8

@@ -149,7 +149,8 @@ def run_interleaved(args, sides: dict[str, Callable[[int], float]]) -> dict[str,
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.stage_args("generate", __doc__, argv)
-    from align.rollout import HFRolloutEngine, ManualRolloutEngine
+    from align.rollout import HFRolloutEngine
+    from align.rollout_manual import ManualRolloutEngine
     from align.rollout_static import StaticRolloutEngine
 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32

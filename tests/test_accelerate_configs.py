@@ -41,7 +41,7 @@ def test_a_launch_without_a_distributed_backend_is_refused(monkeypatch):
     """accelerate quietly sets up no distribution when the config names an engine the machine cannot
     run (FSDP on CPU); two processes would then each train alone into one output_dir."""
     from align.config import SFTConfig
-    from align.train.runtime import RunSetupError, make_accelerator
+    from align.train.process import RunSetupError, make_accelerator
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RunSetupError, match="launched as 2 processes, but accelerate set up no distributed"):
@@ -52,7 +52,7 @@ def test_accelerate_launch_of_a_multi_process_cpu_config_is_refused(monkeypatch)
     """What `accelerate launch --config_file cpu_ddp.yaml` hands its one child process in accelerate
     1.15 (simple launcher: MASTER_PORT set for num_processes > 1, no WORLD_SIZE, no mpirun)."""
     from align.config import SFTConfig
-    from align.train.runtime import RunSetupError, make_accelerator
+    from align.train.process import RunSetupError, make_accelerator
 
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
     monkeypatch.setenv("MASTER_PORT", "29517")

@@ -167,7 +167,7 @@ def test_lm_logprobs_falls_back_when_the_head_is_not_a_plain_linear():
 
 def test_adamw_kernel_is_fused_on_cpu_and_matches_the_per_tensor_loop():
     """build_optimizer's kernel choice gives the reference AdamW's weights after a few steps."""
-    from align.train.runtime import adamw_kernel
+    from align.train.optimization import adamw_kernel
 
     torch.manual_seed(0)
     start = [torch.randn(64, 32), torch.randn(32), torch.randn(7, 5)]

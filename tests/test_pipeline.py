@@ -10,12 +10,12 @@ from align.config import ConfigError, PipelineConfig, load_config
 from align.pipeline import (
     PipelineError,
     default_runners,
-    final_model,
     read_state,
     run_pipeline,
     split_stage_overrides,
     stage_configs,
 )
+from align.pipeline_layout import final_model
 from align.tracking import read_metrics
 from align.train.sft import run_sft
 

@@ -22,7 +22,7 @@ from align.tracking import read_metrics
 from align.train import dpo as dpo_mod
 from align.train import ppo as ppo_mod
 from align.train import sft as sft_mod
-from align.train.runtime import NonFiniteStop, RunSetupError, make_accelerator
+from align.train.process import NonFiniteStop, RunSetupError, make_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
 

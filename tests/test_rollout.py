@@ -15,19 +15,16 @@ from transformers.generation.logits_process import TopPLogitsWarper
 import chatml
 from align.rollout import (
     HFRolloutEngine,
-    ManualRolloutEngine,
     RolloutBatch,
     RolloutEngine,
-    counter_token_keys,
-    counter_uniforms,
-    engine_class,
     position_ids_from_mask,
-    sample_tokens,
     stop_token_ids,
     teacher_forced_logprobs,
-    top_p_filter,
 )
+from align.rollout_engines import engine_class
+from align.rollout_manual import ManualRolloutEngine
 from align.rollout_static import StaticRolloutEngine
+from align.sampling import counter_token_keys, counter_uniforms, sample_tokens, top_p_filter
 
 ENGINES = [HFRolloutEngine, ManualRolloutEngine, StaticRolloutEngine]
 
@@ -425,3 +422,15 @@ def test_engine_class_by_config_name_and_vllm_missing_error(tiny, qwen_tokenizer
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
     with pytest.raises(ImportError, match="pip install vllm"):
         engine_class("vllm")(tiny, qwen_tokenizer)
+
+
+def test_manual_decoding_uses_no_deprecated_cache_keyword(qwen_tokenizer, prompts):
+    """The KV cache goes in under the name the installed transformers declares (5.24 renamed
+    ``past_key_values`` to ``cache``; the old name warns and is removed in 5.40)."""
+    import warnings
+
+    model = tiny_qwen2(qwen_tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ManualRolloutEngine(model, qwen_tokenizer).generate(prompts, n=1, max_new_tokens=3, temperature=0.0)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

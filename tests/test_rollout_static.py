@@ -7,8 +7,10 @@ import torch
 from conftest import byte_tokenizer, tiny_qwen2
 
 from align.config import GRPOConfig, OnlineDPOConfig, PPOConfig
-from align.rollout import HFRolloutEngine, counter_token_keys, counter_uniforms, engine_options, sample_tokens
+from align.rollout import HFRolloutEngine
+from align.rollout_engines import engine_options
 from align.rollout_static import StaticRolloutEngine, _bucket, cudagraph_skips, require_graphs
+from align.sampling import counter_token_keys, counter_uniforms, sample_tokens
 
 TEXTS = ["hello there", "abc", "a longer prompt for the model", "x", "two words"]
 

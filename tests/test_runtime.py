@@ -6,16 +6,9 @@ import pytest
 import torch
 
 from align.config import SFTConfig
-from align.train.runtime import (
-    BatchPlan,
-    RunSetupError,
-    build_optimizer,
-    build_scheduler,
-    epoch_permutation,
-    global_batch_indices,
-    lr_factor,
-    prepare_output_dir,
-)
+from align.train.batching import BatchPlan, epoch_permutation, global_batch_indices
+from align.train.optimization import build_optimizer, build_scheduler, lr_factor
+from align.train.process import RunSetupError, prepare_output_dir
 
 
 def test_batch_plan_derives_accumulation():

@@ -22,7 +22,7 @@ from align.checkpoint import PAUSE_ENV, list_checkpoints, verify_checkpoint
 from align.config import PPOConfig, SFTConfig
 from align.tasks import write_sft_jsonl
 from align.tracking import read_metrics
-from align.train import runtime
+from align.train import checkpointing
 from align.train.ppo import run_ppo
 from align.train.sft import run_sft
 
@@ -189,7 +189,7 @@ def test_sigterm_stops_every_loop_with_a_checkpoint(
     import dataclasses
 
     handler_before = signal.getsignal(signal.SIGTERM)
-    real = runtime.checkpoint_due
+    real = checkpointing.checkpoint_due
 
     def due_and_sigterm_after_step_1(cfg_, step, total):
         if step == 1:
@@ -197,7 +197,7 @@ def test_sigterm_stops_every_loop_with_a_checkpoint(
         return real(cfg_, step, total)
 
     for name, run, cfg in _loops(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
-        monkeypatch.setattr(runtime, "checkpoint_due", due_and_sigterm_after_step_1)
+        monkeypatch.setattr(checkpointing, "checkpoint_due", due_and_sigterm_after_step_1)
         out = tmp_path / name
         result = run(dataclasses.replace(cfg, output_dir=str(out)))
         monkeypatch.undo()
@@ -212,7 +212,7 @@ def test_sigterm_stops_every_loop_with_a_checkpoint(
 def test_first_ctrl_c_asks_to_stop_the_second_aborts(capsys):
     from types import SimpleNamespace
 
-    from align.train.runtime import StopRequest
+    from align.train.process import StopRequest
 
     before = signal.getsignal(signal.SIGINT)
     stop = StopRequest(SimpleNamespace(num_processes=1))

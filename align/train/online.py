@@ -43,8 +43,12 @@ from align.rl_math import (
     masked_mean,
     variance_order,
 )
-from align.rollout import RolloutBatch, engine_class, engine_options
+from align.rollout import RolloutBatch
+from align.rollout_engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
+from align.train.batching import global_batch_indices, total_steps
+from align.train.checkpointing import RunCheckpointer, fingerprint_rows
+from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
 from align.train.ppo import (
     _add,
     _clip,
@@ -56,18 +60,7 @@ from align.train.ppo import (
     scatter_rows,
     sub_batch,
 )
-from align.train.runtime import (
-    RunCheckpointer,
-    RunSetupError,
-    build_optimizer,
-    build_scheduler,
-    fingerprint_rows,
-    global_batch_indices,
-    make_accelerator,
-    prepare_output_dir,
-    step_if_finite,
-    total_steps,
-)
+from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.sft import record_accuracy_after, record_accuracy_before
 
 Method = Literal["online_dpo", "grpo"]

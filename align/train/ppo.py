@@ -46,20 +46,13 @@ from align.rl_math import (
     masked_mean,
     masked_whiten,
 )
-from align.rollout import RolloutBatch, engine_class, engine_options, position_ids_from_mask
+from align.rollout import RolloutBatch, position_ids_from_mask
+from align.rollout_engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
-from align.train.runtime import (
-    RunCheckpointer,
-    RunSetupError,
-    build_optimizer,
-    build_scheduler,
-    fingerprint_rows,
-    global_batch_indices,
-    make_accelerator,
-    prepare_output_dir,
-    step_if_finite,
-    total_steps,
-)
+from align.train.batching import global_batch_indices, total_steps
+from align.train.checkpointing import RunCheckpointer, fingerprint_rows
+from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
+from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 
 # ---------------------------------------------------------------------------------------------------
 # Data: prompts (with their gold tasks when generated) and the pre-training stream

@@ -33,16 +33,10 @@ from align.losses import pairwise_reward_loss
 from align.models import load_tokenizer
 from align.reward import RewardModel, pack_pairs, pad_sequences
 from align.tracking import plot_metrics
-from align.train.runtime import (
-    BatchPlan,
-    RunSetupError,
-    fingerprint_rows,
-    global_batch_indices,
-    make_accelerator,
-    prepare_output_dir,
-    start_single_model_run,
-    total_steps,
-)
+from align.train.batching import BatchPlan, global_batch_indices, total_steps
+from align.train.checkpointing import fingerprint_rows
+from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.run_start import start_single_model_run
 
 
 def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str]:

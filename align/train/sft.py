@@ -29,16 +29,10 @@ from align.losses import sft_loss_from_logprobs
 from align.models import load_causal_lm, save_final_model
 from align.packing import pack_examples
 from align.tracking import plot_metrics
-from align.train.runtime import (
-    BatchPlan,
-    RunSetupError,
-    fingerprint_rows,
-    global_batch_indices,
-    make_accelerator,
-    prepare_output_dir,
-    start_single_model_run,
-    total_steps,
-)
+from align.train.batching import BatchPlan, global_batch_indices, total_steps
+from align.train.checkpointing import fingerprint_rows
+from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.run_start import start_single_model_run
 
 
 def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> dict[str, torch.Tensor]:

@@ -1,0 +1,21 @@
+"""The one place that knows which transformers names changed between the versions we support."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+
+@functools.cache
+def _cache_kwarg_name(model_class: type) -> str:
+    params = inspect.signature(model_class.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``model.forward``: transformers 5.24 renamed ``past_key_values`` to ``cache``
+    (the old name warns and goes in 5.40); earlier versions know only ``past_key_values``."""
+    return {_cache_kwarg_name(type(model)): cache}

@@ -1,0 +1,85 @@
+"""Our own decoding loop behind the :class:`~align.rollout.RolloutEngine` interface
+(``rollout_engine: manual``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from align.hf_compat import cache_kwargs
+from align.rollout import _BatchedEngine, position_ids_from_mask
+from align.sampling import sample_tokens
+
+
+class ManualRolloutEngine(_BatchedEngine):
+    """Our own decoding loop: prefill, then one token per step with a dynamic KV cache.
+
+    Samples with :func:`sample_tokens` (:func:`top_p_filter`, exponential race, a ``torch.Generator`` seeded
+    per call, so the global RNG is never touched). Rows that emitted a stop token are removed from the batch
+    and the cache at once, so they stop costing compute (``generate`` keeps running them). With
+    ``logprobs="generate"`` the log-probs come from the decoding logits at no extra cost or memory.
+    Same constructor as :class:`HFRolloutEngine`.
+    """
+
+    @contextlib.contextmanager
+    def _rng(self, seed: int | None, device: torch.device) -> Iterator[torch.Generator | None]:
+        if seed is None:
+            yield None
+            return
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed)
+        yield generator
+
+    def _decode(self, input_ids, attention_mask, max_new_tokens, temperature, top_p, stop, generator):
+        from transformers import DynamicCache
+
+        model = self.model
+        device = input_ids.device
+        b = input_ids.shape[0]
+        tokens = torch.full((b, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
+        logps = torch.zeros((b, max_new_tokens), dtype=torch.float32, device=device)
+        stop_t = torch.tensor(stop, dtype=torch.long, device=device)
+        active = torch.arange(b, device=device)  # chunk rows still decoding
+        cache = DynamicCache(config=model.config)
+        positions = position_ids_from_mask(attention_mask)
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            **cache_kwargs(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        next_pos = positions[:, -1:] + 1
+        steps = 0
+        for step in range(max_new_tokens):
+            tok, lp = sample_tokens(logits, temperature, top_p, generator)
+            tokens[active, step] = tok
+            logps[active, step] = lp
+            steps = step + 1
+            if step == max_new_tokens - 1:
+                break
+            keep = ~torch.isin(tok, stop_t)
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                kept = keep.nonzero().squeeze(1)
+                cache.batch_select_indices(kept)
+                attention_mask, next_pos, active, tok = (
+                    attention_mask[kept],
+                    next_pos[kept],
+                    active[kept],
+                    tok[kept],
+                )
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+            logits = model(
+                input_ids=tok[:, None],
+                attention_mask=attention_mask,
+                position_ids=next_pos,
+                **cache_kwargs(model, cache),
+                use_cache=True,
+            ).logits[:, -1]
+            next_pos = next_pos + 1
+        return tokens[:, :steps], (logps[:, :steps] if self.logprobs == "generate" else None)

@@ -1,0 +1,160 @@
+"""Exact resume: the run checkpointer (modules, optimisers, schedulers, RNG, loop state, stop at a
+step boundary), when a checkpoint is due, and the data fingerprint that ties a checkpoint to its data."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from align.checkpoint import (
+    find_resume_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from align.config import TrainConfig
+from align.models import load_trainable_state, trainable_state
+from align.train.process import NonFiniteStop, RunSetupError, StopRequest
+
+
+class RunCheckpointer:
+    """Saves and restores everything a training loop needs for exact resume.
+
+    Handles any number of named modules, optimisers and schedulers (SFT has one of each; PPO has a
+    policy and a value model), the RNG states, and a JSON-able `state` dict of loop progress. A
+    checkpoint trained on other data (per `fingerprint`) is refused rather than silently continued.
+    """
+
+    def __init__(self, accelerator: Accelerator, out: Path, cfg: TrainConfig, fingerprint: str) -> None:
+        self.accelerator = accelerator
+        self.root = out / "checkpoints"
+        self.cfg = cfg
+        self.fingerprint = fingerprint
+        self.stop = StopRequest(accelerator)  # created with the run, so SIGTERM is handled from here on
+
+    def stop_requested(self) -> bool:
+        """Poll at an optimiser-step boundary: True when a signal (on any process) or a non-finite step
+        with on_nonfinite=stop asks the loop to write a checkpoint now and return."""
+        return self.stop.poll()
+
+    def end_of_step(
+        self, step: int, total: int, save: Callable[[int], None], stop_after_step: int | None = None
+    ) -> bool:
+        """Every loop's optimiser-step boundary (1-based `step` of `total`): call `save(step)` when a checkpoint
+        is due or a stop was asked (SIGTERM/Ctrl-C on any process, on_nonfinite=stop); True when the loop
+        must return now (stopped, or `stop_after_step` reached, a test hook)."""
+        stop = self.stop_requested()
+        if checkpoint_due(self.cfg, step, total) or stop:
+            save(step)
+        return stop or (stop_after_step is not None and step >= stop_after_step)
+
+    def nonfinite(self, step: int, what: str = "loss or gradient") -> None:
+        """Report a skipped non-finite step (1-based `step`); with on_nonfinite=stop, also ask to stop."""
+        self.accelerator.print(f"step {step}: non-finite {what}, update skipped")
+        if getattr(self.cfg, "on_nonfinite", "skip") == "stop":
+            self.stop.request(f"non-finite {what} at step {step}")
+
+    def find(self) -> Path | None:
+        """The checkpoint to continue from per `cfg.resume` (auto, never, or a path)."""
+        if self.cfg.resume == "auto":
+            return find_resume_checkpoint(self.root)
+        if self.cfg.resume == "never":
+            return None
+        return Path(self.cfg.resume)
+
+    def restore(
+        self,
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+    ) -> tuple[int, dict[str, Any] | None]:
+        """Load the latest good checkpoint into the given objects; return (step, saved state) or (0, None)."""
+        path = self.find()
+        if path is None:
+            return 0, None
+        ckpt = load_checkpoint(path)
+        saved = ckpt["trainer_state"]
+        if saved.get("data_fingerprint") != self.fingerprint:
+            raise RunSetupError(
+                f"{path} was trained on different data (fingerprint {saved.get('data_fingerprint')} != "
+                f"{self.fingerprint}); use a new output_dir, or resume=never with overwrite=true"
+            )
+        for name, module in modules.items():
+            prefix = f"{name}/"
+            load_trainable_state(
+                module, {k[len(prefix) :]: v for k, v in ckpt["model_state"].items() if k.startswith(prefix)}
+            )
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(ckpt["optimizer_state"][name])
+        for name, scheduler in schedulers.items():
+            scheduler.load_state_dict(ckpt["torch_state"]["schedulers"][name])
+        set_rng_state(ckpt["torch_state"]["rng"])
+        self.accelerator.print(f"resuming from {path} at step {saved['step']}")
+        return saved["step"], saved
+
+    def save(
+        self,
+        step: int,
+        state: dict[str, Any],
+        modules: dict[str, torch.nn.Module],
+        optimizers: dict[str, torch.optim.Optimizer],
+        schedulers: dict[str, Any],
+    ) -> None:
+        """Write checkpoint `step` from the main process; every process must call this."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model_state = {
+                f"{name}/{key}": tensor
+                for name, module in modules.items()
+                for key, tensor in trainable_state(module).items()
+            }
+            save_checkpoint(
+                self.root,
+                step,
+                model_state=model_state,
+                optimizer_state={name: opt.state_dict() for name, opt in optimizers.items()},
+                torch_state={
+                    "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+                    "rng": rng_state(),
+                },
+                trainer_state={**state, "step": step, "data_fingerprint": self.fingerprint},
+                config=dataclasses.asdict(self.cfg),
+                keep=self.cfg.save_total_limit,
+            )
+        self.accelerator.wait_for_everyone()
+        reason = self.stop.reason
+        if reason is not None:
+            where = self.root / f"step-{step}"
+            if reason.startswith("non-finite"):
+                raise NonFiniteStop(
+                    f"{reason} (on_nonfinite=stop): stopped with a checkpoint at {where}; "
+                    "set on_nonfinite=skip or lower the learning rate, then run again to resume"
+                )
+            self.accelerator.print(
+                f"stopped on {reason} after step {step}; checkpoint {where}; run again (resume=auto) to continue"
+            )
+
+
+def fingerprint_rows(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("input_ids", "labels")) -> str:
+    """A short hash of tokenised training rows, so a resume against different data is caught."""
+    digest = hashlib.sha256()
+    for row in rows:
+        for key in keys:
+            value = row.get(key)
+            if value is not None:
+                digest.update(key.encode())
+                digest.update(json.dumps(value).encode())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_due(cfg: TrainConfig, step: int, total: int) -> bool:
+    """Whether optimiser step `step` (1-based) writes a checkpoint: every `save_steps`, and the last."""
+    return (cfg.save_steps > 0 and step % cfg.save_steps == 0) or step == total
