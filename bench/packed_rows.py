@@ -10,8 +10,10 @@ by `align.models.load_causal_lm` with a default `SFTConfig` (so `attn_implementa
 documents of the same length (128 tokens), so the work per token is the same at every row length
 except for attention across documents: the ratio of seconds per token (longest row / shortest row) is
 1.0 for document-masked attention and grows with the row length under a dense mask. Timed: forward +
-backward of one row (no optimiser step, whose cost is per step, not per token); the median of
-``repeats`` timings after one warm-up. Writes the JSON with the machine and shapes.
+backward of the same tokens at every row length (one longest row, or as many shorter ones), the lengths
+taking turns so that load from other jobs falls on both; no optimiser step (its cost is per step, not
+per token); the median of ``repeats`` rounds after one warm-up round. Writes the JSON with the machine
+and shapes.
 """
 
 from __future__ import annotations
@@ -59,48 +61,66 @@ def load_default(shape: str, device: str, attn: str, seed: int):
     return loaded.to(device).train()
 
 
-def time_row(
-    model, row_length: int, doc_length: int, vocab: int, device: str, repeats: int, seed: int
-) -> dict:
-    """Seconds per token (median) of forward + backward on one packed row of `row_length` tokens."""
-    from align.train.sft import packed_logprobs, packed_row
+def _rows(row_length: int, total: int, doc_length: int, vocab: int, device: str, seed: int) -> list[dict]:
+    """``total // row_length`` packed rows of ``row_length`` tokens, each made of ``doc_length``-token documents."""
+    from align.train.sft import packed_row
 
     rng = random.Random(seed)
-    docs = []
-    for _ in range(row_length // doc_length):
-        ids = common.random_ids(doc_length, vocab, rng)
-        docs.append({"input_ids": ids, "labels": [-100] + ids[1:]})
-    row = packed_row(docs, torch.device(device))
-    seconds = []
-    for i in range(repeats + 1):
-        common.sync(device)
-        t0 = time.perf_counter()
+    rows = []
+    for _ in range(max(1, total // row_length)):
+        docs = []
+        for _ in range(row_length // doc_length):
+            ids = common.random_ids(doc_length, vocab, rng)
+            docs.append({"input_ids": ids, "labels": [-100] + ids[1:]})
+        rows.append(packed_row(docs, torch.device(device)))
+    return rows
+
+
+def _step(model, rows: list[dict], device: str) -> float:
+    """Seconds of forward + backward over ``rows``, one row at a time."""
+    from align.train.sft import packed_logprobs
+
+    common.sync(device)
+    t0 = time.perf_counter()
+    for row in rows:
         with common.autocast(device):
             loss = -packed_logprobs(model, row).mean()
         loss.backward()
-        common.sync(device)
-        if i:  # the first is warm-up
-            seconds.append(time.perf_counter() - t0)
-        model.zero_grad(set_to_none=True)
-    median = statistics.median(seconds)
-    return {
-        "row_tokens": row_length,
-        "documents": len(docs),
-        "median_s": round(median, 5),
-        "us_per_token": round(1e6 * median / row_length, 3),
-        "seconds": [round(s, 5) for s in seconds],
-    }
+    common.sync(device)
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
 
 
 def measure(args, shape: str, attn: str) -> dict:
-    """Seconds per token at each row length, and the ratio longest / shortest, under one attention."""
+    """Seconds per token at each row length, and the ratio longest / shortest, under one attention.
+
+    Every timing covers the same tokens (the longest row's; shorter rows several of them) and the row
+    lengths take turns, so load from other jobs on a shared host falls on both alike."""
     s = SETTINGS[args.mode]
     model = load_default(shape, args.device, attn, args.seed)
     vocab = common.MODELS[shape]["vocab_size"]
-    points = [
-        time_row(model, n, s["doc_length"], vocab, args.device, s["repeats"], args.seed)
-        for n in s["row_lengths"]
-    ]
+    total = max(s["row_lengths"])
+    batches = {n: _rows(n, total, s["doc_length"], vocab, args.device, args.seed) for n in s["row_lengths"]}
+    seconds: dict[int, list[float]] = {n: [] for n in s["row_lengths"]}
+    for i in range(s["repeats"] + 1):
+        for n, rows in batches.items():
+            t = _step(model, rows, args.device)
+            if i:  # the first round warms up
+                seconds[n].append(t)
+    points = []
+    for n, times in seconds.items():
+        median = statistics.median(times)
+        points.append(
+            {
+                "row_tokens": n,
+                "rows_per_timing": len(batches[n]),
+                "documents_per_row": n // s["doc_length"],
+                "median_s": round(median, 5),
+                "us_per_token": round(1e6 * median / (n * len(batches[n])), 3),
+                "seconds": [round(t, 5) for t in times],
+            }
+        )
     name = model.config._attn_implementation
     del model
     common.release_memory(args.device)
