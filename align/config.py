@@ -40,9 +40,17 @@ class ModelKeys:
         "auto", "Compute precision: auto = bf16 autocast on GPU with fp32 master weights, fp32 on CPU."
     )
     attn_implementation: str = doc(
-        "sdpa", "Attention kernel passed to transformers (sdpa, eager, flash_attention_2)."
+        "auto",
+        "Attention kernel: auto = align's document-masked attention (align/attention.py: FlashAttention-2 "
+        "varlen on CUDA, per-document SDPA on CPU; no (T, T) mask for packed rows), sdpa for models with "
+        "sliding-window layers; or a transformers name (sdpa, eager, flash_attention_2).",
     )
     gradient_checkpointing: bool = doc(False, "Recompute activations in backward to save memory.")
+    compile_layers: bool = doc(
+        False,
+        "torch.compile each decoder layer (layer.compile(): fused norms, rotary and MLP; one compilation "
+        "reused by every layer). Off by default: not yet measured on a GPU.",
+    )
     trust_remote_code: bool = doc(False, "Let transformers run model code shipped with a checkpoint.")
     use_lora: bool = doc(False, "Train LoRA adapters (peft) instead of all weights.")
     lora_r: int = doc(16, "LoRA rank.")
@@ -162,7 +170,16 @@ class RolloutKeys:
     temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
     max_new_tokens: int = doc(24, "Response budget.")
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
-        "hf", "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (align/rollout.py)."
+        "hf",
+        "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (experimental, untested); "
+        "see align/rollout_engines.py.",
+    )
+    rollout_compile: Literal["auto", "on", "off"] = doc(
+        "auto",
+        "CUDA-graph decoding for rollout_engine=static: the whole decoding step (forward, top-p, sampling, stop "
+        "test) captured once per batch-size bucket; auto = on for CUDA, off on CPU; on = also on CPU "
+        "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
+        "Other engines run eager (on is an error there).",
     )
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."

@@ -16,6 +16,7 @@ from transformers import (
 
 import chatml
 from align.assets import resolve_model
+from align.attention import resolve_attn_implementation
 from align.config import TrainConfig
 
 
@@ -71,7 +72,7 @@ def load_causal_lm(cfg: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         path,
         config=config,
         dtype=torch.float32,  # master weights; bf16 comes from autocast on GPU
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=resolve_attn_implementation(cfg.attn_implementation, config),
         trust_remote_code=cfg.trust_remote_code,
     )
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
@@ -81,7 +82,25 @@ def load_causal_lm(cfg: TrainConfig) -> tuple[PreTrainedModel, PreTrainedTokeniz
         model.config.use_cache = False
     if cfg.use_lora:
         model = apply_lora(model, cfg)
+    if getattr(cfg, "compile_layers", False):
+        compile_decoder_layers(model)
     return model, tokenizer
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """``layer.compile()`` on every decoder layer (the ModuleList named ``layers``); returns how many.
+
+    Layers, not the whole model: each layer has the same code and shapes, so one compilation serves them
+    all, and the model's Python-level glue (masks, caches, our chunked head) stays eager."""
+    count = 0
+    for name, module in model.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList):
+            for layer in module:
+                layer.compile()
+                count += 1
+    if count == 0:
+        raise ValueError(f"compile_layers: found no decoder layers in {type(model).__name__}")
+    return count
 
 
 def apply_lora(model: PreTrainedModel, cfg: TrainConfig) -> PreTrainedModel:

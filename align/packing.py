@@ -1,10 +1,11 @@
 """Packing tokenised examples into fixed-budget rows, and the collators of the SFT loop.
 
 A packed row holds several examples back to back; ``position_ids`` restart at 0 at each example.
-Passed to a transformers (>= 5) model *without* an attention mask, those positions are turned into a
-block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``: a new segment starts
-wherever the position does not go up by one), for the sdpa and eager kernels alike, so each example
-attends only to itself and its logits equal those it gets alone.
+Passed to a transformers (>= 5) model *without* an attention mask, those positions separate the examples
+(a new one starts wherever the position does not go up by one), so each example attends only to itself
+and its logits equal those it gets alone: the default attention (``align.attention``) runs attention per
+example with no mask at all; the sdpa and eager kernels get a dense block-diagonal (T, T) mask
+(``masking_utils.find_packed_sequence_indices``).
 
 The forward pass must get ``use_cache=False``: with a KV cache (``config.use_cache`` is True by
 default, in training mode too) transformers 5 skips that detection and silently applies one causal

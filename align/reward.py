@@ -161,7 +161,7 @@ def load_backbone(
     path: str | Path,
     *,
     dtype: torch.dtype = torch.float32,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = "auto",
     dropout: float | None = None,
     trust_remote_code: bool = False,
 ) -> nn.Module:
@@ -174,8 +174,9 @@ def load_backbone(
 
         set_dropout(config, dropout)
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype, "trust_remote_code": trust_remote_code}
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
+    from align.attention import resolve_attn_implementation
+
+    kwargs["attn_implementation"] = resolve_attn_implementation(attn_implementation, config)
     with _quiet_transformers():
         return AutoModel.from_pretrained(path, **kwargs)
 
@@ -310,6 +311,10 @@ class RewardModel(nn.Module):
         sequence's last token, see `packed_end_index`); rewards (N,).
         ``return_all``: also the head at every position, ``values`` (B, T).
         """
+        if attention_mask is not None and position_ids is not None:
+            from align.attention import check_no_mask_on_packed_rows
+
+            check_no_mask_on_packed_rows(attention_mask, position_ids)
         if attention_mask is not None and position_ids is None:
             # Left padding: positions count real tokens only, so a row scores the same however padded.
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -6,6 +6,8 @@ registry cannot live there without an import circle.
 
 from __future__ import annotations
 
+from typing import Any
+
 from align.rollout import HFRolloutEngine
 from align.rollout_manual import ManualRolloutEngine
 
@@ -29,3 +31,13 @@ def engine_class(name: str) -> type:
 
         return VLLMRolloutEngine
     raise ValueError(f"unknown rollout engine {name!r} (hf, manual, static, vllm)")
+
+
+def engine_options(cfg: Any) -> dict[str, Any]:
+    """The engine constructor's extra arguments from an RL config (``rollout_engine``, ``rollout_compile``)."""
+    compile = getattr(cfg, "rollout_compile", "auto")
+    if cfg.rollout_engine == "static":
+        return {"compile": compile}
+    if compile == "on":
+        raise ValueError(f"rollout_compile=on needs rollout_engine=static, not {cfg.rollout_engine}")
+    return {}

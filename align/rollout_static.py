@@ -1,10 +1,10 @@
 """A fixed-shape rollout engine: pre-allocated KV slots, continuous refilling, batch-invariant sampling.
 
 :class:`StaticRolloutEngine` sits behind the same :class:`~align.rollout.RolloutEngine` interface as the
-other engines. What differs from :class:`~align.rollout.ManualRolloutEngine`:
+other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngine`:
 
 * **Static KV cache** (:class:`SlotKVCache`): per layer one (slots, kv_heads, capacity, head_dim) buffer,
-  allocated once per ``generate`` call. A decoding step writes each slot's new key/value in place at the
+  allocated once per ``generate`` call (kept per bucket when compiled). A decoding step writes each slot's new key/value in place at the
   slot's own column and attends over the whole buffer through a 4D mask: no allocation, no concatenation,
   no re-indexing of the cache when rows finish, and every step has the same shapes (the precondition for
   CUDA graphs / ``torch.compile``). Each slot holds its prompt from column 0, unpadded, so a token's
@@ -13,19 +13,24 @@ other engines. What differs from :class:`~align.rollout.ManualRolloutEngine`:
   emitted a stop token (or hit ``max_new_tokens``) is refilled with the next row (one prefill of the new
   prompts into their slots, once ``refill_fraction`` of the slots are idle) instead of idling until the
   whole batch is done.
-* **Counter-based sampling** (:func:`~align.rollout.counter_uniforms`): the race noise of row ``i`` at step
+* **Counter-based sampling** (:func:`~align.sampling.counter_uniforms`): the race noise of row ``i`` at step
   ``t`` is a hash of ``(seed, i, t, token)``, so a row samples the same tokens whichever slot it lands in
   and whoever shares the batch with it. That keeps sampling exactly reproducible given the seed *and*
   independent of ``batch_size`` and of refilling (up to float rounding of the logits, which differs a few
   ulps between batch compositions on any engine). It is a different random stream from
-  :class:`~align.rollout.ManualRolloutEngine`'s ``torch.Generator`` (same distribution, other draws):
+  :class:`~align.rollout_manual.ManualRolloutEngine`'s ``torch.Generator`` (same distribution, other draws):
   the two agree token for token only when greedy.
+* **CUDA-graph decoding** (``compile``, the RL configs' ``rollout_compile``; default on for CUDA): the
+  whole step (forward, top-p by one full sort, counter-based sampling, stop test:
+  :meth:`StaticRolloutEngine._decode_step`) works in place on fixed device buffers marked static (``torch._dynamo.mark_static_address``) and is
+  compiled with ``mode="reduce-overhead"``, ``fullgraph=True``: one graph per (slots, capacity) bucket (powers
+  of two). The host looks at which slots finished only every ``check_every`` steps (no ``tolist()`` per step).
+  If inductor skips the graphs the engine raises instead of running eager. **Not yet measured on a GPU**; on
+  CPU the same step function runs eager (tests), or compiled without graphs (``compile="on"``, a slow test).
 
 Log-probs, stop handling, the returned :class:`~align.rollout.RolloutBatch` and the constructor are those of
-the other engines, plus ``compile``: on CUDA only, wrap the fixed-shape decoding step in
-``torch.compile(mode="reduce-overhead")`` (CUDA graphs). **Not yet measured** (no GPU in the session that
-wrote it); ignored on CPU. A slot whose row finished while no prompt is waiting still runs in the fixed-
-shape step (its output is discarded): the price of static shapes at the tail of a batch.
+the other engines. A slot whose row finished while no prompt is waiting still runs in the fixed-shape step
+(its output is discarded): the price of static shapes at the tail of a batch.
 
 Needs the ``sdpa`` or ``eager`` attention (a custom 4D mask); a model loaded with flash-attention is switched
 to ``sdpa`` for the call and back. Sliding-window layers are refused.
@@ -41,6 +46,7 @@ from typing import Any
 
 import torch
 
+from align.hf_compat import cache_kwargs
 from align.rollout import _BatchedEngine, _device_of
 from align.sampling import counter_token_keys, counter_uniforms, sample_tokens
 
@@ -90,15 +96,107 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
+def _bucket(n: int, least: int = 1) -> int:
+    """The next power of two >= max(n, least): shapes come from few buckets, so few graphs/compilations."""
+    return 1 << max(0, (max(n, least) - 1).bit_length())
+
+
+class _DecodeState:
+    """Per-slot decoding state, device tensors of fixed shape (S slots, M = max_new_tokens), written in place
+    (by the eager refill and by the captured step alike) so that a CUDA graph can read and write them.
+
+    ``tok`` (S,) the last sampled token (fed to the next step); ``lengths`` (S,) the cache column it goes to;
+    ``steps`` (S,) tokens sampled so far; ``live`` (S,) bool; ``row_ids`` (S,) the row each slot decodes;
+    ``out_tok``/``out_lp`` (S, M + 1) the sampled tokens and their log-probs (column M takes the writes
+    of finished or idle slots); ``seed`` () long; ``stop_ids`` (K,) long.
+    """
+
+    def __init__(self, slots: int, max_new: int, device: torch.device) -> None:
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.tok, self.lengths, self.steps, self.row_ids = (
+            zeros(slots),
+            zeros(slots),
+            zeros(slots),
+            zeros(slots),
+        )
+        self.live = zeros(slots, dtype=torch.bool)
+        self.out_tok = zeros(slots, max_new + 1)
+        self.out_lp = zeros(slots, max_new + 1, dtype=torch.float32)
+        self.seed = zeros()
+        self.stop_ids = zeros(0)
+        self.max_new = max_new
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [
+            self.tok,
+            self.lengths,
+            self.steps,
+            self.row_ids,
+            self.live,
+            self.out_tok,
+            self.out_lp,
+            self.seed,
+        ]
+
+
+def sample_into(
+    state: _DecodeState,
+    logits: torch.Tensor,
+    idx: torch.Tensor,
+    token_keys: torch.Tensor | None,
+    temperature: float,
+    top_p: float,
+    initial_k: int = 64,
+) -> None:
+    """Sample the next token of slots ``idx`` (k,) from ``logits`` (k, V), record it, and test for stop.
+
+    The noise of a slot is ``counter_uniforms(seed, row, step)``, so a row draws the same tokens in any slot.
+    Only live slots advance; a token that is a stop id, or the ``max_new``-th, ends its slot. No host sync.
+    """
+    rows, t, live = state.row_ids[idx], state.steps[idx], state.live[idx]
+    uniforms = counter_uniforms(state.seed, rows, t, token_keys) if temperature > 0 else None
+    tok, lp = sample_tokens(logits, temperature, top_p, uniforms=uniforms, initial_k=initial_k)
+    col = torch.where(live, t, state.max_new)
+    state.out_tok[idx, col] = tok
+    state.out_lp[idx, col] = lp
+    state.tok[idx] = tok
+    state.steps[idx] = t + live.long()
+    state.live[idx] = live & ~torch.isin(tok, state.stop_ids) & (t + 1 < state.max_new)
+
+
+def cudagraph_skips() -> int:
+    """How many times inductor has fallen back from CUDA graphs in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def require_graphs(skips_before: int) -> None:
+    """Raise if inductor skipped CUDA graphs since ``skips_before`` (a `cudagraph_skips` reading)."""
+    if cudagraph_skips() != skips_before:
+        raise RuntimeError(
+            "StaticRolloutEngine: inductor skipped CUDA graphs for the decoding step (see its 'skipping "
+            "cudagraphs' log line), so it would run eager and launch-bound. Set rollout_compile=off to run "
+            "eager on purpose."
+        )
+
+
 class StaticRolloutEngine(_BatchedEngine):
     """Fixed-shape decoding with a static KV cache and continuous refilling (see the module docstring).
 
     Same constructor as :class:`~align.rollout.HFRolloutEngine` (``batch_size`` = decoding slots), plus
-    ``compile``: wrap the decoding step in ``torch.compile(mode="reduce-overhead")`` on CUDA (not yet
-    measured; ignored on CPU); ``refill_fraction``: refill once this share of the slots (at least one) is
-    idle and prompts are waiting. Each refill is one prefill call, so refilling slot by slot costs more
-    calls than it saves steps (CPU smoke bench, 6 slots: 0.25 was 3-5% faster than 1/6 or 1/2, about this
-    host's noise; 1.0, i.e. waiting for the whole batch, ~25% slower). Outputs do not depend on it.
+    ``compile``: ``auto`` (default: on for CUDA, off elsewhere), ``on`` or ``off`` (bools accepted). On CUDA,
+    ``on`` captures the whole decoding step (forward, top-p, sampling, stop test; :meth:`_decode_step`) in
+    CUDA graphs through ``torch.compile(mode="reduce-overhead")``, one graph per (slots, capacity) bucket,
+    and raises if inductor skips the graphs (instead of running eager silently). Elsewhere ``on`` compiles
+    without graphs (a check of the traced step). ``refill_fraction``: refill once this share of the slots
+    (at least one) is idle and prompts are waiting. Each refill is one prefill call, so refilling slot by
+    slot costs more calls than it saves steps (CPU smoke bench, 6 slots: 0.25 was 3-5% faster than 1/6 or
+    1/2, about this host's noise; 1.0, i.e. waiting for the whole batch, ~25% slower). ``check_every``: steps
+    between two looks at which slots finished (the only host syncs of the loop; default 8 on CUDA, 1
+    elsewhere). Outputs depend on none of these.
     """
 
     def __init__(
@@ -106,8 +204,9 @@ class StaticRolloutEngine(_BatchedEngine):
         model: Any,
         tokenizer: Any,
         *,
-        compile: bool = False,
+        compile: str | bool = "auto",
         refill_fraction: float = 0.25,
+        check_every: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, tokenizer, **kwargs)
@@ -118,9 +217,20 @@ class StaticRolloutEngine(_BatchedEngine):
             raise ValueError("StaticRolloutEngine does not support sliding-window attention layers")
         if not 0.0 < refill_fraction <= 1.0:
             raise ValueError(f"refill_fraction must be in (0, 1], got {refill_fraction}")
+        compile = {True: "on", False: "off"}.get(compile, compile)  # type: ignore[call-overload]
+        if compile not in ("auto", "on", "off"):
+            raise ValueError(f"compile must be auto, on or off, got {compile!r}")
+        if check_every is not None and check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.compile = compile
+        self.check_every = check_every
         self.refill_min = max(1, math.ceil(refill_fraction * self.batch_size))
         self._compiled: Callable | None = None
+        self._graphs_checked: set[tuple[int, ...]] = set()
+        self._buffers: dict[tuple[Any, ...], tuple[SlotKVCache, _DecodeState]] = {}
+
+    def _compiling(self, device: torch.device) -> bool:
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
 
     @contextlib.contextmanager
     def _rng(self, seed: int | None, device: torch.device) -> Iterator[int]:
@@ -132,7 +242,7 @@ class StaticRolloutEngine(_BatchedEngine):
         config = self.model.config
         saved = config._attn_implementation
         if saved not in ("sdpa", "eager"):
-            config._attn_implementation = "sdpa"  # flash-attention takes no 4D mask; looked up per call
+            config._attn_implementation = "sdpa"  # flash/varlen kernels take no 4D mask; looked up per call
         try:
             yield
         finally:
@@ -143,20 +253,34 @@ class StaticRolloutEngine(_BatchedEngine):
             input_ids=ids,
             position_ids=positions,
             attention_mask=mask,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(self.model, cache),
             logits_to_keep=keep,
         ).logits[:, -1]
 
     def _step(self, cache: SlotKVCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """One decoding step over every slot: ``tokens`` (S,) written at column ``lengths`` (S,); logits (S, V).
-
-        Fixed shapes (the buffers and S never change within a call), so it can be CUDA-graphed."""
+        """One forward over every slot: ``tokens`` (S,) written at column ``lengths`` (S,); logits (S, V)."""
         cache.rows = None
         cache.cols = lengths[:, None]
         columns = torch.arange(cache.keys[0].shape[2], device=lengths.device)
         mask = _additive_mask((columns[None, :] <= lengths[:, None])[:, None, None, :], cache.keys[0].dtype)
         return self._forward(cache, tokens[:, None], lengths[:, None], mask, 1)
+
+    def _decode_step(
+        self,
+        cache: SlotKVCache,
+        state: _DecodeState,
+        token_keys: torch.Tensor | None,
+        temperature: float,
+        top_p: float,
+        initial_k: int,
+    ) -> None:
+        """The whole decoding step, in place on ``cache`` and ``state``: forward every slot's last token,
+        then sample, record and stop-test (:func:`sample_into`). Fixed shapes, no host sync: the function
+        that is CUDA-graphed; eager runs the very same function."""
+        logits = self._step(cache, state.tok, state.lengths)
+        state.lengths.add_(state.live.long())
+        sample_into(state, logits, cache.all_slots, token_keys, temperature, top_p, initial_k)
 
     def _prefill(self, cache: SlotKVCache, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write ``prompts`` into ``slots`` from column 0 (right-padded batch, causal mask); return each
@@ -177,85 +301,110 @@ class StaticRolloutEngine(_BatchedEngine):
         last = torch.tensor([len(p) - 1 for p in prompts], dtype=torch.long, device=device)
         return self._forward(cache, ids, cache.cols, mask, last[:, None])
 
+    def _buffers_for(
+        self, slots: int, capacity: int, max_new: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[SlotKVCache, _DecodeState]:
+        """The cache and state of one (slots, capacity, max_new) bucket, allocated once and reused, so a
+        captured graph keeps reading and writing the same addresses."""
+        if not self._compiling(device):  # eager: nothing to keep between calls
+            return SlotKVCache(self.model.config, slots, capacity, dtype, device), _DecodeState(
+                slots, max_new, device
+            )
+        key = (slots, capacity, max_new, dtype, device)
+        if key not in self._buffers:
+            cache = SlotKVCache(self.model.config, slots, capacity, dtype, device)
+            state = _DecodeState(slots, max_new, device)
+            for t in [*cache.keys, *cache.values, cache.all_slots, *state.tensors()]:
+                torch._dynamo.mark_static_address(t)
+            self._buffers[key] = (cache, state)
+        return self._buffers[key]
+
+    def _compiled_step(self, device: torch.device) -> Callable:
+        if self._compiled is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._compiled = torch.compile(self._decode_step, mode=mode, dynamic=False, fullgraph=True)
+        return self._compiled
+
+    def _run_step(self, step: Callable, cache: SlotKVCache, state: _DecodeState, *args: Any) -> None:
+        if not self._compiled or cache.all_slots.device.type != "cuda":
+            step(cache, state, *args)
+            return
+        torch.compiler.cudagraph_mark_step_begin()
+        skips = cudagraph_skips()
+        step(cache, state, *args)
+        bucket = (cache.all_slots.numel(), cache.keys[0].shape[2], state.max_new)
+        if bucket not in self._graphs_checked:  # the first call of a bucket compiles and records
+            require_graphs(skips)
+            self._graphs_checked.add(bucket)
+
     def _decode_rows(self, rows, order, max_new_tokens, temperature, top_p, stop, generator, done) -> None:
-        """Decode every row through ``batch_size`` slots, refilling a slot as soon as its row ends."""
+        """Decode every row through the slots, refilling slots whose rows ended; looks at the device state
+        every ``check_every`` steps only."""
         if not order:
             return
-        model, seed = self.model, int(generator)
+        model = self.model
         device = _device_of(model)
-        n_slots = min(self.batch_size, len(order))
-        capacity = max(len(rows[i]) for i in order) + max_new_tokens
+        compiling = self._compiling(device)
+        # Buckets bound the number of distinct shapes (graphs, compilations) across calls.
+        n_slots = min(self.batch_size, _bucket(len(order))) if compiling else min(self.batch_size, len(order))
+        need = max(len(rows[i]) for i in order) + max_new_tokens
+        capacity = _bucket(need, 64) if compiling else need
         dtype = next(model.parameters()).dtype
-        stop_set = set(stop)
         want_logps = self.logprobs == "generate"
-        step = self._step
-        if self.compile and device.type == "cuda":
-            if self._compiled is None:
-                self._compiled = torch.compile(self._step, mode="reduce-overhead")
-            step = self._compiled
+        check_every = self.check_every or (8 if device.type == "cuda" else 1)
+        step = self._compiled_step(device) if compiling else self._decode_step
+        # Compiled: top-p by one full sort (k = V), since the top-k search picks its k on the host.
+        initial_k = 1 << 62 if compiling else 64
 
-        cache = SlotKVCache(model.config, n_slots, capacity, dtype, device)
+        cache, state = self._buffers_for(n_slots, capacity, max_new_tokens, dtype, device)
+        state.live.zero_()
+        state.seed.fill_(int(generator))
+        state.stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=device)
+        token_keys = None
         queue = collections.deque(order)
         slot_row = [-1] * n_slots  # row decoded in each slot, -1: idle
-        new: list[list[int]] = [[] for _ in range(n_slots)]
-        new_lp: list[list[float]] = [[] for _ in range(n_slots)]
-        lengths = torch.zeros(n_slots, dtype=torch.long, device=device)  # cache columns filled per slot
-        steps = torch.zeros(n_slots, dtype=torch.long, device=device)  # tokens generated per slot
-        row_ids = torch.zeros(n_slots, dtype=torch.long, device=device)
-        live = torch.zeros(n_slots, dtype=torch.long, device=device)
-        logits: torch.Tensor | None = None
-        token_keys: torch.Tensor | None = None
 
         def refill(free: list[int]) -> None:
-            nonlocal logits
+            nonlocal token_keys
             take = [queue.popleft() for _ in range(min(len(free), len(queue)))]
             if not take:
                 return
             use = free[: len(take)]
-            first = self._prefill(cache, use, [rows[i] for i in take])
-            if logits is None:
-                logits = first.new_zeros((n_slots, first.shape[-1]))
+            logits = self._prefill(cache, use, [rows[i] for i in take])
+            if temperature > 0 and token_keys is None:
+                token_keys = counter_token_keys(logits.shape[-1], device)
             idx = torch.tensor(use, dtype=torch.long, device=device)
-            logits[idx] = first
-            lengths[idx] = torch.tensor([len(rows[i]) for i in take], dtype=torch.long, device=device)
-            row_ids[idx] = torch.tensor(take, dtype=torch.long, device=device)
-            steps[idx] = 0
-            live[idx] = 1
+            state.lengths[idx] = torch.tensor([len(rows[i]) for i in take], dtype=torch.long, device=device)
+            state.row_ids[idx] = torch.tensor(take, dtype=torch.long, device=device)
+            state.steps[idx] = 0
+            state.live[idx] = True
+            sample_into(state, logits, idx, token_keys, temperature, top_p)
             for s, i in zip(use, take, strict=True):
-                slot_row[s], new[s], new_lp[s] = i, [], []
+                slot_row[s] = i
+
+        def harvest() -> list[int]:
+            """Hand finished rows to ``done``; return the idle slots (one look at the device state)."""
+            live = state.live.tolist()
+            ended = [s for s, i in enumerate(slot_row) if i >= 0 and not live[s]]
+            if ended:
+                idx = torch.tensor(ended, dtype=torch.long, device=device)
+                counts = state.steps[idx].tolist()
+                toks = state.out_tok[idx].tolist()
+                lps = state.out_lp[idx].tolist() if want_logps else None
+                for j, s in enumerate(ended):
+                    n = counts[j]
+                    done(slot_row[s], toks[j][:n], lps[j][:n] if lps is not None else None)
+                    slot_row[s] = -1
+            return [s for s, i in enumerate(slot_row) if i < 0]
 
         with self._mask_capable_attention():
             refill(list(range(n_slots)))
             while True:
-                assert logits is not None
-                if temperature > 0 and token_keys is None:
-                    token_keys = counter_token_keys(logits.shape[-1], device)
-                uniforms = counter_uniforms(seed, row_ids, steps, token_keys) if temperature > 0 else None
-                tok, lp = sample_tokens(logits, temperature, top_p, uniforms=uniforms)
-                tok_list = tok.tolist()
-                lp_list = lp.tolist() if want_logps else None
-                free = []
-                for s, i in enumerate(slot_row):
-                    if i < 0:
-                        continue
-                    new[s].append(tok_list[s])
-                    if lp_list is not None:
-                        new_lp[s].append(lp_list[s])
-                    if tok_list[s] in stop_set or len(new[s]) == max_new_tokens:
-                        done(i, new[s], new_lp[s] if want_logps else None)
-                        slot_row[s] = -1
-                        free.append(s)
-                if free:
-                    live[torch.tensor(free, dtype=torch.long, device=device)] = 0
-                if all(i < 0 for i in slot_row) and not queue:
+                idle = harvest()
+                if len(idle) == n_slots and not queue:
                     return
-                if any(i >= 0 for i in slot_row):
-                    if self.compile and device.type == "cuda":
-                        torch.compiler.cudagraph_mark_step_begin()
-                    logits = step(cache, tok, lengths)
-                    lengths += live  # idle slots wrote a discarded column at their (fixed) length
-                    steps += live
-                idle = [s for s, i in enumerate(slot_row) if i < 0]
                 # Refill once a few slots are idle, not each time one is: every refill is a model call.
                 if queue and (len(idle) >= self.refill_min or len(idle) == n_slots):
                     refill(idle)
+                for _ in range(check_every):
+                    self._run_step(step, cache, state, token_keys, temperature, top_p, initial_k)

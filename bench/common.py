@@ -94,36 +94,38 @@ def stage_args(
     return args
 
 
-def attn_implementation(device: str) -> str:
-    """flash_attention_2 on GPU where flash-attn is installed, else sdpa; both sides use the same.
-
-    Why it matters: a packed row (ours, and TRL's padding-free packing) under sdpa attends through a
-    dense block-diagonal (T, T) mask, so attention costs T^2 for the whole row instead of the sum of
-    each document's length squared; flash-attn's varlen kernel pays only the latter.
-    """
+def attn_implementation(device: str, side: str = "ours") -> str:
+    """The attention each side gets: ours its default (`attn_implementation=auto`: align's document-masked
+    attention, FlashAttention-2 varlen on CUDA); a peer flash_attention_2 where flash-attn is installed,
+    else sdpa (what its users get; under sdpa a packed row attends through a dense (T, T) mask)."""
     import importlib.util
 
+    if side == "ours":
+        from align.attention import DOC_ATTENTION
+
+        return DOC_ATTENTION
     if device == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
 
-def model_config(shape: str, device: str = "cpu"):
+def model_config(shape: str, device: str = "cpu", side: str = "ours"):
     from transformers import Qwen2Config
 
     config = Qwen2Config(
         **MODELS[shape], bos_token_id=None, eos_token_id=EOS_ID, pad_token_id=PAD_ID, use_cache=False
     )
-    config._attn_implementation = attn_implementation(device)
+    config._attn_implementation = attn_implementation(device, side)
     return config
 
 
-def build_lm(shape: str, device: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A randomly initialised Qwen2ForCausalLM of `shape`, fp32 master weights unless `dtype` says."""
+def build_lm(shape: str, device: str, seed: int = 0, dtype: torch.dtype = torch.float32, side: str = "ours"):
+    """A randomly initialised Qwen2ForCausalLM of `shape`, fp32 master weights unless `dtype` says; `side`
+    picks the attention (`attn_implementation`)."""
     from transformers import Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(model_config(shape, device)).to(device=device, dtype=dtype)
+    return Qwen2ForCausalLM(model_config(shape, device, side)).to(device=device, dtype=dtype)
 
 
 def synthetic_tokenizer(vocab_size: int):

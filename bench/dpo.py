@@ -107,8 +107,8 @@ def run_trl(args, pairs: list[dict]) -> dict:
     from trl import DPOConfig, DPOTrainer
 
     s = SETTINGS[args.mode]
-    model = common.build_lm(args.shape, args.device, args.seed)
-    reference = common.build_lm(args.shape, args.device, args.seed)
+    model = common.build_lm(args.shape, args.device, args.seed, side="peer")
+    reference = common.build_lm(args.shape, args.device, args.seed, side="peer")
     tokenizer = common.synthetic_tokenizer(common.MODELS[args.shape]["vocab_size"])
     # TRL appends EOS to each reply itself, so the text carries the reply without it.
     data = Dataset.from_list(

@@ -46,6 +46,15 @@ INSTALL = f"pip install --no-deps --target {TRL112} trl==1.12.0"
 def _extra(p) -> None:
     p.add_argument("--trl112", default=str(TRL112), help="directory holding a TRL 1.12.0 install")
     p.add_argument("--peer-only", default=None, help="internal: run only TRL 1.12's side, JSON to this path")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="both sides within N seconds (default: 180 real, none smoke); the peer's process gets what is left",
+    )
+    p.add_argument(
+        "--rollout-engine", default="static", help="our rollout_engine (static: CUDA graphs on CUDA)"
+    )
 
 
 def shape_config(shape: str) -> dict:
@@ -119,10 +128,10 @@ def run_ours(args, work: Path) -> dict:
         progress=False,
         train_missing_stages=False,
         log_rollouts=0,
-        rollout_engine="manual",
-        attn_implementation=common.attn_implementation(args.device),
+        rollout_engine=args.rollout_engine,
+        attn_implementation="auto",
     )
-    result: dict = {"name": "align run_ppo (ManualRolloutEngine, chunked log-probs)"}
+    result: dict = {"name": f"align run_ppo (rollout_engine={args.rollout_engine}, chunked log-probs)"}
     with common.peak_memory(args.device, result):  # loading the four models included
         run_ppo(cfg)
     last = read_metrics(cfg.output_dir)[-1]
@@ -143,18 +152,24 @@ def run_ours(args, work: Path) -> dict:
     return result
 
 
-def run_peer_subprocess(args) -> tuple[dict | None, str]:
-    """TRL 1.12's side in a fresh interpreter with the 1.12 install first on the path."""
+def run_peer_subprocess(args, seconds_left: float | None = None) -> tuple[dict | None, str]:
+    """TRL 1.12's side in a fresh interpreter with the 1.12 install first on the path, cut off after
+    ``seconds_left`` (None: no limit)."""
     target = Path(args.trl112)
     if not (target / "trl" / "experimental" / "ppo").is_dir():
         return None, f"TRL 1.12.0 not found in {target}; install it with: {INSTALL}"
+    if seconds_left is not None and seconds_left < 30:
+        return None, f"not run: {seconds_left:.0f} s of the budget left after our side"
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peer.json"
         cmd = [sys.executable, __file__, "--mode", args.mode, "--device", args.device, "--model", args.model]
         cmd += ["--seed", str(args.seed), "--peer-only", str(out)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")])}
         env["TRL_EXPERIMENTAL_SILENCE"] = "1"
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds_left)
+        except subprocess.TimeoutExpired:
+            return None, f"TRL 1.12 peer did not finish within the {seconds_left:.0f} s left of the budget"
         if proc.returncode != 0 or not out.exists():
             return None, "TRL 1.12 peer failed: " + proc.stderr.strip().splitlines()[-1][:300]
         return json.loads(out.read_text()), ""
@@ -177,7 +192,7 @@ def run_trl112(args) -> dict:
 
     def config(labels: int | None = None):
         c = Qwen2Config(**shape_config(args.shape), bos_token_id=None, eos_token_id=0, pad_token_id=0)
-        c._attn_implementation = common.attn_implementation(args.device)
+        c._attn_implementation = common.attn_implementation(args.device, side="peer")
         if labels:
             c.num_labels = labels
         return c
@@ -244,13 +259,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.peer_only:
         Path(args.peer_only).write_text(json.dumps(run_trl112(args)))
         return None
+    budget = args.budget_s if args.budget_s is not None else (180.0 if args.mode == "real" else None)
+    start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         ours = run_ours(args, Path(tmp))
     common.release_memory(args.device)
-    peer, why = run_peer_subprocess(args)
+    ours["wall_s_with_loading"] = round(time.monotonic() - start, 1)
+    left = None if budget is None else budget - (time.monotonic() - start)
+    peer, why = run_peer_subprocess(args, left)
     setting = {
         **SETTINGS[args.mode],
         "queries_ours": SETTINGS[args.mode]["responses"] // SETTINGS[args.mode]["samples"],
+        "budget_s": budget,
+        "rollout_engine": args.rollout_engine,
     }
     return common.compare(
         args, "seconds_per_iteration", ours, peer, setting, higher_is_better=False, note=why

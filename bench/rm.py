@@ -91,7 +91,7 @@ def run_trl(args, pairs: list[dict]) -> dict:
 
     s = SETTINGS[args.mode]
     torch.manual_seed(args.seed)
-    config = common.model_config(args.shape, args.device)
+    config = common.model_config(args.shape, args.device, side="peer")
     config.num_labels = 1
     model = Qwen2ForSequenceClassification(config).to(args.device)
     tokenizer = common.synthetic_tokenizer(common.MODELS[args.shape]["vocab_size"])

@@ -77,12 +77,23 @@ def run_ours(args, examples: list[dict]) -> dict:
     return result
 
 
-def run_trl(args, examples: list[dict]) -> dict:
+def liger_unavailable(device: str) -> str:
+    """Why TRL's Liger configuration cannot run here ("" when it can): liger-kernel is Triton, CUDA only."""
+    import importlib.util
+
+    if device != "cuda":
+        return "liger-kernel runs Triton kernels on CUDA only"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install liger-kernel)"
+    return ""
+
+
+def run_trl(args, examples: list[dict], liger: bool = False) -> dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     s = SETTINGS[args.mode]
-    model = common.build_lm(args.shape, args.device, args.seed)
+    model = common.build_lm(args.shape, args.device, args.seed, side="peer")
     tokenizer = common.synthetic_tokenizer(common.MODELS[args.shape]["vocab_size"])
     data = Dataset.from_list(
         [
@@ -102,12 +113,16 @@ def run_trl(args, examples: list[dict]) -> dict:
         per_device_train_batch_size=s["rows"],
         completion_only_loss=True,
         num_train_epochs=1,
+        use_liger_kernel=liger,
         **common.peer_args(args.device),
     )
     trainer = trainer_cls(
         model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer]
     )
-    result: dict = {"name": f"TRL {__import__('trl').__version__} SFTTrainer (packing, padding-free)"}
+    liger_txt = ", Liger fused linear cross-entropy" if liger else ""
+    result: dict = {
+        "name": f"TRL {__import__('trl').__version__} SFTTrainer (packing, padding-free{liger_txt})"
+    }
     with common.peak_memory(args.device, result):
         out = trainer.train()
     result.update(_rates(args, clock, examples, s["warmup"]))
@@ -136,14 +151,31 @@ def main(argv: list[str] | None = None) -> dict:
     examples = make_examples(args.mode, common.MODELS[args.shape]["vocab_size"], args.seed)
     tokens = sum(len(e["input_ids"]) for e in examples)
     ours, peer = common.run_sides(args, examples, run_ours, run_trl)
+    why_not = liger_unavailable(args.device)
+    liger: dict | None = None
+    if not why_not:
+        common.release_memory(args.device)
+        liger = common.run_sides(args, examples, lambda *_: {}, lambda a, e: run_trl(a, e, liger=True))[1]
+    # The ratio is against the faster TRL configuration.
+    plain = peer
+    if liger and liger["tokens_per_s"] > peer["tokens_per_s"]:
+        peer = liger
     setting = {
         **SETTINGS[args.mode],
         "documents": len(examples),
         "dataset_tokens": tokens,
         "epochs": 1,
         "precision": common.precision(args.device),
+        "attention": {
+            "ours": common.attn_implementation(args.device),
+            "peer": common.attn_implementation(args.device, "peer"),
+        },
+        "trl_plain": plain,
+        "trl_liger": liger if liger else f"not run: {why_not}",
     }
-    return common.compare(args, "tokens_per_s", ours, peer, setting)
+    return common.compare(
+        args, "tokens_per_s", ours, peer, setting, note="peer = the faster TRL configuration"
+    )
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ def test_default_chunk_bounds_the_logits_block():
     assert default_chunk(151_936) == 441
     assert 441 * 151_936 * 4 <= 1 << 28 < 442 * 151_936 * 4
     assert default_chunk(10**12) == 1
+    # A small vocabulary: the block stops at 1,024 positions (not 8,192), whatever the row length.
+    assert default_chunk(8192) == 1024
 
 
 def _tiny_lm(tie: bool, vocab: int = 97):

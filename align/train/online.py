@@ -45,7 +45,7 @@ from align.rl_math import (
     variance_order,
 )
 from align.rollout import RolloutBatch
-from align.rollout_engines import engine_class
+from align.rollout_engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
@@ -172,7 +172,9 @@ def run_online(
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy_u = accelerator.unwrap_model(policy)
     engine_cls = engine_class(cfg.rollout_engine)
-    engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
+    engine = engine_cls(
+        policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none", **engine_options(cfg)
+    )
 
     fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
     checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)

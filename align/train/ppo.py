@@ -46,7 +46,7 @@ from align.rl_math import (
     masked_whiten,
 )
 from align.rollout import RolloutBatch, position_ids_from_mask
-from align.rollout_engines import engine_class
+from align.rollout_engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
@@ -239,7 +239,9 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     policy_u, value_u = accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model)
     engine_cls = engine_class(cfg.rollout_engine)
     # Our own log-prob pass below uses the training layout, so the engine computes none.
-    engine = engine_cls(policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none")
+    engine = engine_cls(
+        policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none", **engine_options(cfg)
+    )
     _, im_end = chatml.chatml_token_ids(tokenizer)
 
     moments = RunningMoments()

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from align.attention import document_kwargs, lengths_from_positions
 from align.config import SFTConfig
 from align.data import DataReport, load_sft, tokenize_sft
 from align.fused_logprobs import lm_logprobs
@@ -38,8 +39,10 @@ def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> d
     """Concatenate tokenised sequences into one (1, T) row for a padding-free forward pass.
 
     Returns input_ids and position_ids (1, T), `keep` (1, T) bool marking positions whose next token is
-    trained, and `targets` (N,) those next tokens. Labels are shifted inside each sequence, so the
-    last token of one conversation never predicts the first of the next.
+    trained, `targets` (N,) those next tokens, and `documents`: the varlen kwargs of the row's documents
+    (`align.attention.document_kwargs`, from the positions, so no per-layer re-derivation or host sync).
+    Labels are shifted inside each sequence, so the last token of one conversation never predicts the
+    first of the next.
     """
     ids, pos, targets = [], [], []
     for seq in sequences:
@@ -49,15 +52,26 @@ def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> d
         # Packed rows already mask the first label of each conversation, so no token is trained to
         # predict the start of the next conversation.
         targets.extend(seq["labels"][1:] + [-100])
-    ids_t = torch.tensor([ids], dtype=torch.long, device=device)
-    tgt = torch.tensor([targets], dtype=torch.long, device=device)
+    # Built on the CPU and copied without blocking: a copy from pageable memory (or a boolean index on
+    # the GPU) would wait for the GPU's queue, one host sync per micro-batch.
+    tgt = torch.tensor([targets], dtype=torch.long)
     keep = tgt != -100
-    return {
-        "input_ids": ids_t,
-        "position_ids": torch.tensor([pos], dtype=torch.long, device=device),
+    row = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
         "keep": keep,
         "targets": tgt[keep],
     }
+    row = {k: _to_device(v, device) for k, v in row.items()}
+    documents = document_kwargs(lengths_from_positions(pos), "cpu")
+    row["documents"] = {k: _to_device(v, device) if torch.is_tensor(v) else v for k, v in documents.items()}
+    return row
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def packed_logprobs(model: Any, row: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -72,6 +86,7 @@ def packed_logprobs(model: Any, row: dict[str, torch.Tensor]) -> torch.Tensor:
         position_ids=row["position_ids"],
         logits_to_keep=row["keep"],
         use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
+        **row.get("documents", {}),
     )
 
 
