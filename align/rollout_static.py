@@ -210,6 +210,8 @@ class StaticRolloutEngine(_BatchedEngine):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, tokenizer, **kwargs)
+        # Resolved here, not in the traced step: dynamo does not honour functools.cache.
+        (self._cache_key,) = cache_kwargs(model, None)
         config = model.config
         if getattr(config, "use_sliding_window", False) or "sliding_attention" in (
             getattr(config, "layer_types", None) or []
@@ -254,7 +256,7 @@ class StaticRolloutEngine(_BatchedEngine):
             position_ids=positions,
             attention_mask=mask,
             use_cache=True,
-            **cache_kwargs(self.model, cache),
+            **{self._cache_key: cache},
             logits_to_keep=keep,
         ).logits[:, -1]
 

@@ -108,6 +108,7 @@ def test_compiled_step_on_cpu_equals_eager(tok, prompts):
     per shape bucket; sampled tokens equal the eager step's, and a second call reuses the compilation."""
     from torch._dynamo.utils import counters
 
+    counters.clear()  # process-wide: earlier compiled tests in the same session leave their graph breaks here
     model = tiny_qwen2(tok, head_scale=10.0)
     kw = dict(n=2, max_new_tokens=6, temperature=1.0, top_p=0.9, seed=3)
     eager = StaticRolloutEngine(model, tok, batch_size=3, logprobs="generate").generate(prompts[:4], **kw)
