@@ -38,6 +38,8 @@ __all__ = [
     "format_markdown",
     "format_win_rate",
     "lm_loss",
+    "mcnemar_exact",
+    "paired_accuracy",
     "load_lm",
     "sequence_kl",
     "tax_rows",
@@ -86,6 +88,42 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: under "no change", each of the gained + lost discordant tasks (wrong
+    before and right after, or the reverse) is a fair coin. p = P(|Binomial(n, 1/2) - n/2| >= |observed|),
+    capped at 1. Concordant tasks carry no information about the change and do not enter."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_accuracy(before: Sequence[bool], after: Sequence[bool], z: float = Z95) -> dict[str, Any]:
+    """Gold accuracy of the same tasks before and after training, with the paired test.
+
+    Returns ``{n, before, before_lo, before_hi, after, after_lo, after_hi, gained, lost, delta, delta_lo,
+    delta_hi, p_mcnemar}``: Wilson 95% intervals for each accuracy; the change ``delta = (gained - lost) / n``
+    with its paired (Wald) interval ``z * sqrt(gained + lost - (gained - lost)^2 / n) / n``; the exact
+    McNemar p-value. Paired because the two accuracies share the tasks: their difference has far less
+    variance than two independent samples would suggest, and treating them as independent wastes power.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_accuracy: {len(before)} before vs {len(after)} after results")
+    n = len(before)
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    n_before, n_after = sum(map(bool, before)), sum(map(bool, after))
+    b_lo, b_hi = wilson_interval(n_before, n)
+    a_lo, a_hi = wilson_interval(n_after, n)
+    delta = (gained - lost) / n if n else 0.0
+    half = z * math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n if n else 0.0
+    return {"n": n, "before": n_before / n if n else 0.0, "before_lo": b_lo, "before_hi": b_hi,
+            "after": n_after / n if n else 0.0, "after_lo": a_lo, "after_hi": a_hi, "gained": gained,
+            "lost": lost, "delta": delta, "delta_lo": delta - half, "delta_hi": delta + half,
+            "p_mcnemar": mcnemar_exact(gained, lost)}  # fmt: skip
 
 
 def win_rate(

@@ -127,7 +127,10 @@ def record_accuracy_before(
     so a resumed run does not measure the already-trained model as its "before"."""
     if "accuracy_before" not in state:
         say(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
-        state["accuracy_before"] = heldout_accuracy(model, tokenizer, cfg)["accuracy"]
+        result = heldout_accuracy(model, tokenizer, cfg)
+        state["accuracy_before"] = result["accuracy"]
+        # Per task, so the "after" figure can be tested against it pairwise (same tasks, McNemar).
+        state["accuracy_before_oks"] = [int(ok) for ok in result["oks"]]
 
 
 def record_accuracy_after(
@@ -137,10 +140,22 @@ def record_accuracy_after(
     """Held-out gold accuracy after training, beside the "before" figure, into the run's summary."""
     say(f"held-out accuracy after training ({cfg.eval_tasks} generated tasks)...")
     summary["accuracy_before"] = state.get("accuracy_before")
-    summary["accuracy_after"] = heldout_accuracy(model, tokenizer, cfg)["accuracy"]
+    result = heldout_accuracy(model, tokenizer, cfg)
+    summary["accuracy_after"] = result["accuracy"]
+    before_oks = state.get("accuracy_before_oks")
+    test = ""
+    if before_oks is not None and len(before_oks) == len(result["oks"]):
+        from align.evaluate_policy import paired_accuracy
+
+        summary["accuracy_test"] = t = paired_accuracy([bool(x) for x in before_oks], result["oks"])
+        test = (
+            f" (95% CI {t['before_lo']:.1%}-{t['before_hi']:.1%} -> {t['after_lo']:.1%}-{t['after_hi']:.1%}; "
+            f"change {t['delta']:+.1%} [{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}], {t['gained']} gained, "
+            f"{t['lost']} lost, McNemar exact p = {t['p_mcnemar']:.3g})"
+        )
     say(
         f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
-        f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
+        f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}{test}"
     )
 
 
