@@ -40,8 +40,8 @@ from align.models import load_causal_lm, save_final_model
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
-from align.train.ppo import load_frozen_lm
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.rl_common import load_frozen_lm
 from align.train.run_start import start_single_model_run
 from align.train.sft import (
     packed_logprobs,

@@ -39,6 +39,7 @@ from align.reward import RewardModel
 from align.rl_math import (
     best_worst_pairs,
     group_advantages,
+    group_scores,
     kl_estimate,
     masked_mean,
     variance_order,
@@ -49,18 +50,21 @@ from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
 from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
-from align.train.ppo import (
-    _add,
-    _clip,
+from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.rl_common import (
+    add_stats,
     check_same_vocabulary,
+    clip_value,
     load_frozen_lm,
     load_prompts,
     log_rl_step,
+    micro_slices,
     response_logprobs,
+    reward_model_settings,
     scatter_rows,
+    score_rollouts,
     sub_batch,
 )
-from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.sft import record_accuracy_after, record_accuracy_before
 
 Method = Literal["online_dpo", "grpo"]
@@ -84,6 +88,17 @@ def load_online_prompts(cfg: OnlineConfig) -> tuple[list[list[dict[str, str]]], 
         tasks = generate_tasks(cfg.embedded_prompts, seed=cfg.seed + 1, split="train")
         return [t.messages for t in tasks], tasks
     return load_prompts(cfg)  # the PPO prompt reader: JSONL of {messages} or {prompt}
+
+
+def verifier_reward(tasks: list[Any], queries: list[int]) -> Any:
+    """A rule-based reward_fn: 1.0 where the gold verifier accepts the response to `queries[prompt]`."""
+    from align.tasks import verify
+
+    def reward(batch: RolloutBatch, texts: list[str]) -> list[float]:
+        rows = batch.prompt_index.tolist()
+        return [float(verify(tasks[queries[int(p)]], t)) for p, t in zip(rows, texts, strict=True)]
+
+    return reward
 
 
 def reward_source(cfg: OnlineConfig, reward_fn: Any, tasks: list[Any] | None) -> str:
@@ -157,7 +172,12 @@ def run_online(
         }[source]
     )
 
-    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=cfg.default_system) for p in prompts]
+    default_system = (
+        reward_model_settings(reward_model, tokenizer, cfg.default_system)
+        if reward_model is not None
+        else cfg.default_system
+    )
+    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
     if too_long:
         raise DataError(
@@ -191,33 +211,17 @@ def run_online(
     if embedded_eval and is_main:
         record_accuracy_before(state, policy_u, tokenizer, cfg, accelerator.print)
 
-    def micro_slices(rows: list[int]) -> list[list[int]]:
-        return [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
-
     def score(batch: RolloutBatch, texts: list[str], queries: list[int]) -> torch.Tensor:
-        """(B,) raw scores of a rollout batch whose prompt i is query `queries[i]`."""
-        if reward_fn is not None:
-            scores = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
-        elif reward_model is not None:
-            scores = torch.zeros(len(texts), device=device)
-            with torch.no_grad(), accelerator.autocast():
-                for rows in micro_slices(list(range(len(texts)))):
-                    seq = sub_batch(batch, rows).sequences(left_pad=True)
-                    rewards = reward_model(seq.input_ids, seq.attention_mask).rewards
-                    scores[torch.tensor(rows, device=device)] = rewards.float()
-        else:
-            from align.tasks import verify
-
-            scores = torch.tensor(
-                [
-                    float(verify(tasks[queries[int(p)]], text))
-                    for p, text in zip(batch.prompt_index.tolist(), texts, strict=True)
-                ],
-                device=device,
-            )
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(batch.finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        return scores
+        """(B,) scores of a rollout batch whose prompt i is query `queries[i]`; unclosed (or unreadable)
+        responses rank below every closed one when missing_eos_penalty is set (`group_scores`)."""
+        rule = reward_fn
+        if rule is None and reward_model is None:
+            rule = verifier_reward(tasks, queries)
+        raw, closed = score_rollouts(
+            batch, texts, reward_model=reward_model, reward_fn=rule,
+            micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
+        )  # fmt: skip
+        return group_scores(raw, closed, cfg.missing_eos_penalty)
 
     def rollout(queries: list[int], seed: int) -> RolloutBatch:
         return engine.generate(
@@ -308,7 +312,7 @@ def run_online(
             old_logprobs = torch.zeros(n_rows, width, device=device)
             ref_logprobs = torch.zeros_like(old_logprobs)
             with torch.no_grad(), accelerator.autocast():
-                for rows in micro_slices(list(range(n_rows))):
+                for rows in micro_slices(list(range(n_rows)), cfg.micro_batch_size):
                     sub = sub_batch(batch, rows)
                     seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
                     if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
@@ -330,7 +334,7 @@ def run_online(
                 for mb in range(cfg.num_mini_batches):
                     mini = perm[mb * size : (mb + 1) * size]
                     tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
-                    micros = micro_slices(mini)
+                    micros = micro_slices(mini, cfg.micro_batch_size)
                     for k, rows in enumerate(micros):
                         sub = sub_batch(batch, rows)
                         seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
@@ -350,18 +354,22 @@ def run_online(
                                 loss = loss + cfg.kl_coef * kl_loss
                                 p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
                             accelerator.backward(loss)
-                        _add(
+                        add_stats(
                             stats_acc,
                             {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
                         )
-                        _add(stats_acc, p_stats)
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
+                        add_stats(stats_acc, p_stats)
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), clip_value(cfg))
                     step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
-                    _add(stats_acc, {"grad_norm": grad_norm})
+                    add_stats(stats_acc, {"grad_norm": grad_norm})
             metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
         else:
             chosen, rejected, _, ties = best_worst_pairs(grouped)
             n_pairs = int(chosen.numel())
+            # Pairs on every process: each pair weighs 1/global_pairs, whatever process it fell on. Weighting
+            # by the local count gave a mean of per-process means (a process with 1 pair counted as much as
+            # one with 8).
+            global_pairs = int(accelerator.reduce(torch.tensor(n_pairs, device=device), reduction="sum"))
             pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
             pair_micro = max(cfg.micro_batch_size // 2, 1)
             slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
@@ -386,10 +394,11 @@ def run_online(
                         cfg.label_smoothing,
                     )
                     # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
-                    weight = b / n_pairs if n_pairs else 0.0
+                    # (data parallelism averages gradients over `world` processes, hence the factor)
+                    weight = pair_weight(b, global_pairs, world)
                     accelerator.backward(loss * weight)
                 if n_pairs:
-                    _add(
+                    add_stats(
                         stats_acc,
                         {
                             "loss": loss.item(),
@@ -399,11 +408,11 @@ def run_online(
                             "rejected_score": grouped.flatten()[rejected].mean(),
                         },
                     )
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
-            if n_pairs:
+            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), clip_value(cfg))
+            if global_pairs:
                 step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
             optimizer.zero_grad(set_to_none=True)
-            _add(stats_acc, {"grad_norm": grad_norm})
+            add_stats(stats_acc, {"grad_norm": grad_norm})
             state["ties_skipped"] = state.get("ties_skipped", 0) + ties
             metrics.update(
                 {"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": state["ties_skipped"]}
@@ -464,3 +473,9 @@ def run_online(
     logger.close()
     accelerator.wait_for_everyone()
     return summary
+
+
+def pair_weight(pairs_here: int, global_pairs: int, world: int) -> float:
+    """Loss weight of a micro-batch of `pairs_here` pairs whose loss is their mean, so that after the
+    data-parallel gradient average (1/world) every pair of the global batch weighs 1/global_pairs."""
+    return pairs_here * world / global_pairs if global_pairs else 0.0
