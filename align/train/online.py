@@ -49,12 +49,12 @@ from align.rollout_engines import engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
-from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
+from align.train.optim_step import optimizer_step
+from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.rl_common import (
     add_stats,
     check_same_vocabulary,
-    clip_value,
     load_frozen_lm,
     load_prompts,
     log_rl_step,
@@ -359,8 +359,10 @@ def run_online(
                             {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
                         )
                         add_stats(stats_acc, p_stats)
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), clip_value(cfg))
-                    step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
+                    grad_norm = optimizer_step(
+                        accelerator, policy, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
+                        checkpointer=checkpointer, step=step + 1, what="gradient",
+                    )  # fmt: skip
                     add_stats(stats_acc, {"grad_norm": grad_norm})
             metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
         else:
@@ -408,10 +410,14 @@ def run_online(
                             "rejected_score": grouped.flatten()[rejected].mean(),
                         },
                     )
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), clip_value(cfg))
             if global_pairs:
-                step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
-            optimizer.zero_grad(set_to_none=True)
+                grad_norm = optimizer_step(
+                    accelerator, policy, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
+                    checkpointer=checkpointer, step=step + 1, what="gradient",
+                )  # fmt: skip
+            else:  # no pair anywhere: nothing to learn, the zero-weight pass's gradients are dropped
+                grad_norm = 0.0
+                optimizer.zero_grad(set_to_none=True)
             add_stats(stats_acc, {"grad_norm": grad_norm})
             state["ties_skipped"] = state.get("ties_skipped", 0) + ties
             metrics.update(

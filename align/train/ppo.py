@@ -49,12 +49,12 @@ from align.rollout_engines import engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
-from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
+from align.train.optim_step import optimizer_step
+from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.rl_common import (
     add_stats,
     check_same_vocabulary,
-    clip_value,
     load_frozen_lm,
     load_prompts,
     log_rl_step,
@@ -354,11 +354,15 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                             p_loss = p_loss + cfg.ptx_coef * ptx_loss
                         accelerator.backward(p_loss)
                     add_stats(stats_acc, p_stats)
-                value_norm = accelerator.clip_grad_norm_(value_model.parameters(), clip_value(cfg))
-                step_if_finite(value_opt, value_norm, counts, checkpointer, step + 1)
+                value_norm = optimizer_step(
+                    accelerator, value_model, value_opt, max_grad_norm=cfg.max_grad_norm, counts=counts,
+                    checkpointer=checkpointer, step=step + 1, what="value gradient",
+                )  # fmt: skip
                 if not warmup:
-                    policy_norm = accelerator.clip_grad_norm_(policy.parameters(), clip_value(cfg))
-                    step_if_finite(policy_opt, policy_norm, counts, checkpointer, step + 1)
+                    policy_norm = optimizer_step(
+                        accelerator, policy, policy_opt, max_grad_norm=cfg.max_grad_norm, counts=counts,
+                        checkpointer=checkpointer, step=step + 1, what="policy gradient",
+                    )  # fmt: skip
                     add_stats(stats_acc, {"policy_grad_norm": policy_norm})
                 add_stats(stats_acc, {"value_grad_norm": value_norm})
         value_sched.step()

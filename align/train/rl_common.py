@@ -12,7 +12,6 @@ The phases of one RL iteration, named the same in both loops:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -187,9 +186,6 @@ def append_rollouts(
             }
             fh.write(json.dumps(record) + "\n")
 
-
-def clip_value(cfg: PPOConfig) -> float:
-    return cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
 
 
 def add_stats(acc: dict[str, list[float]], stats: dict[str, Any]) -> None:

@@ -11,7 +11,6 @@ micro-batches and processes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,6 +29,7 @@ from align.packing import pack_examples
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
+from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.run_start import start_single_model_run
 
@@ -229,20 +229,12 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 loss, stats = sft_loss_from_logprobs(logps, normalizer / accelerator.num_processes)
                 accelerator.backward(loss)
             nll_sum += stats["nll_sum"]
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        )
         total_nll = accelerator.reduce(nll_sum, reduction="sum").item()
-        if not (math.isfinite(total_nll) and math.isfinite(float(grad_norm))):
-            # A non-finite step would poison the weights and Adam's moments: skip it and say so.
-            state["skipped_nonfinite"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
-        else:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        # A non-finite step would poison the weights and Adam's moments: skipped, counted, said.
+        grad_norm = optimizer_step(
+            accelerator, model, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
+            checkpointer=run.checkpointer, step=step + 1, scheduler=scheduler, loss=total_nll,
+        )  # fmt: skip
         last_loss = total_nll / normalizer
         done = step + 1
         bar.update(1)
