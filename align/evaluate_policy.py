@@ -328,13 +328,15 @@ def compare_policies(
     same_dir = Path(baseline_dir).resolve() == Path(policy_dir).resolve()
     if not same_dir and load_tokenizer(baseline_dir).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"{baseline} and {policy} use different tokenizers; the KL needs one vocabulary")
-    prompt_ids = [chatml.encode_prompt(t.messages, tokenizer) for t in tasks]
-    # tax_max_rows=0 skips the LM-loss part of the tax (eval/win_rate.py): its numbers come out as None.
-    rows = tax_rows(tokenizer, tax_text, tax_max_rows) if tax_max_rows > 0 else []
     rm = None
     if reward_model is not None:
         rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
         rm.requires_grad_(False)
+    # The prompts the RM was trained on (and PPO sampled with) carry its system prompt: so do these.
+    default_system = rm.config.default_system if rm is not None else None
+    prompt_ids = [chatml.encode_prompt(t.messages, tokenizer, default_system=default_system) for t in tasks]
+    # tax_max_rows=0 skips the LM-loss part of the tax (eval/win_rate.py): its numbers come out as None.
+    rows = tax_rows(tokenizer, tax_text, tax_max_rows) if tax_max_rows > 0 else []
 
     settings = {"tasks": [t.key for t in tasks], "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
                 "tax_text": tax_text, "tax_rows": len(rows), "device": device}  # fmt: skip
@@ -374,6 +376,8 @@ def compare_policies(
         "win_rate_rm": win_rate(pol["rm"], base["rm"]) if rm is not None else None,
         "win_rate_gold": win_rate(pol["gold"], base["gold"]),
         "gold_accuracy": {"policy": acc_p, "baseline": acc_b},
+        # Same tasks on both sides: the paired test (McNemar exact) and intervals, baseline = "before".
+        "gold_paired": paired_accuracy([g > 0 for g in base["gold"]], [g > 0 for g in pol["gold"]]),
         "rm_score": {"policy": _mean(pol["rm"]), "baseline": _mean(base["rm"])} if rm is not None else None,
         "kl_to_baseline": float(kl.mean()),
         "kl_to_baseline_std": float(kl.std()) if len(kl) > 1 else 0.0,
@@ -489,6 +493,13 @@ def format_markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {cell(s['prompt'])} | {cell(s['answer'])} | {cell(s['policy'])} | {cell(s['baseline'])} |"
         )
+    t = r.get("gold_paired")
+    if t:
+        lines += ["", f"Gold accuracy, paired over {t['n']} tasks: baseline {t['before']:.1%} "
+                  f"[{t['before_lo']:.1%}, {t['before_hi']:.1%}] -> policy {t['after']:.1%} "
+                  f"[{t['after_lo']:.1%}, {t['after_hi']:.1%}]; change {t['delta']:+.1%} "
+                  f"[{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}] ({t['gained']} gained, {t['lost']} lost), "
+                  f"McNemar exact p = {t['p_mcnemar']:.3g}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -309,10 +309,11 @@ def run_online(
         if grpo:
             advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
             single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
+            train_rows = informative_rows(grouped, cfg.skip_zero_variance_groups and world == 1)
             old_logprobs = torch.zeros(n_rows, width, device=device)
             ref_logprobs = torch.zeros_like(old_logprobs)
             with torch.no_grad(), accelerator.autocast():
-                for rows in micro_slices(list(range(n_rows)), cfg.micro_batch_size):
+                for rows in micro_slices(train_rows, cfg.micro_batch_size):
                     sub = sub_batch(batch, rows)
                     seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
                     if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
@@ -326,15 +327,17 @@ def run_online(
             order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
             for _epoch in range(cfg.ppo_epochs):
                 perm = (
-                    torch.randperm(n_rows, generator=order_gen).tolist()
+                    [train_rows[i] for i in torch.randperm(len(train_rows), generator=order_gen).tolist()]
                     if not single_pass
-                    else list(range(n_rows))
+                    else train_rows
                 )
-                size = n_rows // cfg.num_mini_batches
+                size = len(train_rows) // cfg.num_mini_batches
                 for mb in range(cfg.num_mini_batches):
                     mini = perm[mb * size : (mb + 1) * size]
                     tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
                     micros = micro_slices(mini, cfg.micro_batch_size)
+                    if not micros:  # every group tied: no advantage anywhere, nothing to update
+                        continue
                     for k, rows in enumerate(micros):
                         sub = sub_batch(batch, rows)
                         seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
@@ -485,3 +488,15 @@ def pair_weight(pairs_here: int, global_pairs: int, world: int) -> float:
     """Loss weight of a micro-batch of `pairs_here` pairs whose loss is their mean, so that after the
     data-parallel gradient average (1/world) every pair of the global batch weighs 1/global_pairs."""
     return pairs_here * world / global_pairs if global_pairs else 0.0
+
+
+def informative_rows(grouped: torch.Tensor, skip_ties: bool) -> list[int]:
+    """Flat row indices (q * G + j) of the (Q, G) grouped rewards to train on: all, or with `skip_ties`
+    only those of groups whose rewards differ. A tied group's advantages are all 0, so its rows add
+    nothing to the policy gradient but their forward and backward cost (75% of the rows at the start of
+    the verifier run); only their KL term is lost, which then covers the trained rows."""
+    q, g = grouped.shape
+    if not skip_ties:
+        return list(range(q * g))
+    keep = grouped.max(dim=1).values > grouped.min(dim=1).values
+    return [i * g + j for i in range(q) if bool(keep[i]) for j in range(g)]
