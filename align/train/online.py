@@ -49,10 +49,10 @@ from align.rollout_engines import engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
-from align.train.optim_step import optimizer_step
 from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.rl_common import (
+    PolicyTrainer,
     add_stats,
     check_same_vocabulary,
     load_frozen_lm,
@@ -270,12 +270,7 @@ def run_online(
         k = step % steps_per_epoch
         return order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
 
-    def reference_logprobs(seq: Any, width: int, response_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if reference is not None:
-                return response_logprobs(reference, seq, response_ids, cfg.temperature)
-            with policy_u.disable_adapter():
-                return response_logprobs(policy_u, seq, response_ids, cfg.temperature)
+    trainer = PolicyTrainer(cfg, accelerator, policy, policy_u, reference, optimizer, checkpointer, state)
 
     bar = tqdm(total=num_steps, initial=start_step, desc=method, disable=not (is_main and cfg.progress))
     last: dict[str, Any] = {}
@@ -292,8 +287,6 @@ def run_online(
         batch = rollout(local, seed=cfg.seed * 100_003 + step * world + accelerator.process_index)
         t_rollout = time.perf_counter() - t0
         texts = batch.texts(tokenizer)
-        n_rows, width = batch.response_ids.shape
-        mask = batch.response_mask.float()
 
         # 2. scoring
         t0 = time.perf_counter()
@@ -304,133 +297,12 @@ def run_online(
         # 3. update
         t0 = time.perf_counter()
         policy.train()
-        stats_acc: dict[str, list[float]] = {}
-        metrics: dict[str, Any] = {}
-        if grpo:
-            advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
-            single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
-            train_rows = informative_rows(grouped, cfg.skip_zero_variance_groups and world == 1)
-            old_logprobs = torch.zeros(n_rows, width, device=device)
-            ref_logprobs = torch.zeros_like(old_logprobs)
-            with torch.no_grad(), accelerator.autocast():
-                for rows in micro_slices(train_rows, cfg.micro_batch_size):
-                    sub = sub_batch(batch, rows)
-                    seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                    if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
-                        scatter_rows(
-                            old_logprobs,
-                            rows,
-                            response_logprobs(policy, seq, sub.response_ids, cfg.temperature),
-                        )
-                    if cfg.kl_coef > 0:
-                        scatter_rows(ref_logprobs, rows, reference_logprobs(seq, w, sub.response_ids))
-            order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
-            for _epoch in range(cfg.ppo_epochs):
-                perm = (
-                    [train_rows[i] for i in torch.randperm(len(train_rows), generator=order_gen).tolist()]
-                    if not single_pass
-                    else train_rows
-                )
-                size = len(train_rows) // cfg.num_mini_batches
-                for mb in range(cfg.num_mini_batches):
-                    mini = perm[mb * size : (mb + 1) * size]
-                    tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
-                    micros = micro_slices(mini, cfg.micro_batch_size)
-                    if not micros:  # every group tied: no advantage anywhere, nothing to update
-                        continue
-                    for k, rows in enumerate(micros):
-                        sub = sub_batch(batch, rows)
-                        seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                        idx = torch.tensor(rows, device=device)
-                        sub_mask = mask[idx, :w]
-                        sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
-                        with sync, accelerator.autocast():
-                            logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
-                            old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
-                            adv = advantages[idx][:, None].expand(-1, w)
-                            loss, p_stats = ppo_policy_loss(
-                                logprobs, old, adv, sub_mask, cfg.clip_eps, tokens / world
-                            )
-                            if cfg.kl_coef > 0:
-                                kl = kl_estimate(logprobs, ref_logprobs[idx, :w], "k3")
-                                kl_loss = (kl * sub_mask).sum() / (tokens / world)
-                                loss = loss + cfg.kl_coef * kl_loss
-                                p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
-                            accelerator.backward(loss)
-                        add_stats(
-                            stats_acc,
-                            {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
-                        )
-                        add_stats(stats_acc, p_stats)
-                    grad_norm = optimizer_step(
-                        accelerator, policy, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
-                        checkpointer=checkpointer, step=step + 1, what="gradient",
-                    )  # fmt: skip
-                    add_stats(stats_acc, {"grad_norm": grad_norm})
-            metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
-        else:
-            chosen, rejected, _, ties = best_worst_pairs(grouped)
-            n_pairs = int(chosen.numel())
-            # Pairs on every process: each pair weighs 1/global_pairs, whatever process it fell on. Weighting
-            # by the local count gave a mean of per-process means (a process with 1 pair counted as much as
-            # one with 8).
-            global_pairs = int(accelerator.reduce(torch.tensor(n_pairs, device=device), reduction="sum"))
-            pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
-            pair_micro = max(cfg.micro_batch_size // 2, 1)
-            slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
-            for k, part in enumerate(slices):
-                rows = [c for c, _ in part] + [r for _, r in part]
-                sub = sub_batch(batch, rows)
-                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                sub_mask = sub.response_mask.float()
-                ref_seq = (reference_logprobs(seq, w, sub.response_ids) * sub_mask).sum(1)
-                sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
-                with sync, accelerator.autocast():
-                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
-                    seq_logps = (logprobs * sub_mask).sum(1)
-                    b = len(part)
-                    loss, d_stats = dpo_loss(
-                        seq_logps[:b],
-                        seq_logps[b:],
-                        ref_seq[:b],
-                        ref_seq[b:],
-                        cfg.beta,
-                        cfg.loss_type,
-                        cfg.label_smoothing,
-                    )
-                    # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
-                    # (data parallelism averages gradients over `world` processes, hence the factor)
-                    weight = pair_weight(b, global_pairs, world)
-                    accelerator.backward(loss * weight)
-                if n_pairs:
-                    add_stats(
-                        stats_acc,
-                        {
-                            "loss": loss.item(),
-                            "dpo_accuracy": d_stats["accuracy"],
-                            "dpo_margin": d_stats["margins"].mean(),
-                            "chosen_score": grouped.flatten()[chosen].mean(),
-                            "rejected_score": grouped.flatten()[rejected].mean(),
-                        },
-                    )
-            if global_pairs:
-                grad_norm = optimizer_step(
-                    accelerator, policy, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
-                    checkpointer=checkpointer, step=step + 1, what="gradient",
-                )  # fmt: skip
-            else:  # no pair anywhere: nothing to learn, the zero-weight pass's gradients are dropped
-                grad_norm = 0.0
-                optimizer.zero_grad(set_to_none=True)
-            add_stats(stats_acc, {"grad_norm": grad_norm})
-            state["ties_skipped"] = state.get("ties_skipped", 0) + ties
-            metrics.update(
-                {"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": state["ties_skipped"]}
-            )
+        update = grpo_update if grpo else online_dpo_update
+        metrics = update(trainer, batch, grouped, step)
         scheduler.step()
         t_train = time.perf_counter() - t0
 
         # 4. metrics
-        metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         metrics.update(
             {
                 "reward_mean": scores.mean().item(),
@@ -500,3 +372,137 @@ def informative_rows(grouped: torch.Tensor, skip_ties: bool) -> list[int]:
         return list(range(q * g))
     keep = grouped.max(dim=1).values > grouped.min(dim=1).values
     return [i * g + j for i in range(q) if bool(keep[i]) for j in range(g)]
+
+
+def grpo_update(t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, step: int) -> dict[str, Any]:
+    """GRPO's advantages and update for one rollout batch: group-normalised advantages, the token-level
+    clipped objective plus kl_coef x the k3 KL to the reference, `ppo_epochs` x `num_mini_batches` steps.
+    `grouped`: (Q, G) scores. Returns the iteration's metrics (means of the per-micro-batch statistics)."""
+    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
+    n_rows, width = batch.response_ids.shape
+    mask = batch.response_mask.float()
+    stats_acc: dict[str, list[float]] = {}
+    metrics: dict[str, Any] = {}
+    advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
+    single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
+    train_rows = informative_rows(grouped, cfg.skip_zero_variance_groups and world == 1)
+    old_logprobs = torch.zeros(n_rows, width, device=device)
+    ref_logprobs = torch.zeros_like(old_logprobs)
+    with torch.no_grad(), accelerator.autocast():
+        for rows in micro_slices(train_rows, cfg.micro_batch_size):
+            sub = sub_batch(batch, rows)
+            seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+            if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
+                scatter_rows(
+                    old_logprobs,
+                    rows,
+                    response_logprobs(policy, seq, sub.response_ids, cfg.temperature),
+                )
+            if cfg.kl_coef > 0:
+                scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
+    order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
+    for _epoch in range(cfg.ppo_epochs):
+        perm = (
+            [train_rows[i] for i in torch.randperm(len(train_rows), generator=order_gen).tolist()]
+            if not single_pass
+            else train_rows
+        )
+        size = len(train_rows) // cfg.num_mini_batches
+        for mb in range(cfg.num_mini_batches):
+            mini = perm[mb * size : (mb + 1) * size]
+            tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
+            micros = micro_slices(mini, cfg.micro_batch_size)
+            if not micros:  # every group tied: no advantage anywhere, nothing to update
+                continue
+            for k, rows in enumerate(micros):
+                sub = sub_batch(batch, rows)
+                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                idx = torch.tensor(rows, device=device)
+                sub_mask = mask[idx, :w]
+                sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
+                with sync, accelerator.autocast():
+                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
+                    adv = advantages[idx][:, None].expand(-1, w)
+                    loss, p_stats = ppo_policy_loss(
+                        logprobs, old, adv, sub_mask, cfg.clip_eps, tokens / world
+                    )
+                    if cfg.kl_coef > 0:
+                        kl = kl_estimate(logprobs, ref_logprobs[idx, :w], "k3")
+                        kl_loss = (kl * sub_mask).sum() / (tokens / world)
+                        loss = loss + cfg.kl_coef * kl_loss
+                        p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
+                    accelerator.backward(loss)
+                add_stats(
+                    stats_acc,
+                    {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
+                )
+                add_stats(stats_acc, p_stats)
+            grad_norm = t.optimizer_step(step + 1)
+            add_stats(stats_acc, {"grad_norm": grad_norm})
+    metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
+    return {**metrics, **{k: sum(v) / len(v) for k, v in stats_acc.items()}}
+
+
+def online_dpo_update(
+    t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, step: int
+) -> dict[str, Any]:
+    """Online DPO's pairs and update for one rollout batch: in each query's group the best and the worst
+    response form a pair (all-tied groups skipped and counted), one DPO step against the reference.
+    `grouped`: (Q, k) scores. Returns the iteration's metrics."""
+    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
+    stats_acc: dict[str, list[float]] = {}
+    metrics: dict[str, Any] = {}
+    chosen, rejected, _, ties = best_worst_pairs(grouped)
+    n_pairs = int(chosen.numel())
+    # Pairs on every process: each pair weighs 1/global_pairs, whatever process it fell on. Weighting
+    # by the local count gave a mean of per-process means (a process with 1 pair counted as much as
+    # one with 8).
+    global_pairs = int(accelerator.reduce(torch.tensor(n_pairs, device=device), reduction="sum"))
+    pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+    pair_micro = max(cfg.micro_batch_size // 2, 1)
+    slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
+    for k, part in enumerate(slices):
+        rows = [c for c, _ in part] + [r for _, r in part]
+        sub = sub_batch(batch, rows)
+        seq = sub.sequences(left_pad=True)
+        sub_mask = sub.response_mask.float()
+        ref_seq = (t.reference_logprobs(seq, sub.response_ids) * sub_mask).sum(1)
+        sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
+        with sync, accelerator.autocast():
+            logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+            seq_logps = (logprobs * sub_mask).sum(1)
+            b = len(part)
+            loss, d_stats = dpo_loss(
+                seq_logps[:b],
+                seq_logps[b:],
+                ref_seq[:b],
+                ref_seq[b:],
+                cfg.beta,
+                cfg.loss_type,
+                cfg.label_smoothing,
+            )
+            # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
+            # (data parallelism averages gradients over `world` processes, hence the factor)
+            weight = pair_weight(b, global_pairs, world)
+            accelerator.backward(loss * weight)
+        if n_pairs:
+            add_stats(
+                stats_acc,
+                {
+                    "loss": loss.item(),
+                    "dpo_accuracy": d_stats["accuracy"],
+                    "dpo_margin": d_stats["margins"].mean(),
+                    "chosen_score": grouped.flatten()[chosen].mean(),
+                    "rejected_score": grouped.flatten()[rejected].mean(),
+                },
+            )
+    if global_pairs:
+        grad_norm = t.optimizer_step(step + 1)
+    else:  # no pair anywhere: nothing to learn, the zero-weight pass's gradients are dropped
+        grad_norm = 0.0
+        t.optimizer.zero_grad(set_to_none=True)
+    add_stats(stats_acc, {"grad_norm": grad_norm})
+    t.counts["ties_skipped"] = t.counts.get("ties_skipped", 0) + ties
+    metrics.update({"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": t.counts["ties_skipped"]})
+    return {**metrics, **{k: sum(v) / len(v) for k, v in stats_acc.items()}}

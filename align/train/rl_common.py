@@ -11,6 +11,7 @@ The phases of one RL iteration, named the same in both loops:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from align.config import PPOConfig
 from align.data import DataError, iter_jsonl_values
 from align.fused_logprobs import lm_logprobs
 from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
+from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
 
 
@@ -268,3 +270,41 @@ def score_rollouts(
             raw[index] = out.rewards.float().to(device)
             found[index] = out.found.to(device)
     return raw, batch.finished.bool() & found
+
+
+@dataclasses.dataclass
+class PolicyTrainer:
+    """What an update phase needs of the run: the policy (wrapped and unwrapped), its frozen reference
+    (None: a LoRA policy with its adapter off), optimiser, checkpointer and the run's counters."""
+
+    cfg: Any
+    accelerator: Any
+    policy: Any
+    policy_u: Any
+    reference: Any
+    optimizer: Any
+    checkpointer: Any
+    counts: dict[str, Any]
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def reference_logprobs(self, seq: Any, response_ids: torch.Tensor) -> torch.Tensor:
+        """(B, R) reference log-probs of the response tokens, no grad."""
+        with torch.no_grad():
+            if self.reference is not None:
+                return response_logprobs(self.reference, seq, response_ids, self.cfg.temperature)
+            with self.policy_u.disable_adapter():
+                return response_logprobs(self.policy_u, seq, response_ids, self.cfg.temperature)
+
+    def optimizer_step(self, step: int, what: str = "gradient") -> float:
+        """`optimizer_step` on the policy (the schedule is stepped once per iteration by the loop)."""
+        return optimizer_step(
+            self.accelerator, self.policy, self.optimizer, max_grad_norm=self.cfg.max_grad_norm,
+            counts=self.counts, checkpointer=self.checkpointer, step=step, what=what,
+        )  # fmt: skip
