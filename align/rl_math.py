@@ -275,6 +275,7 @@ def shape_scores(
     *,
     use_std: bool,
     missing_eos_penalty: float | None,
+    readable: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Normalised sequence scores, with unclosed responses ranked below every closed one.
 
@@ -287,7 +288,10 @@ def shape_scores(
             below the worst closed response of this batch (and below the running mean). The old rule gave
             unclosed rows `penalty` on centred but unscaled scores, so with an RM spread above 1 a
             closed bad answer (say -3) scored below an unclosed one (-1): rambling paid. None: no
-            penalty, unclosed rows score as the running mean (0 after centring; no signal either way).
+            penalty: an unclosed row keeps its own normalised score where the scorer could read it
+            (`readable`; a rule-based reward reads any text) and scores the running mean (0: no signal)
+            where it could not (an RM's placeholder is not a judgement).
+        readable: (B,) bool, the scorer's verdict is real (RM: its end token was found); None: all rows.
     Returns:
         (B,) fp32 scores: (raw - mean) [/ std] where closed; min(0, worst closed) - |penalty| x scale
         where not, scale = 1 with use_std else std.
@@ -297,7 +301,8 @@ def shape_scores(
     scale = max(std, 1e-6)
     normalised = (raw - mean) / scale if use_std else raw - mean
     if missing_eos_penalty is None:
-        unclosed = torch.zeros_like(normalised)
+        ok = torch.ones_like(closed) if readable is None else readable.bool()
+        unclosed = torch.where(ok, normalised, torch.zeros_like(normalised))
     else:
         worst = normalised[closed].min().clamp(max=0.0) if closed.any() else normalised.new_zeros(())
         unit = 1.0 if use_std else scale

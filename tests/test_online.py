@@ -162,8 +162,8 @@ def test_score_rollouts_marks_a_response_the_rm_cannot_read_as_unclosed(tiny_byt
         logprobs=None, finished=torch.tensor([True, True, False]), prompt_index=torch.tensor([0, 1, 2]),
         lengths=torch.tensor([3, 3, 3]), n=1, pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0,
     )  # fmt: skip
-    raw, closed = score_rollouts(batch, ["", "", ""], reward_model=rm)
-    assert closed.tolist() == [True, False, False]
+    raw, closed, readable = score_rollouts(batch, ["", "", ""], reward_model=rm)
+    assert closed.tolist() == [True, False, False] and readable.tolist() == [True, False, False]
     assert raw[1].item() == rm.config.unclosed_reward
     scores = group_scores(raw, closed, missing_eos_penalty=-1.0)
     assert scores[1] == scores[2] == min(raw[0].item(), 0.0) - 1.0

@@ -165,9 +165,11 @@ def test_unclosed_responses_rank_below_every_closed_one_when_the_rm_spread_excee
     good = shape_scores(torch.tensor([5.0, 7.0, 0.0]), torch.tensor([True, True, False]), 1.0, 2.0,
                         use_std=False, missing_eos_penalty=-0.5)  # fmt: skip
     torch.testing.assert_close(good, torch.tensor([4.0, 6.0, -1.0]))
-    # No penalty: unclosed rows carry no signal (the running mean), never the RM's -10.
-    none = shape_scores(raw, closed, mean=1.0, std=3.0, use_std=False, missing_eos_penalty=None)
-    torch.testing.assert_close(none, torch.tensor([3.0, -7.0, 0.0, 0.0]))
+    # No penalty: an unclosed row the scorer could read keeps its score (row 2, a rule-based reward reads
+    # any text); one it could not (row 3, the RM's -10 placeholder) carries no signal (the running mean).
+    readable = torch.tensor([True, True, True, False])
+    none = shape_scores(raw, closed, 1.0, 3.0, use_std=False, missing_eos_penalty=None, readable=readable)
+    torch.testing.assert_close(none, torch.tensor([3.0, -7.0, -1.0, 0.0]))
 
 
 def test_the_running_mean_sees_only_closed_scores():

@@ -217,7 +217,7 @@ def run_online(
         rule = reward_fn
         if rule is None and reward_model is None:
             rule = verifier_reward(tasks, queries)
-        raw, closed = score_rollouts(
+        raw, closed, _ = score_rollouts(
             batch, texts, reward_model=reward_model, reward_fn=rule,
             micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
         )  # fmt: skip

@@ -274,7 +274,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                 scatter_rows(entropy, rows, ent)
                 scatter_rows(ref_logprobs, rows, reference_logprobs(seq, sub.response_ids))
                 scatter_rows(old_values, rows, response_values(value_model, seq, w))
-        raw_scores, closed = score_rollouts(
+        raw_scores, closed, readable = score_rollouts(
             batch, texts, reward_model=reward_model, reward_fn=reward_fn,
             micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
         )  # fmt: skip
@@ -284,7 +284,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         t_score = time.perf_counter() - t0
 
         # 3. rewards and advantages
-        scores = ppo_scores(cfg, moments, raw_scores, closed, accelerator)
+        scores = ppo_scores(cfg, moments, raw_scores, closed, readable, accelerator)
         rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_estimator)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -449,13 +449,19 @@ def ptx_lm_loss(policy: Any, rows: list[list[int]], device: torch.device) -> tor
 
 
 def ppo_scores(
-    cfg: PPOConfig, moments: RunningMoments, raw: torch.Tensor, closed: torch.Tensor, accelerator: Any
+    cfg: PPOConfig,
+    moments: RunningMoments,
+    raw: torch.Tensor,
+    closed: torch.Tensor,
+    readable: torch.Tensor,
+    accelerator: Any,
 ) -> torch.Tensor:
-    """(B,) shaped scores of this process's rows: the running statistics see every process's closed scores
-    only (an unreadable response's -10 placeholder is not a score), then `shape_scores` normalises and
-    ranks unclosed responses below every closed one of the global batch."""
+    """(B,) shaped scores of this process's rows: the running statistics see every process's scores that
+    are used as they are (closed ones; with no penalty, every readable one) and never an RM's -10
+    placeholder; then `shape_scores` normalises and ranks unclosed responses below every closed one."""
     everyone, everyone_closed = accelerator.gather(raw), accelerator.gather(closed)
-    moments.update(everyone[everyone_closed])
+    everyone_readable = accelerator.gather(readable)
+    moments.update(everyone[everyone_closed if cfg.missing_eos_penalty is not None else everyone_readable])
     if cfg.reward_norm == "none":
         mean, std = 0.0, 1.0
     else:
@@ -463,6 +469,7 @@ def ppo_scores(
     shaped = shape_scores(
         everyone, everyone_closed, mean, std,
         use_std=cfg.reward_norm != "running_mean", missing_eos_penalty=cfg.missing_eos_penalty,
+        readable=everyone_readable,
     )  # fmt: skip
     n, rank = len(raw), accelerator.process_index  # equal row counts per process: gather is a concat
     return shaped[rank * n : (rank + 1) * n]

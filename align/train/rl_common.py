@@ -244,8 +244,9 @@ def score_rollouts(
     reward_fn: Callable[[RolloutBatch, list[str]], Any] | None = None,
     micro_batch_size: int = 8,
     autocast: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The score phase: raw (B,) fp32 scores and (B,) bool `closed` (stopped, and readable to the scorer).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The score phase: raw (B,) fp32 scores, (B,) bool `closed` (stopped, and readable to the scorer) and
+    (B,) bool `readable` (the score is a judgement: an RM found its end token; a rule reads any text).
 
     With a reward model, a response the RM could not read (its end token missing: cut by the budget, or
     stopped on another stop id) is not closed; its raw score is the RM's placeholder and must not be used
@@ -257,7 +258,7 @@ def score_rollouts(
         if reward_fn is None:
             raise ValueError("score_rollouts needs a reward_model or a reward_fn")
         raw = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
-        return raw, batch.finished.bool().clone()
+        return raw, batch.finished.bool().clone(), torch.ones_like(batch.finished, dtype=torch.bool)
     raw = torch.zeros(len(texts), device=device)
     found = torch.zeros(len(texts), dtype=torch.bool, device=device)
     with torch.no_grad():
@@ -269,7 +270,7 @@ def score_rollouts(
             index = torch.tensor(rows, device=device)
             raw[index] = out.rewards.float().to(device)
             found[index] = out.found.to(device)
-    return raw, batch.finished.bool() & found
+    return raw, batch.finished.bool() & found, found
 
 
 @dataclasses.dataclass
