@@ -45,6 +45,7 @@ from align.rl_math import (
     shape_scores,
     token_rewards,
 )
+from align.rollout import RolloutBatch
 from align.rollout_engines import engine_class
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
@@ -53,6 +54,7 @@ from align.train.optim_step import optimizer_step
 from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.rl_common import (
+    PolicyTrainer,
     add_stats,
     check_same_vocabulary,
     load_frozen_lm,
@@ -221,11 +223,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     if is_main and saved is None and rollout_log.exists():
         rollout_log.unlink()
 
-    def reference_logprobs(seq: Any, response_ids: torch.Tensor) -> torch.Tensor:
-        if reference is not None:
-            return response_logprobs(reference, seq, response_ids, cfg.temperature)
-        with policy_u.disable_adapter():
-            return response_logprobs(policy_u, seq, response_ids, cfg.temperature)
+    trainer = PolicyTrainer(cfg, accelerator, policy, policy_u, reference, policy_opt, checkpointer, counts)
 
     bar = tqdm(total=num_steps, initial=start_step, desc="ppo", disable=not (is_main and cfg.progress))
     last: dict[str, Any] = {}
@@ -272,7 +270,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
                 logps, ent = response_logprobs(policy, seq, sub.response_ids, cfg.temperature, True)
                 scatter_rows(old_logprobs, rows, logps)
                 scatter_rows(entropy, rows, ent)
-                scatter_rows(ref_logprobs, rows, reference_logprobs(seq, sub.response_ids))
+                scatter_rows(ref_logprobs, rows, trainer.reference_logprobs(seq, sub.response_ids))
                 scatter_rows(old_values, rows, response_values(value_model, seq, w))
         raw_scores, closed, readable = score_rollouts(
             batch, texts, reward_model=reward_model, reward_fn=reward_fn,
@@ -296,75 +294,12 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         t0 = time.perf_counter()
         policy.train()
         value_model.train()
-        stats_acc: dict[str, list[float]] = {}
-        order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
-        for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(n_rows, generator=order_gen).tolist()
-            size = n_rows // cfg.num_mini_batches
-            for mb in range(cfg.num_mini_batches):
-                mini = perm[mb * size : (mb + 1) * size]
-                tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
-                micros = micro_slices(mini, cfg.micro_batch_size)
-                ptx_rows = ptx.next_batch() if (ptx is not None and not warmup) else None
-                for k, rows in enumerate(micros):
-                    sub = sub_batch(batch, rows)
-                    seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                    idx = torch.tensor(rows, device=device)
-                    sub_mask = mask[idx, :w]
-                    last_micro = k == len(micros) - 1
-                    # Gradients are all-reduced once per mini-batch, not per micro-batch.
-                    sync_v = nullcontext() if last_micro else accelerator.no_sync(value_model)
-                    with sync_v, accelerator.autocast():
-                        values = response_values(value_model, seq, w)
-                        v_loss, v_stats = ppo_value_loss(
-                            values,
-                            old_values[idx, :w],
-                            returns[idx, :w],
-                            sub_mask,
-                            cfg.value_clip,
-                            tokens / world,
-                        )
-                        accelerator.backward(v_loss)
-                    add_stats(
-                        stats_acc,
-                        {
-                            "value_loss": v_loss.item()
-                            * tokens.item()
-                            / world
-                            / max(sub_mask.sum().item(), 1),
-                            **v_stats,
-                        },
-                    )
-                    if warmup:
-                        continue  # the policy's weights stay bit-identical during the warm-up
-                    sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
-                    with sync_p, accelerator.autocast():
-                        logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
-                        p_loss, p_stats = ppo_policy_loss(
-                            logprobs,
-                            old_logprobs[idx, :w],
-                            advantages[idx, :w],
-                            sub_mask,
-                            cfg.clip_eps,
-                            tokens / world,
-                        )
-                        if ptx_rows is not None and last_micro:
-                            ptx_loss = ptx_lm_loss(policy, ptx_rows, device)
-                            p_stats["ptx_loss"] = ptx_loss.detach()
-                            p_loss = p_loss + cfg.ptx_coef * ptx_loss
-                        accelerator.backward(p_loss)
-                    add_stats(stats_acc, p_stats)
-                value_norm = optimizer_step(
-                    accelerator, value_model, value_opt, max_grad_norm=cfg.max_grad_norm, counts=counts,
-                    checkpointer=checkpointer, step=step + 1, what="value gradient",
-                )  # fmt: skip
-                if not warmup:
-                    policy_norm = optimizer_step(
-                        accelerator, policy, policy_opt, max_grad_norm=cfg.max_grad_norm, counts=counts,
-                        checkpointer=checkpointer, step=step + 1, what="policy gradient",
-                    )  # fmt: skip
-                    add_stats(stats_acc, {"policy_grad_norm": policy_norm})
-                add_stats(stats_acc, {"value_grad_norm": value_norm})
+        stats_acc = ppo_update(
+            trainer, value_model, value_opt, batch,
+            {"old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
+             "returns": returns, "mask": mask},
+            ptx, warmup, step,
+        )  # fmt: skip
         value_sched.step()
         if not warmup:
             policy_sched.step()
@@ -473,3 +408,88 @@ def ppo_scores(
     )  # fmt: skip
     n, rank = len(raw), accelerator.process_index  # equal row counts per process: gather is a concat
     return shaped[rank * n : (rank + 1) * n]
+
+
+def ppo_update(
+    t: PolicyTrainer,
+    value_model: Any,
+    value_opt: Any,
+    batch: RolloutBatch,
+    tensors: dict[str, torch.Tensor],
+    ptx: PtxStream | None,
+    warmup: bool,
+    step: int,
+) -> dict[str, list[float]]:
+    """The update phase of one PPO iteration: `ppo_epochs` passes of `num_mini_batches` steps, each the
+    clipped value loss (value model) and, after the warm-up, the clipped policy loss plus ptx_coef x the LM
+    loss on pre-training rows (policy). `tensors`: (B, T) old_logprobs, old_values, advantages, returns and
+    mask. Returns the per-micro-batch statistics."""
+    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
+    counts, checkpointer = t.counts, t.checkpointer
+    old_logprobs, old_values = tensors["old_logprobs"], tensors["old_values"]
+    advantages, returns, mask = tensors["advantages"], tensors["returns"], tensors["mask"]
+    n_rows = mask.shape[0]
+    stats_acc: dict[str, list[float]] = {}
+    order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
+    for _epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(n_rows, generator=order_gen).tolist()
+        size = n_rows // cfg.num_mini_batches
+        for mb in range(cfg.num_mini_batches):
+            mini = perm[mb * size : (mb + 1) * size]
+            tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
+            micros = micro_slices(mini, cfg.micro_batch_size)
+            ptx_rows = ptx.next_batch() if (ptx is not None and not warmup) else None
+            for k, rows in enumerate(micros):
+                sub = sub_batch(batch, rows)
+                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                idx = torch.tensor(rows, device=device)
+                sub_mask = mask[idx, :w]
+                last_micro = k == len(micros) - 1
+                # Gradients are all-reduced once per mini-batch, not per micro-batch.
+                sync_v = nullcontext() if last_micro else accelerator.no_sync(value_model)
+                with sync_v, accelerator.autocast():
+                    values = response_values(value_model, seq, w)
+                    v_loss, v_stats = ppo_value_loss(
+                        values,
+                        old_values[idx, :w],
+                        returns[idx, :w],
+                        sub_mask,
+                        cfg.value_clip,
+                        tokens / world,
+                    )
+                    accelerator.backward(v_loss)
+                add_stats(
+                    stats_acc,
+                    {
+                        "value_loss": v_loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1),
+                        **v_stats,
+                    },
+                )
+                if warmup:
+                    continue  # the policy's weights stay bit-identical during the warm-up
+                sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
+                with sync_p, accelerator.autocast():
+                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    p_loss, p_stats = ppo_policy_loss(
+                        logprobs,
+                        old_logprobs[idx, :w],
+                        advantages[idx, :w],
+                        sub_mask,
+                        cfg.clip_eps,
+                        tokens / world,
+                    )
+                    if ptx_rows is not None and last_micro:
+                        ptx_loss = ptx_lm_loss(policy, ptx_rows, device)
+                        p_stats["ptx_loss"] = ptx_loss.detach()
+                        p_loss = p_loss + cfg.ptx_coef * ptx_loss
+                    accelerator.backward(p_loss)
+                add_stats(stats_acc, p_stats)
+            value_norm = optimizer_step(
+                accelerator, value_model, value_opt, max_grad_norm=cfg.max_grad_norm, counts=counts,
+                checkpointer=checkpointer, step=step + 1, what="value gradient",
+            )  # fmt: skip
+            if not warmup:
+                policy_norm = t.optimizer_step(step + 1, what="policy gradient")
+                add_stats(stats_acc, {"policy_grad_norm": policy_norm})
+            add_stats(stats_acc, {"value_grad_norm": value_norm})
+    return stats_acc
