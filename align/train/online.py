@@ -233,36 +233,14 @@ def run_online(
             seed=seed,
         ).to(device)
 
-    # GRPO's curriculum: one scoring pass over every query, larger reward variance first. Kept on disk, so a
-    # resumed run trains in the same order without sampling again.
-    order: list[int] | None = None
-    t_order = 0.0
+    def sample_scores(queries: list[int], seed: int) -> torch.Tensor:
+        batch = rollout(queries, seed=seed)
+        return batch.grouped(score(batch, batch.texts(tokenizer), queries)).cpu()
+
+    order, t_order = None, 0.0
     if grpo and cfg.variance_order:
-        order_file = out / "query_order.json"
-        if order_file.is_file():
-            order = json.loads(order_file.read_text())["order"]
-        else:
-            t0 = time.perf_counter()
-            policy.eval()
-            variances_of: list[torch.Tensor] = []
-            # Every process runs the same seeded pass, so all agree on the order without communicating.
-            for k in range(0, len(prompt_ids), cfg.batch_size):
-                chunk = list(range(k, min(k + cfg.batch_size, len(prompt_ids))))
-                batch = rollout(chunk, seed=cfg.seed * 7_919 + k)
-                variances_of.append(batch.grouped(score(batch, batch.texts(tokenizer), chunk)).cpu())
-            grouped_all = torch.cat(variances_of)
-            order = variance_order(grouped_all)
-            t_order = time.perf_counter() - t0
-            variances = grouped_all.var(dim=1, unbiased=False)
-            if is_main:
-                order_file.write_text(
-                    json.dumps({"order": order, "variance": [round(float(v), 6) for v in variances]}) + "\n"
-                )
-            accelerator.print(
-                f"variance ordering: scored {len(order)} queries x {cfg.samples_per_query} samples in {t_order:.1f} s; "
-                f"{int((variances > 0).sum())} have non-zero reward variance and are trained first"
-            )
-            accelerator.wait_for_everyone()
+        policy.eval()
+        order, t_order = variance_pass(cfg, out, accelerator, len(prompt_ids), sample_scores)
 
     def batch_indices(step: int) -> list[int]:
         if order is None:
@@ -506,3 +484,33 @@ def online_dpo_update(
     t.counts["ties_skipped"] = t.counts.get("ties_skipped", 0) + ties
     metrics.update({"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": t.counts["ties_skipped"]})
     return {**metrics, **{k: sum(v) / len(v) for k, v in stats_acc.items()}}
+
+
+def variance_pass(
+    cfg: OnlineConfig, out: Path, accelerator: Any, n_queries: int, sample_scores: Any
+) -> tuple[list[int], float]:
+    """GRPO's curriculum (Qwen2.5): one scoring pass over every query, larger reward variance first. Kept
+    on disk (query_order.json), so a resumed run trains in the same order without sampling again.
+
+    `sample_scores(queries, seed) -> (Q, G) scores`. Returns the order and the pass's seconds (0 when read).
+    """
+    order_file = out / "query_order.json"
+    if order_file.is_file():
+        return json.loads(order_file.read_text())["order"], 0.0
+    t0 = time.perf_counter()
+    # Every process runs the same seeded pass, so all agree on the order without communicating.
+    chunks = [list(range(k, min(k + cfg.batch_size, n_queries))) for k in range(0, n_queries, cfg.batch_size)]
+    grouped_all = torch.cat([sample_scores(chunk, cfg.seed * 7_919 + chunk[0]) for chunk in chunks])
+    order = variance_order(grouped_all)
+    seconds = time.perf_counter() - t0
+    variances = grouped_all.var(dim=1, unbiased=False)
+    if accelerator.is_main_process:
+        order_file.write_text(
+            json.dumps({"order": order, "variance": [round(float(v), 6) for v in variances]}) + "\n"
+        )
+    accelerator.print(
+        f"variance ordering: scored {len(order)} queries x {cfg.samples_per_query} samples in {seconds:.1f} s; "
+        f"{int((variances > 0).sum())} have non-zero reward variance and are trained first"
+    )
+    accelerator.wait_for_everyone()
+    return order, seconds

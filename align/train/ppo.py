@@ -248,30 +248,16 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         ).to(device)
         t_rollout = time.perf_counter() - t0
         texts = batch.texts(tokenizer)
-        n_rows, width = batch.response_ids.shape
         mask = batch.response_mask.float()
 
         # 2. scoring (no grad): old log-probs, reference log-probs, values, RM score, entropy
         t0 = time.perf_counter()
-        old_logprobs = torch.zeros(n_rows, width, device=device)
-        ref_logprobs = torch.zeros_like(old_logprobs)
-        old_values = torch.zeros_like(old_logprobs)
-        entropy = torch.zeros_like(old_logprobs)
-        all_rows = list(range(n_rows))
         policy.eval()
         value_model.eval()
         frozen = [m for m in (reference, reward_model) if m is not None]
         for model in frozen:
             model.to(device)
-        with torch.no_grad(), accelerator.autocast():
-            for rows in micro_slices(all_rows, cfg.micro_batch_size):
-                sub = sub_batch(batch, rows)
-                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                logps, ent = response_logprobs(policy, seq, sub.response_ids, cfg.temperature, True)
-                scatter_rows(old_logprobs, rows, logps)
-                scatter_rows(entropy, rows, ent)
-                scatter_rows(ref_logprobs, rows, trainer.reference_logprobs(seq, sub.response_ids))
-                scatter_rows(old_values, rows, response_values(value_model, seq, w))
+        old_logprobs, ref_logprobs, old_values, entropy = rollout_passes(trainer, value_model, batch)
         raw_scores, closed, readable = score_rollouts(
             batch, texts, reward_model=reward_model, reward_fn=reward_fn,
             micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
@@ -493,3 +479,24 @@ def ppo_update(
                 add_stats(stats_acc, {"policy_grad_norm": policy_norm})
             add_stats(stats_acc, {"value_grad_norm": value_norm})
     return stats_acc
+
+
+def rollout_passes(
+    t: PolicyTrainer, value_model: Any, batch: RolloutBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The no-grad passes of the score phase over a rollout batch, in micro-batches: (B, T) each of the
+    policy's log-probs, the reference's log-probs, the value model's values and the policy's entropy."""
+    cfg = t.cfg
+    n_rows, width = batch.response_ids.shape
+    old_logprobs = torch.zeros(n_rows, width, device=t.device)
+    ref_logprobs, old_values, entropy = (torch.zeros_like(old_logprobs) for _ in range(3))
+    with torch.no_grad(), t.accelerator.autocast():
+        for rows in micro_slices(list(range(n_rows)), cfg.micro_batch_size):
+            sub = sub_batch(batch, rows)
+            seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+            logps, ent = response_logprobs(t.policy, seq, sub.response_ids, cfg.temperature, True)
+            scatter_rows(old_logprobs, rows, logps)
+            scatter_rows(entropy, rows, ent)
+            scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
+            scatter_rows(old_values, rows, response_values(value_model, seq, w))
+    return old_logprobs, ref_logprobs, old_values, entropy
