@@ -130,7 +130,8 @@ def record_accuracy_before(
         result = heldout_accuracy(model, tokenizer, cfg)
         state["accuracy_before"] = result["accuracy"]
         # Per task, so the "after" figure can be tested against it pairwise (same tasks, McNemar).
-        state["accuracy_before_oks"] = [int(ok) for ok in result["oks"]]
+        if "oks" in result:
+            state["accuracy_before_oks"] = [int(ok) for ok in result["oks"]]
 
 
 def record_accuracy_after(
@@ -144,7 +145,7 @@ def record_accuracy_after(
     summary["accuracy_after"] = result["accuracy"]
     before_oks = state.get("accuracy_before_oks")
     test = ""
-    if before_oks is not None and len(before_oks) == len(result["oks"]):
+    if before_oks is not None and len(before_oks) == len(result.get("oks", ())):
         from align.evaluate_policy import paired_accuracy
 
         summary["accuracy_test"] = t = paired_accuracy([bool(x) for x in before_oks], result["oks"])
