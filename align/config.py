@@ -542,6 +542,11 @@ class GRPOConfig(OnlineConfig):
     )
     ppo_epochs: int = doc(1, "Passes over each rollout batch (1: the ratio is 1 and clipping is inactive).")
     num_mini_batches: int = doc(1, "Optimiser steps per pass (the rollout batch is split this many ways).")
+    skip_zero_variance_groups: bool = doc(
+        False,
+        "Leave groups whose rewards all tie (advantage 0) out of the update: same policy gradient, less "
+        "compute; their KL term is dropped too. One process only (ignored with data parallelism).",
+    )
 
 
 @dataclasses.dataclass

@@ -38,6 +38,8 @@ __all__ = [
     "format_markdown",
     "format_win_rate",
     "lm_loss",
+    "mcnemar_exact",
+    "paired_accuracy",
     "load_lm",
     "sequence_kl",
     "tax_rows",
@@ -86,6 +88,42 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value: under "no change", each of the gained + lost discordant tasks (wrong
+    before and right after, or the reverse) is a fair coin. p = P(|Binomial(n, 1/2) - n/2| >= |observed|),
+    capped at 1. Concordant tasks carry no information about the change and do not enter."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2.0**n
+    return min(1.0, 2.0 * tail)
+
+
+def paired_accuracy(before: Sequence[bool], after: Sequence[bool], z: float = Z95) -> dict[str, Any]:
+    """Gold accuracy of the same tasks before and after training, with the paired test.
+
+    Returns ``{n, before, before_lo, before_hi, after, after_lo, after_hi, gained, lost, delta, delta_lo,
+    delta_hi, p_mcnemar}``: Wilson 95% intervals for each accuracy; the change ``delta = (gained - lost) / n``
+    with its paired (Wald) interval ``z * sqrt(gained + lost - (gained - lost)^2 / n) / n``; the exact
+    McNemar p-value. Paired because the two accuracies share the tasks: their difference has far less
+    variance than two independent samples would suggest, and treating them as independent wastes power.
+    """
+    if len(before) != len(after):
+        raise ValueError(f"paired_accuracy: {len(before)} before vs {len(after)} after results")
+    n = len(before)
+    gained = sum(1 for b, a in zip(before, after, strict=True) if a and not b)
+    lost = sum(1 for b, a in zip(before, after, strict=True) if b and not a)
+    n_before, n_after = sum(map(bool, before)), sum(map(bool, after))
+    b_lo, b_hi = wilson_interval(n_before, n)
+    a_lo, a_hi = wilson_interval(n_after, n)
+    delta = (gained - lost) / n if n else 0.0
+    half = z * math.sqrt(max(gained + lost - (gained - lost) ** 2 / n, 0.0)) / n if n else 0.0
+    return {"n": n, "before": n_before / n if n else 0.0, "before_lo": b_lo, "before_hi": b_hi,
+            "after": n_after / n if n else 0.0, "after_lo": a_lo, "after_hi": a_hi, "gained": gained,
+            "lost": lost, "delta": delta, "delta_lo": delta - half, "delta_hi": delta + half,
+            "p_mcnemar": mcnemar_exact(gained, lost)}  # fmt: skip
 
 
 def win_rate(
@@ -290,13 +328,15 @@ def compare_policies(
     same_dir = Path(baseline_dir).resolve() == Path(policy_dir).resolve()
     if not same_dir and load_tokenizer(baseline_dir).get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"{baseline} and {policy} use different tokenizers; the KL needs one vocabulary")
-    prompt_ids = [chatml.encode_prompt(t.messages, tokenizer) for t in tasks]
-    # tax_max_rows=0 skips the LM-loss part of the tax (eval/win_rate.py): its numbers come out as None.
-    rows = tax_rows(tokenizer, tax_text, tax_max_rows) if tax_max_rows > 0 else []
     rm = None
     if reward_model is not None:
         rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
         rm.requires_grad_(False)
+    # The prompts the RM was trained on (and PPO sampled with) carry its system prompt: so do these.
+    default_system = rm.config.default_system if rm is not None else None
+    prompt_ids = [chatml.encode_prompt(t.messages, tokenizer, default_system=default_system) for t in tasks]
+    # tax_max_rows=0 skips the LM-loss part of the tax (eval/win_rate.py): its numbers come out as None.
+    rows = tax_rows(tokenizer, tax_text, tax_max_rows) if tax_max_rows > 0 else []
 
     settings = {"tasks": [t.key for t in tasks], "reward_model": str(reward_model), "max_new_tokens": max_new_tokens,
                 "tax_text": tax_text, "tax_rows": len(rows), "device": device}  # fmt: skip
@@ -336,6 +376,8 @@ def compare_policies(
         "win_rate_rm": win_rate(pol["rm"], base["rm"]) if rm is not None else None,
         "win_rate_gold": win_rate(pol["gold"], base["gold"]),
         "gold_accuracy": {"policy": acc_p, "baseline": acc_b},
+        # Same tasks on both sides: the paired test (McNemar exact) and intervals, baseline = "before".
+        "gold_paired": paired_accuracy([g > 0 for g in base["gold"]], [g > 0 for g in pol["gold"]]),
         "rm_score": {"policy": _mean(pol["rm"]), "baseline": _mean(base["rm"])} if rm is not None else None,
         "kl_to_baseline": float(kl.mean()),
         "kl_to_baseline_std": float(kl.std()) if len(kl) > 1 else 0.0,
@@ -451,6 +493,13 @@ def format_markdown(r: dict[str, Any]) -> str:
         lines.append(
             f"| {cell(s['prompt'])} | {cell(s['answer'])} | {cell(s['policy'])} | {cell(s['baseline'])} |"
         )
+    t = r.get("gold_paired")
+    if t:
+        lines += ["", f"Gold accuracy, paired over {t['n']} tasks: baseline {t['before']:.1%} "
+                  f"[{t['before_lo']:.1%}, {t['before_hi']:.1%}] -> policy {t['after']:.1%} "
+                  f"[{t['after_lo']:.1%}, {t['after_hi']:.1%}]; change {t['delta']:+.1%} "
+                  f"[{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}] ({t['gained']} gained, {t['lost']} lost), "
+                  f"McNemar exact p = {t['p_mcnemar']:.3g}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

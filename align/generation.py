@@ -101,7 +101,7 @@ def verifier_accuracy(
 ) -> dict[str, Any]:
     """Generate a reply per task and score it with the gold verifier.
 
-    Returns ``{"accuracy", "n", "correct", "per_kind": {kind: {"accuracy", "n", "correct"}}, "samples":
+    Returns ``{"accuracy", "n", "correct", "oks" (per task, in order), "per_kind": {kind: {"accuracy", "n", "correct"}}, "samples":
     [{"kind", "prompt", "response", "answer", "ok"}, ...], "new_tokens", "seconds"}``; samples cover the
     kinds round-robin. ``kw`` goes to ``generate_ids`` (max_new_tokens, batch_size, default_system, ...).
     """
@@ -144,6 +144,7 @@ def verifier_accuracy(
         "accuracy": correct / len(tasks) if tasks else 0.0,
         "n": len(tasks),
         "correct": correct,
+        "oks": oks,
         "per_kind": {k: dict(v) for k, v in sorted(per_kind.items())},
         "samples": samples,
         "new_tokens": sum(len(x) for x in ids),

@@ -246,3 +246,128 @@ def best_worst_pairs(rewards: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     queries = torch.nonzero(keep).flatten()
     base = queries * k
     return base + best[queries], base + worst[queries], queries, int(q - queries.numel())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reward shaping: what the RL loops turn a reward-model score into. One place, so PPO, online DPO and
+# GRPO treat a response that never closed (or that the RM could not read) the same way.
+
+
+def closed_responses(finished: torch.Tensor, found: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) bool: the response stopped AND its score is real.
+
+    Args:
+        finished: (B,) bool, the response emitted a stop token (the rollout engine's flag).
+        found: (B,) bool, the reward model found its end token at the end of the sequence (None: a
+            rule-based reward, which reads any text). A response can stop on another stop id (the
+            tokenizer's eos) and be `finished` yet unreadable to an RM that pools at <|im_end|>; its
+            score is then the RM's placeholder (`unclosed_reward`, -10), not a judgement.
+    """
+    closed = finished.bool()
+    return closed if found is None else closed & found.bool()
+
+
+def shape_scores(
+    raw: torch.Tensor,
+    closed: torch.Tensor,
+    mean: float,
+    std: float,
+    *,
+    use_std: bool,
+    missing_eos_penalty: float | None,
+    readable: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Normalised sequence scores, with unclosed responses ranked below every closed one.
+
+    Args:
+        raw: (B,) raw scores (RM outputs or rule-based rewards).
+        closed: (B,) bool, from `closed_responses`; False rows' raw scores are ignored.
+        mean, std: the running statistics of closed responses' raw scores (`RunningMoments`).
+        use_std: divide by std (running_mean_std) or only centre (running_mean).
+        missing_eos_penalty: how far, in units of the RM's spread (std), an unclosed response scores
+            below the worst closed response of this batch (and below the running mean). The old rule gave
+            unclosed rows `penalty` on centred but unscaled scores, so with an RM spread above 1 a
+            closed bad answer (say -3) scored below an unclosed one (-1): rambling paid. None: no
+            penalty: an unclosed row keeps its own normalised score where the scorer could read it
+            (`readable`; a rule-based reward reads any text) and scores the running mean (0: no signal)
+            where it could not (an RM's placeholder is not a judgement).
+        readable: (B,) bool, the scorer's verdict is real (RM: its end token was found); None: all rows.
+    Returns:
+        (B,) fp32 scores: (raw - mean) [/ std] where closed; min(0, worst closed) - |penalty| x scale
+        where not, scale = 1 with use_std else std.
+    """
+    raw = raw.float()
+    closed = closed.bool()
+    scale = max(std, 1e-6)
+    normalised = (raw - mean) / scale if use_std else raw - mean
+    if missing_eos_penalty is None:
+        ok = torch.ones_like(closed) if readable is None else readable.bool()
+        unclosed = torch.where(ok, normalised, torch.zeros_like(normalised))
+    else:
+        worst = normalised[closed].min().clamp(max=0.0) if closed.any() else normalised.new_zeros(())
+        unit = 1.0 if use_std else scale
+        unclosed = (worst - abs(missing_eos_penalty) * unit).expand_as(normalised)
+    return torch.where(closed, normalised, unclosed)
+
+
+def token_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    kind: Literal["k1", "k2", "k3"] = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token reward: -kl_coef x KL at every response token, plus the sequence score at its last.
+
+    Args:
+        scores: (B,) shaped sequence scores (`shape_scores`).
+        logprobs, ref_logprobs: (B, T) policy and reference log-probs of the sampled tokens.
+        mask: (B, T) 1 on response tokens (a prefix of each row; the stop token included).
+    Returns:
+        rewards (B, T) and kl (B, T), both 0 on padding. A row with no response token gets nothing.
+    """
+    mask = mask.float()
+    kl = kl_estimate(logprobs, ref_logprobs, kind) * mask
+    rewards = -kl_coef * kl
+    lengths = mask.sum(1).long()
+    rows = torch.arange(len(scores), device=scores.device)
+    last = (lengths - 1).clamp(min=0)
+    rewards[rows, last] += scores.float() * (lengths > 0)
+    return rewards, kl
+
+
+def grpo_kl_term(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    n_tokens: torch.Tensor | float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's KL term: kl_coef x the k3 KL to the reference, summed over tokens and divided by `n_tokens`
+    (the token count of the whole mini-batch, so micro-batches and processes add up to one token mean).
+
+    Args:
+        logprobs: (B, T) policy log-probs (with grad); ref_logprobs: (B, T); mask: (B, T).
+    Returns:
+        loss () and kl (B, T) detached (0 on padding). k3 is >= 0 and its gradient pulls logprobs
+        towards the reference wherever the policy moved (pi/pi_ref - 1 > 0 side gets pushed down).
+    """
+    mask = mask.float()
+    kl = kl_estimate(logprobs, ref_logprobs, "k3") * mask
+    return kl_coef * kl.sum() / n_tokens, kl.detach()
+
+
+def group_scores(raw: torch.Tensor, closed: torch.Tensor, missing_eos_penalty: float | None) -> torch.Tensor:
+    """Online loops' scores before grouping: an unclosed (or unreadable) response scores
+    `min(worst closed score of the batch, 0) - |penalty|` (in raw units; online methods compare within a
+    group, so no running statistics), None: its raw score (for an RM: its `unclosed_reward`).
+
+    Shapes: (B,), (B,) bool -> (B,) fp32.
+    """
+    raw = raw.float()
+    if missing_eos_penalty is None:
+        return raw
+    closed = closed.bool()
+    worst = raw[closed].min().clamp(max=0.0) if closed.any() else raw.new_zeros(())
+    return torch.where(closed, raw, (worst - abs(missing_eos_penalty)).expand_as(raw))

@@ -176,3 +176,30 @@ def test_win_rate_and_tax_commands_end_to_end_on_a_tiny_model(tiny_qwen_dir, tmp
     tax = json.loads((tmp_path / "tax" / "tax.json").read_text())
     assert tax["delta_lm_loss"] == 0.0 and tax["before"]["tokens"] == 2 * 63
     assert "held-out LM loss" in (tmp_path / "tax" / "tax.md").read_text()
+
+
+def test_mcnemar_exact_on_worked_numbers_and_scipy():
+    from scipy.stats import binomtest
+
+    from align.evaluate_policy import mcnemar_exact
+
+    # 9 tasks gained, 1 lost: 2 x (C(10,0) + C(10,1)) / 2^10 = 22/1024.
+    assert mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(3, 3) == 1.0
+    for gained, lost in [(30, 12), (5, 0), (2, 17)]:
+        assert mcnemar_exact(gained, lost) == pytest.approx(binomtest(gained, gained + lost, 0.5).pvalue)
+
+
+def test_paired_accuracy_counts_discordant_tasks():
+    from align.evaluate_policy import paired_accuracy
+
+    before = [True, True, False, False, False, True, False, False, False, False]
+    after = [True, False, True, True, True, True, True, False, False, True]
+    r = paired_accuracy(before, after)
+    assert (r["n"], r["gained"], r["lost"]) == (10, 5, 1)
+    assert r["before"] == pytest.approx(0.3) and r["after"] == pytest.approx(0.7)
+    assert r["delta"] == pytest.approx(0.4)
+    # paired Wald half-width: 1.96 x sqrt(6 - 16/10) / 10
+    assert r["delta_hi"] - r["delta"] == pytest.approx(1.959963984540054 * math.sqrt(4.4) / 10)
+    assert r["p_mcnemar"] == pytest.approx(2 * 7 / 64)  # (C(6,0) + C(6,1)) / 2^6, twice
+    assert (r["after_lo"], r["after_hi"]) == pytest.approx(wilson_interval(7, 10))

@@ -117,3 +117,53 @@ def test_grpo_orders_by_variance_and_raises_a_rule_based_reward(tiny_byte_dir, p
     rewards = [r["reward_mean"] for r in read_metrics(out)]
     assert sum(rewards[:2]) / 2 < 0.6
     assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.2, rewards
+
+
+# --- issue #13 ------------------------------------------------------------------------------------------
+
+
+def test_online_dpo_weighs_every_pair_of_the_global_batch_equally():
+    # Two processes, one with 1 pair and one with 3: each micro-batch's mean loss is scaled so that after
+    # DDP's 1/2 average every pair weighs 1/4. The old weight (b / local pairs) gave the lone pair 1/2.
+    from align.train.online import pair_weight
+
+    assert pair_weight(1, 4, 2) / 2 == pytest.approx(1 / 4)  # process 0: one pair, mean of 1
+    assert pair_weight(3, 4, 2) / 2 / 3 == pytest.approx(1 / 4)  # process 1: per pair of its mean of 3
+    assert pair_weight(2, 0, 2) == 0.0
+
+
+def test_grpo_trains_only_groups_whose_rewards_differ():
+    from align.train.online import informative_rows
+
+    grouped = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    assert informative_rows(grouped, skip_ties=True) == [3, 4, 5]
+    assert informative_rows(grouped, skip_ties=False) == list(range(9))
+
+
+def test_score_rollouts_marks_a_response_the_rm_cannot_read_as_unclosed(tiny_byte_dir, tmp_path):
+    # Row 1 stopped on another stop id (pad/eos here, not <|im_end|>): `finished`, but the RM found no end
+    # token and returned its placeholder. The online loops used to gate on `finished` alone.
+    from transformers import AutoTokenizer
+
+    import chatml
+    from align.reward import RewardModel
+    from align.rl_math import group_scores
+    from align.rollout import RolloutBatch
+    from align.train.rl_common import score_rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
+    _, im_end = chatml.chatml_token_ids(tokenizer)
+    rm = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=0).eval()
+    other = tokenizer.convert_tokens_to_ids("!")
+    prompt = chatml.encode_prompt([{"role": "user", "content": "hi"}], tokenizer)
+    response = torch.tensor([[72, 105, im_end], [72, 105, other], [72, 105, 105]])
+    batch = RolloutBatch(
+        prompt_ids=[prompt] * 3, response_ids=response, response_mask=torch.ones_like(response),
+        logprobs=None, finished=torch.tensor([True, True, False]), prompt_index=torch.tensor([0, 1, 2]),
+        lengths=torch.tensor([3, 3, 3]), n=1, pad_id=tokenizer.pad_token_id, temperature=1.0, top_p=1.0,
+    )  # fmt: skip
+    raw, closed, readable = score_rollouts(batch, ["", "", ""], reward_model=rm)
+    assert closed.tolist() == [True, False, False] and readable.tolist() == [True, False, False]
+    assert raw[1].item() == rm.config.unclosed_reward
+    scores = group_scores(raw, closed, missing_eos_penalty=-1.0)
+    assert scores[1] == scores[2] == min(raw[0].item(), 0.0) - 1.0

@@ -205,3 +205,97 @@ def test_lora_policy_uses_the_adapter_free_weights_as_reference(
     assert any("lora_" in k for k in saved if k.startswith("policy/"))
     assert not any(k.startswith("policy/") and "lora_" not in k for k in saved)
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+# --- issue #13: the RM's settings, scores the RM could not read, schedules, the KL coefficient -------------
+
+
+def _rm_with(tiny_byte_dir, path, **kw):
+    from transformers import AutoTokenizer
+
+    from align.reward import RewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
+    rm = RewardModel.from_backbone(tiny_byte_dir, seed=0, **kw)
+    return rm.save_pretrained(path, tokenizer), tokenizer
+
+
+def test_ppo_refuses_a_reward_model_whose_end_token_the_policy_never_emits(
+    tiny_byte_dir, prompts_file, tmp_path
+):
+    # An RM reading its score at "!" scores every rollout (which stops at <|im_end|>) as unclosed: -10,
+    # centred away to no signal. The old loop trained on that silently.
+    from transformers import AutoTokenizer
+
+    from align.train.process import RunSetupError
+
+    bang = AutoTokenizer.from_pretrained(tiny_byte_dir).convert_tokens_to_ids("!")
+    rm, _ = _rm_with(tiny_byte_dir, tmp_path / "rm-bang", end_token="!", end_token_id=bang)
+    with pytest.raises(RunSetupError, match=r"reads its score at '!'.*rollouts stop only on"):
+        run_ppo(_cfg(tiny_byte_dir, rm, prompts_file, tmp_path / "ppo", max_steps=1))
+
+
+def test_ppo_prompts_carry_the_reward_models_system_prompt(
+    tiny_byte_dir, prompts_file, tmp_path, monkeypatch
+):
+    import chatml
+
+    _, im_end = chatml.chatml_token_ids(
+        __import__("transformers").AutoTokenizer.from_pretrained(tiny_byte_dir)
+    )
+    rm, _ = _rm_with(tiny_byte_dir, tmp_path / "rm-sys", end_token_id=im_end, default_system="Be brief.")
+    seen = []
+    real = chatml.encode_prompt
+
+    def spy(messages, tokenizer, default_system=None):
+        seen.append(default_system)
+        return real(messages, tokenizer, default_system=default_system)
+
+    monkeypatch.setattr(chatml, "encode_prompt", spy)
+    run_ppo(_cfg(tiny_byte_dir, rm, prompts_file, tmp_path / "ppo", max_steps=1, value_warmup_steps=1))
+    assert seen and set(seen) == {"Be brief."}
+    # An explicit, different system prompt is a mismatch the run cannot fix: refused.
+    from align.train.process import RunSetupError
+
+    with pytest.raises(RunSetupError, match="trained with 'Be brief.'"):
+        run_ppo(_cfg(tiny_byte_dir, rm, prompts_file, tmp_path / "ppo2", max_steps=1, default_system="Hi."))
+
+
+def test_policy_schedule_finishes_after_the_value_warmup(
+    tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
+):
+    # The policy steps only after the value warm-up (here 1 of 3 iterations): a linear decay built for 3
+    # steps but stepped twice ended at 1/3 of the peak, never reaching its floor.
+    import align.train.ppo as ppo
+
+    built = []
+    real = ppo.build_scheduler
+
+    def spy(optimizer, cfg, total):
+        built.append(real(optimizer, cfg, total))
+        return built[-1]
+
+    monkeypatch.setattr(ppo, "build_scheduler", spy)
+    cfg = _cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path / "ppo", max_steps=3, value_warmup_steps=1,
+               lr_scheduler="linear", warmup_steps=0, save_steps=0)  # fmt: skip
+    run_ppo(cfg)
+    policy_sched = built[0]  # built first: the policy's, then the value model's
+    floor = cfg.policy_lr * cfg.min_lr_ratio
+    assert policy_sched.get_last_lr()[0] == pytest.approx(floor, abs=1e-12)
+    assert built[1].get_last_lr()[0] == pytest.approx(cfg.value_lr * cfg.min_lr_ratio, abs=1e-12)
+
+
+def test_a_larger_kl_coef_ends_with_a_smaller_kl(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
+    # The rule-based reward pulls the policy away from the reference (towards ASCII bytes); the per-token
+    # -kl_coef x KL reward must hold it back. Same seeds, same data: only kl_coef differs.
+    def final_kl(kl_coef, name):
+        out = tmp_path / name
+        cfg = _cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, out, max_steps=10, value_warmup_steps=0,
+                   ppo_epochs=2, batch_size=8, micro_batch_size=16, max_new_tokens=8, policy_lr=3e-2,
+                   kl_coef=kl_coef, reward_norm="none", missing_eos_penalty=None, save_steps=0)  # fmt: skip
+        run_ppo(cfg, reward_fn=ascii_reward)
+        kls = [r["kl"] for r in read_metrics(out)]
+        return sum(kls[-3:]) / 3
+
+    free, held = final_kl(0.0, "free"), final_kl(1.0, "held")
+    assert held < 0.5 * free, (held, free)

@@ -129,3 +129,85 @@ def test_running_moments_against_numpy():
     restored = RunningMoments()
     restored.load_state_dict(moments.state_dict())
     assert restored.state_dict() == moments.state_dict()
+
+
+# --- reward shaping (issue #13) ------------------------------------------------------------------
+
+from align.rl_math import (  # noqa: E402
+    closed_responses,
+    group_scores,
+    grpo_kl_term,
+    shape_scores,
+    token_rewards,
+)
+
+
+def test_a_response_that_stopped_on_another_id_is_not_closed_for_the_rm():
+    # Row 1 stopped on the tokenizer's eos: finished, but the RM (pooling at <|im_end|>) did not find its
+    # end token and returned its -10 placeholder. PPO used to gate on `finished` alone.
+    finished = torch.tensor([True, True, False])
+    found = torch.tensor([True, False, False])
+    assert closed_responses(finished, found).tolist() == [True, False, False]
+    assert closed_responses(finished, None).tolist() == [True, True, False]
+
+
+def test_unclosed_responses_rank_below_every_closed_one_when_the_rm_spread_exceeds_one():
+    # RM spread 3: a closed bad answer is 2 std (6 raw) below the mean. The old rule gave an unclosed row
+    # `penalty` = -1 on centred, unscaled scores: -1 > -6, so never closing paid.
+    raw = torch.tensor([4.0, -6.0, 0.0, -10.0])  # row 3: the RM's placeholder for an unreadable response
+    closed = torch.tensor([True, True, False, False])
+    out = shape_scores(raw, closed, mean=0.0, std=3.0, use_std=False, missing_eos_penalty=-1.0)
+    # closed rows: raw - mean; unclosed: worst closed (-6) - 1 x std (3) = -9, the placeholder ignored.
+    torch.testing.assert_close(out, torch.tensor([4.0, -6.0, -9.0, -9.0]))
+    scaled = shape_scores(raw, closed, mean=0.0, std=3.0, use_std=True, missing_eos_penalty=-1.0)
+    torch.testing.assert_close(scaled, torch.tensor([4 / 3, -2.0, -3.0, -3.0]))
+    # When every closed score is above the mean, the penalty is counted from the mean (0), not from them.
+    good = shape_scores(torch.tensor([5.0, 7.0, 0.0]), torch.tensor([True, True, False]), 1.0, 2.0,
+                        use_std=False, missing_eos_penalty=-0.5)  # fmt: skip
+    torch.testing.assert_close(good, torch.tensor([4.0, 6.0, -1.0]))
+    # No penalty: an unclosed row the scorer could read keeps its score (row 2, a rule-based reward reads
+    # any text); one it could not (row 3, the RM's -10 placeholder) carries no signal (the running mean).
+    readable = torch.tensor([True, True, True, False])
+    none = shape_scores(raw, closed, 1.0, 3.0, use_std=False, missing_eos_penalty=None, readable=readable)
+    torch.testing.assert_close(none, torch.tensor([3.0, -7.0, -1.0, 0.0]))
+
+
+def test_the_running_mean_sees_only_closed_scores():
+    # What PPO now feeds RunningMoments: the -10 placeholders would drag the mean to -4.
+    raw = torch.tensor([2.0, 0.0, -10.0, -10.0])
+    closed = closed_responses(
+        torch.tensor([True, True, True, False]), torch.tensor([True, True, False, False])
+    )
+    moments = RunningMoments()
+    moments.update(raw[closed])
+    assert moments.mean == pytest.approx(1.0) and moments.std == pytest.approx(1.0)
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_charge_kl_everywhere():
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards, kl = token_rewards(torch.tensor([2.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    # k1 = logprobs - ref: row 0 [0.5, -1, 0], row 1 [-0.5] then padding.
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0], [-0.5, 0.0, 0.0]]))
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.1, 2.0], [0.05 - 1.0, 0.0, 0.0]]))
+
+
+def test_grpo_kl_term_is_k3_token_mean_and_pulls_towards_the_reference():
+    logprobs = torch.tensor([[-0.5, -1.0], [-2.0, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0], [-1.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    loss, kl = grpo_kl_term(logprobs, ref, mask, kl_coef=0.5, n_tokens=3)
+    k3 = [math.expm1(-0.5) + 0.5, 0.0, math.expm1(1.0) - 1.0]  # (r - 1) - log r, log r = ref - logp
+    torch.testing.assert_close(kl, torch.tensor([[k3[0], 0.0], [k3[2], 0.0]]))
+    assert loss.item() == pytest.approx(0.5 * sum(k3) / 3)
+    loss.backward()
+    # d/dlogp k3 = 1 - r: positive where the policy put more mass than the reference (push it down).
+    assert logprobs.grad[0, 0] > 0 and logprobs.grad[1, 0] < 0 and logprobs.grad[1, 1] == 0
+
+
+def test_group_scores_put_unclosed_responses_below_the_group():
+    raw = torch.tensor([1.0, 0.0, -10.0, 0.5])
+    closed = torch.tensor([True, True, False, False])
+    torch.testing.assert_close(group_scores(raw, closed, -0.5), torch.tensor([1.0, 0.0, -0.5, -0.5]))
+    torch.testing.assert_close(group_scores(raw, closed, None), raw)

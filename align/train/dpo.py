@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from contextlib import nullcontext
@@ -40,8 +39,9 @@ from align.models import load_causal_lm, save_final_model
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
-from align.train.ppo import load_frozen_lm
+from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.rl_common import load_frozen_lm
 from align.train.run_start import start_single_model_run
 from align.train.sft import (
     packed_logprobs,
@@ -336,18 +336,11 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 logps_chosen=pc.detach(),
                 logps_rejected=pr.detach(),
             )
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        )
         total_loss = accelerator.reduce(loss_sum, reduction="mean").item()
-        if not (math.isfinite(total_loss) and math.isfinite(float(grad_norm))):
-            state["skipped_nonfinite"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
-        else:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        grad_norm = optimizer_step(
+            accelerator, model, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
+            checkpointer=run.checkpointer, step=step + 1, scheduler=scheduler, loss=total_loss,
+        )  # fmt: skip
         done = step + 1
         gathered = {k: accelerator.gather(torch.cat(v)) for k, v in acc.items()}
         chosen_r, rejected_r = gathered["chosen_rewards"], gathered["rejected_rewards"]

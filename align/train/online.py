@@ -40,6 +40,7 @@ from align.reward import RewardModel
 from align.rl_math import (
     best_worst_pairs,
     group_advantages,
+    group_scores,
     kl_estimate,
     masked_mean,
     variance_order,
@@ -49,19 +50,22 @@ from align.rollout_engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
-from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
-from align.train.ppo import (
-    _add,
-    _clip,
+from align.train.optimization import build_optimizer, build_scheduler
+from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.rl_common import (
+    PolicyTrainer,
+    add_stats,
     check_same_vocabulary,
     load_frozen_lm,
     load_prompts,
     log_rl_step,
+    micro_slices,
     response_logprobs,
+    reward_model_settings,
     scatter_rows,
+    score_rollouts,
     sub_batch,
 )
-from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.sft import record_accuracy_after, record_accuracy_before
 
 Method = Literal["online_dpo", "grpo"]
@@ -85,6 +89,17 @@ def load_online_prompts(cfg: OnlineConfig) -> tuple[list[list[dict[str, str]]], 
         tasks = generate_tasks(cfg.embedded_prompts, seed=cfg.seed + 1, split="train")
         return [t.messages for t in tasks], tasks
     return load_prompts(cfg)  # the PPO prompt reader: JSONL of {messages} or {prompt}
+
+
+def verifier_reward(tasks: list[Any], queries: list[int]) -> Any:
+    """A rule-based reward_fn: 1.0 where the gold verifier accepts the response to `queries[prompt]`."""
+    from align.tasks import verify
+
+    def reward(batch: RolloutBatch, texts: list[str]) -> list[float]:
+        rows = batch.prompt_index.tolist()
+        return [float(verify(tasks[queries[int(p)]], t)) for p, t in zip(rows, texts, strict=True)]
+
+    return reward
 
 
 def reward_source(cfg: OnlineConfig, reward_fn: Any, tasks: list[Any] | None) -> str:
@@ -159,7 +174,12 @@ def run_online(
         }[source]
     )
 
-    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=cfg.default_system) for p in prompts]
+    default_system = (
+        reward_model_settings(reward_model, tokenizer, cfg.default_system)
+        if reward_model is not None
+        else cfg.default_system
+    )
+    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
     if too_long:
         raise DataError(
@@ -195,33 +215,17 @@ def run_online(
     if embedded_eval and is_main:
         record_accuracy_before(state, policy_u, tokenizer, cfg, accelerator.print)
 
-    def micro_slices(rows: list[int]) -> list[list[int]]:
-        return [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
-
     def score(batch: RolloutBatch, texts: list[str], queries: list[int]) -> torch.Tensor:
-        """(B,) raw scores of a rollout batch whose prompt i is query `queries[i]`."""
-        if reward_fn is not None:
-            scores = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
-        elif reward_model is not None:
-            scores = torch.zeros(len(texts), device=device)
-            with torch.no_grad(), accelerator.autocast():
-                for rows in micro_slices(list(range(len(texts)))):
-                    seq = sub_batch(batch, rows).sequences(left_pad=True)
-                    rewards = reward_model(seq.input_ids, seq.attention_mask).rewards
-                    scores[torch.tensor(rows, device=device)] = rewards.float()
-        else:
-            from align.tasks import verify
-
-            scores = torch.tensor(
-                [
-                    float(verify(tasks[queries[int(p)]], text))
-                    for p, text in zip(batch.prompt_index.tolist(), texts, strict=True)
-                ],
-                device=device,
-            )
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(batch.finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        return scores
+        """(B,) scores of a rollout batch whose prompt i is query `queries[i]`; unclosed (or unreadable)
+        responses rank below every closed one when missing_eos_penalty is set (`group_scores`)."""
+        rule = reward_fn
+        if rule is None and reward_model is None:
+            rule = verifier_reward(tasks, queries)
+        raw, closed, _ = score_rollouts(
+            batch, texts, reward_model=reward_model, reward_fn=rule,
+            micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
+        )  # fmt: skip
+        return group_scores(raw, closed, cfg.missing_eos_penalty)
 
     def rollout(queries: list[int], seed: int) -> RolloutBatch:
         return engine.generate(
@@ -233,36 +237,14 @@ def run_online(
             seed=seed,
         ).to(device)
 
-    # GRPO's curriculum: one scoring pass over every query, larger reward variance first. Kept on disk, so a
-    # resumed run trains in the same order without sampling again.
-    order: list[int] | None = None
-    t_order = 0.0
+    def sample_scores(queries: list[int], seed: int) -> torch.Tensor:
+        batch = rollout(queries, seed=seed)
+        return batch.grouped(score(batch, batch.texts(tokenizer), queries)).cpu()
+
+    order, t_order = None, 0.0
     if grpo and cfg.variance_order:
-        order_file = out / "query_order.json"
-        if order_file.is_file():
-            order = json.loads(order_file.read_text())["order"]
-        else:
-            t0 = time.perf_counter()
-            policy.eval()
-            variances_of: list[torch.Tensor] = []
-            # Every process runs the same seeded pass, so all agree on the order without communicating.
-            for k in range(0, len(prompt_ids), cfg.batch_size):
-                chunk = list(range(k, min(k + cfg.batch_size, len(prompt_ids))))
-                batch = rollout(chunk, seed=cfg.seed * 7_919 + k)
-                variances_of.append(batch.grouped(score(batch, batch.texts(tokenizer), chunk)).cpu())
-            grouped_all = torch.cat(variances_of)
-            order = variance_order(grouped_all)
-            t_order = time.perf_counter() - t0
-            variances = grouped_all.var(dim=1, unbiased=False)
-            if is_main:
-                order_file.write_text(
-                    json.dumps({"order": order, "variance": [round(float(v), 6) for v in variances]}) + "\n"
-                )
-            accelerator.print(
-                f"variance ordering: scored {len(order)} queries x {cfg.samples_per_query} samples in {t_order:.1f} s; "
-                f"{int((variances > 0).sum())} have non-zero reward variance and are trained first"
-            )
-            accelerator.wait_for_everyone()
+        policy.eval()
+        order, t_order = variance_pass(cfg, out, accelerator, len(prompt_ids), sample_scores)
 
     def batch_indices(step: int) -> list[int]:
         if order is None:
@@ -270,12 +252,7 @@ def run_online(
         k = step % steps_per_epoch
         return order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
 
-    def reference_logprobs(seq: Any, width: int, response_ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            if reference is not None:
-                return response_logprobs(reference, seq, response_ids, cfg.temperature)
-            with policy_u.disable_adapter():
-                return response_logprobs(policy_u, seq, response_ids, cfg.temperature)
+    trainer = PolicyTrainer(cfg, accelerator, policy, policy_u, reference, optimizer, checkpointer, state)
 
     bar = tqdm(total=num_steps, initial=start_step, desc=method, disable=not (is_main and cfg.progress))
     last: dict[str, Any] = {}
@@ -292,8 +269,6 @@ def run_online(
         batch = rollout(local, seed=cfg.seed * 100_003 + step * world + accelerator.process_index)
         t_rollout = time.perf_counter() - t0
         texts = batch.texts(tokenizer)
-        n_rows, width = batch.response_ids.shape
-        mask = batch.response_mask.float()
 
         # 2. scoring
         t0 = time.perf_counter()
@@ -304,119 +279,12 @@ def run_online(
         # 3. update
         t0 = time.perf_counter()
         policy.train()
-        stats_acc: dict[str, list[float]] = {}
-        metrics: dict[str, Any] = {}
-        if grpo:
-            advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
-            single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
-            old_logprobs = torch.zeros(n_rows, width, device=device)
-            ref_logprobs = torch.zeros_like(old_logprobs)
-            with torch.no_grad(), accelerator.autocast():
-                for rows in micro_slices(list(range(n_rows))):
-                    sub = sub_batch(batch, rows)
-                    seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                    if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
-                        scatter_rows(
-                            old_logprobs,
-                            rows,
-                            response_logprobs(policy, seq, sub.response_ids, cfg.temperature),
-                        )
-                    if cfg.kl_coef > 0:
-                        scatter_rows(ref_logprobs, rows, reference_logprobs(seq, w, sub.response_ids))
-            order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
-            for _epoch in range(cfg.ppo_epochs):
-                perm = (
-                    torch.randperm(n_rows, generator=order_gen).tolist()
-                    if not single_pass
-                    else list(range(n_rows))
-                )
-                size = n_rows // cfg.num_mini_batches
-                for mb in range(cfg.num_mini_batches):
-                    mini = perm[mb * size : (mb + 1) * size]
-                    tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
-                    micros = micro_slices(mini)
-                    for k, rows in enumerate(micros):
-                        sub = sub_batch(batch, rows)
-                        seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                        idx = torch.tensor(rows, device=device)
-                        sub_mask = mask[idx, :w]
-                        sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
-                        with sync, accelerator.autocast():
-                            logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
-                            old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
-                            adv = advantages[idx][:, None].expand(-1, w)
-                            loss, p_stats = ppo_policy_loss(
-                                logprobs, old, adv, sub_mask, cfg.clip_eps, tokens / world
-                            )
-                            if cfg.kl_coef > 0:
-                                kl = kl_estimate(logprobs, ref_logprobs[idx, :w], "k3")
-                                kl_loss = (kl * sub_mask).sum() / (tokens / world)
-                                loss = loss + cfg.kl_coef * kl_loss
-                                p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
-                            accelerator.backward(loss)
-                        _add(
-                            stats_acc,
-                            {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
-                        )
-                        _add(stats_acc, p_stats)
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
-                    step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
-                    _add(stats_acc, {"grad_norm": grad_norm})
-            metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
-        else:
-            chosen, rejected, _, ties = best_worst_pairs(grouped)
-            n_pairs = int(chosen.numel())
-            pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
-            pair_micro = max(cfg.micro_batch_size // 2, 1)
-            slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
-            for k, part in enumerate(slices):
-                rows = [c for c, _ in part] + [r for _, r in part]
-                sub = sub_batch(batch, rows)
-                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                sub_mask = sub.response_mask.float()
-                ref_seq = (reference_logprobs(seq, w, sub.response_ids) * sub_mask).sum(1)
-                sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
-                with sync, accelerator.autocast():
-                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
-                    seq_logps = (logprobs * sub_mask).sum(1)
-                    b = len(part)
-                    loss, d_stats = dpo_loss(
-                        seq_logps[:b],
-                        seq_logps[b:],
-                        ref_seq[:b],
-                        ref_seq[b:],
-                        cfg.beta,
-                        cfg.loss_type,
-                        cfg.label_smoothing,
-                    )
-                    # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
-                    weight = b / n_pairs if n_pairs else 0.0
-                    accelerator.backward(loss * weight)
-                if n_pairs:
-                    _add(
-                        stats_acc,
-                        {
-                            "loss": loss.item(),
-                            "dpo_accuracy": d_stats["accuracy"],
-                            "dpo_margin": d_stats["margins"].mean(),
-                            "chosen_score": grouped.flatten()[chosen].mean(),
-                            "rejected_score": grouped.flatten()[rejected].mean(),
-                        },
-                    )
-            grad_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
-            if n_pairs:
-                step_if_finite(optimizer, grad_norm, state, checkpointer, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            _add(stats_acc, {"grad_norm": grad_norm})
-            state["ties_skipped"] = state.get("ties_skipped", 0) + ties
-            metrics.update(
-                {"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": state["ties_skipped"]}
-            )
+        update = grpo_update if grpo else online_dpo_update
+        metrics = update(trainer, batch, grouped, step)
         scheduler.step()
         t_train = time.perf_counter() - t0
 
         # 4. metrics
-        metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         metrics.update(
             {
                 "reward_mean": scores.mean().item(),
@@ -468,3 +336,185 @@ def run_online(
     logger.close()
     accelerator.wait_for_everyone()
     return summary
+
+
+def pair_weight(pairs_here: int, global_pairs: int, world: int) -> float:
+    """Loss weight of a micro-batch of `pairs_here` pairs whose loss is their mean, so that after the
+    data-parallel gradient average (1/world) every pair of the global batch weighs 1/global_pairs."""
+    return pairs_here * world / global_pairs if global_pairs else 0.0
+
+
+def informative_rows(grouped: torch.Tensor, skip_ties: bool) -> list[int]:
+    """Flat row indices (q * G + j) of the (Q, G) grouped rewards to train on: all, or with `skip_ties`
+    only those of groups whose rewards differ. A tied group's advantages are all 0, so its rows add
+    nothing to the policy gradient but their forward and backward cost (75% of the rows at the start of
+    the verifier run); only their KL term is lost, which then covers the trained rows."""
+    q, g = grouped.shape
+    if not skip_ties:
+        return list(range(q * g))
+    keep = grouped.max(dim=1).values > grouped.min(dim=1).values
+    return [i * g + j for i in range(q) if bool(keep[i]) for j in range(g)]
+
+
+def grpo_update(t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, step: int) -> dict[str, Any]:
+    """GRPO's advantages and update for one rollout batch: group-normalised advantages, the token-level
+    clipped objective plus kl_coef x the k3 KL to the reference, `ppo_epochs` x `num_mini_batches` steps.
+    `grouped`: (Q, G) scores. Returns the iteration's metrics (means of the per-micro-batch statistics)."""
+    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
+    n_rows, width = batch.response_ids.shape
+    mask = batch.response_mask.float()
+    stats_acc: dict[str, list[float]] = {}
+    metrics: dict[str, Any] = {}
+    advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
+    single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
+    train_rows = informative_rows(grouped, cfg.skip_zero_variance_groups and world == 1)
+    old_logprobs = torch.zeros(n_rows, width, device=device)
+    ref_logprobs = torch.zeros_like(old_logprobs)
+    with torch.no_grad(), accelerator.autocast():
+        for rows in micro_slices(train_rows, cfg.micro_batch_size):
+            sub = sub_batch(batch, rows)
+            seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+            if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
+                scatter_rows(
+                    old_logprobs,
+                    rows,
+                    response_logprobs(policy, seq, sub.response_ids, cfg.temperature),
+                )
+            if cfg.kl_coef > 0:
+                scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
+    order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
+    for _epoch in range(cfg.ppo_epochs):
+        perm = (
+            [train_rows[i] for i in torch.randperm(len(train_rows), generator=order_gen).tolist()]
+            if not single_pass
+            else train_rows
+        )
+        size = len(train_rows) // cfg.num_mini_batches
+        for mb in range(cfg.num_mini_batches):
+            mini = perm[mb * size : (mb + 1) * size]
+            tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
+            micros = micro_slices(mini, cfg.micro_batch_size)
+            if not micros:  # every group tied: no advantage anywhere, nothing to update
+                continue
+            for k, rows in enumerate(micros):
+                sub = sub_batch(batch, rows)
+                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                idx = torch.tensor(rows, device=device)
+                sub_mask = mask[idx, :w]
+                sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
+                with sync, accelerator.autocast():
+                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
+                    adv = advantages[idx][:, None].expand(-1, w)
+                    loss, p_stats = ppo_policy_loss(
+                        logprobs, old, adv, sub_mask, cfg.clip_eps, tokens / world
+                    )
+                    if cfg.kl_coef > 0:
+                        kl = kl_estimate(logprobs, ref_logprobs[idx, :w], "k3")
+                        kl_loss = (kl * sub_mask).sum() / (tokens / world)
+                        loss = loss + cfg.kl_coef * kl_loss
+                        p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
+                    accelerator.backward(loss)
+                add_stats(
+                    stats_acc,
+                    {"loss": loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1)},
+                )
+                add_stats(stats_acc, p_stats)
+            grad_norm = t.optimizer_step(step + 1)
+            add_stats(stats_acc, {"grad_norm": grad_norm})
+    metrics["zero_variance_groups"] = (grouped.std(dim=1) == 0).float().mean().item()
+    return {**metrics, **{k: sum(v) / len(v) for k, v in stats_acc.items()}}
+
+
+def online_dpo_update(
+    t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, step: int
+) -> dict[str, Any]:
+    """Online DPO's pairs and update for one rollout batch: in each query's group the best and the worst
+    response form a pair (all-tied groups skipped and counted), one DPO step against the reference.
+    `grouped`: (Q, k) scores. Returns the iteration's metrics."""
+    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
+    stats_acc: dict[str, list[float]] = {}
+    metrics: dict[str, Any] = {}
+    chosen, rejected, _, ties = best_worst_pairs(grouped)
+    n_pairs = int(chosen.numel())
+    # Pairs on every process: each pair weighs 1/global_pairs, whatever process it fell on. Weighting
+    # by the local count gave a mean of per-process means (a process with 1 pair counted as much as
+    # one with 8).
+    global_pairs = int(accelerator.reduce(torch.tensor(n_pairs, device=device), reduction="sum"))
+    pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
+    pair_micro = max(cfg.micro_batch_size // 2, 1)
+    slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
+    for k, part in enumerate(slices):
+        rows = [c for c, _ in part] + [r for _, r in part]
+        sub = sub_batch(batch, rows)
+        seq = sub.sequences(left_pad=True)
+        sub_mask = sub.response_mask.float()
+        ref_seq = (t.reference_logprobs(seq, sub.response_ids) * sub_mask).sum(1)
+        sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
+        with sync, accelerator.autocast():
+            logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+            seq_logps = (logprobs * sub_mask).sum(1)
+            b = len(part)
+            loss, d_stats = dpo_loss(
+                seq_logps[:b],
+                seq_logps[b:],
+                ref_seq[:b],
+                ref_seq[b:],
+                cfg.beta,
+                cfg.loss_type,
+                cfg.label_smoothing,
+            )
+            # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
+            # (data parallelism averages gradients over `world` processes, hence the factor)
+            weight = pair_weight(b, global_pairs, world)
+            accelerator.backward(loss * weight)
+        if n_pairs:
+            add_stats(
+                stats_acc,
+                {
+                    "loss": loss.item(),
+                    "dpo_accuracy": d_stats["accuracy"],
+                    "dpo_margin": d_stats["margins"].mean(),
+                    "chosen_score": grouped.flatten()[chosen].mean(),
+                    "rejected_score": grouped.flatten()[rejected].mean(),
+                },
+            )
+    if global_pairs:
+        grad_norm = t.optimizer_step(step + 1)
+    else:  # no pair anywhere: nothing to learn, the zero-weight pass's gradients are dropped
+        grad_norm = 0.0
+        t.optimizer.zero_grad(set_to_none=True)
+    add_stats(stats_acc, {"grad_norm": grad_norm})
+    t.counts["ties_skipped"] = t.counts.get("ties_skipped", 0) + ties
+    metrics.update({"pairs": n_pairs, "ties_skipped": ties, "ties_skipped_total": t.counts["ties_skipped"]})
+    return {**metrics, **{k: sum(v) / len(v) for k, v in stats_acc.items()}}
+
+
+def variance_pass(
+    cfg: OnlineConfig, out: Path, accelerator: Any, n_queries: int, sample_scores: Any
+) -> tuple[list[int], float]:
+    """GRPO's curriculum (Qwen2.5): one scoring pass over every query, larger reward variance first. Kept
+    on disk (query_order.json), so a resumed run trains in the same order without sampling again.
+
+    `sample_scores(queries, seed) -> (Q, G) scores`. Returns the order and the pass's seconds (0 when read).
+    """
+    order_file = out / "query_order.json"
+    if order_file.is_file():
+        return json.loads(order_file.read_text())["order"], 0.0
+    t0 = time.perf_counter()
+    # Every process runs the same seeded pass, so all agree on the order without communicating.
+    chunks = [list(range(k, min(k + cfg.batch_size, n_queries))) for k in range(0, n_queries, cfg.batch_size)]
+    grouped_all = torch.cat([sample_scores(chunk, cfg.seed * 7_919 + chunk[0]) for chunk in chunks])
+    order = variance_order(grouped_all)
+    seconds = time.perf_counter() - t0
+    variances = grouped_all.var(dim=1, unbiased=False)
+    if accelerator.is_main_process:
+        order_file.write_text(
+            json.dumps({"order": order, "variance": [round(float(v), 6) for v in variances]}) + "\n"
+        )
+    accelerator.print(
+        f"variance ordering: scored {len(order)} queries x {cfg.samples_per_query} samples in {seconds:.1f} s; "
+        f"{int((variances > 0).sum())} have non-zero reward variance and are trained first"
+    )
+    accelerator.wait_for_everyone()
+    return order, seconds

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from align.config import TrainConfig
-from align.train.checkpointing import RunCheckpointer
 
 
 def build_optimizer(
@@ -69,26 +68,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: i
         ),
     )
 
-
-def step_if_finite(
-    optimizer: torch.optim.Optimizer,
-    grad_norm: torch.Tensor | float,
-    state: dict[str, Any],
-    checkpointer: RunCheckpointer,
-    step: int,
-) -> bool:
-    """Apply one optimiser update unless the (global, already clipped-for) gradient norm is non-finite.
-
-    A NaN/inf loss gives a non-finite gradient, and the norm from `accelerator.clip_grad_norm_` is the
-    same on every rank, so all processes skip together. A skipped update drops the gradients (they
-    would poison the weights and Adam's moments), counts it in `state["skipped_nonfinite"]` (logged
-    and checkpointed) and tells the checkpointer (which stops the run if on_nonfinite=stop).
-    """
-    if math.isfinite(float(grad_norm)):
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return True
-    optimizer.zero_grad(set_to_none=True)
-    state["skipped_nonfinite"] = state.get("skipped_nonfinite", 0) + 1
-    checkpointer.nonfinite(step, "gradient")
-    return False

@@ -16,7 +16,6 @@ The maths is in pure functions (`align.rl_math`, `align.losses`); this file only
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -25,13 +24,12 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM
 
 import chatml
 from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
 from align.config import PPOConfig
 from align.config_loader import config_to_dict
-from align.data import DataError, load_prompt_file
+from align.data import DataError
 from align.fused_logprobs import lm_logprobs
 from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss_from_logprobs
 from align.models import load_causal_lm, save_final_model
@@ -41,33 +39,36 @@ from align.rl_math import (
     RunningMoments,
     explained_variance,
     gae,
-    kl_estimate,
     masked_mean,
     masked_whiten,
+    shape_scores,
+    token_rewards,
 )
-from align.rollout import RolloutBatch, position_ids_from_mask
+from align.rollout import RolloutBatch
 from align.rollout_engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices, total_steps
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
-from align.train.optimization import build_optimizer, build_scheduler, step_if_finite
+from align.train.optim_step import optimizer_step
+from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.rl_common import (
+    PolicyTrainer,
+    add_stats,
+    check_same_vocabulary,
+    load_frozen_lm,
+    load_prompts,
+    log_rl_step,
+    micro_slices,
+    response_logprobs,
+    reward_model_settings,
+    scatter_rows,
+    score_rollouts,
+    sub_batch,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Data: prompts (with their gold tasks when generated) and the pre-training stream
-
-
-def load_prompts(cfg: PPOConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
-    """Prompt conversations (ending with a user turn) and, for embedded data, their verifiable tasks."""
-    if cfg.dataset == "embedded":
-        from align.tasks import generate_tasks
-
-        tasks = generate_tasks(max(cfg.batch_size * 16, 64), seed=cfg.seed + 1, split="train")
-        return [t.messages for t in tasks], tasks
-    path = Path(cfg.dataset)
-    if not path.is_file():
-        raise DataError(f"{cfg.dataset}: no such prompt file")
-    return load_prompt_file(path), None  # messages or prompt, optional tools; file:line errors
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,73 +93,15 @@ def ensure_embedded_inputs(cfg: PPOConfig) -> None:
         run_reward(RMConfig())
 
 
-def load_frozen_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.requires_grad_(False)
-    return model.eval()
-
-
-def check_same_vocabulary(tokenizer: Any, path: str) -> None:
-    from transformers import AutoTokenizer
-
-    other = AutoTokenizer.from_pretrained(path)
-    if other.get_vocab() != tokenizer.get_vocab():
-        raise RunSetupError(
-            f"{path} uses a different tokenizer from the policy; PPO needs one vocabulary for all four models"
-        )
-
-
 # ---------------------------------------------------------------------------------------------------
 # Forward passes over rollouts. All use the left-padded layout of `RolloutBatch.sequences`: every row's
 # response starts at column P, so `logits[:, P-1 : P+R-1]` predict the response tokens.
-
-
-def response_logprobs(
-    model: Any, seq: Any, response_ids: torch.Tensor, temperature: float, with_entropy: bool = False
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """(B, R) log-probs of the response tokens (and their entropy) from one forward pass, computed in
-    chunks from the last hidden states so the (B, R, V) logits are never built (`align.fused_logprobs`)."""
-    return lm_logprobs(
-        model,
-        response_ids,
-        temperature=temperature,
-        with_entropy=with_entropy,
-        drop_last=True,
-        input_ids=seq.input_ids,
-        attention_mask=seq.attention_mask,
-        position_ids=position_ids_from_mask(seq.attention_mask),
-        use_cache=False,
-        logits_to_keep=response_ids.shape[1] + 1,
-    )
 
 
 def response_values(value_model: RewardModel, seq: Any, width: int) -> torch.Tensor:
     """(B, R) value estimates V(s_t), read where the policy predicts response token t."""
     values = value_model(seq.input_ids, seq.attention_mask, return_all=True).values
     return values[:, -width - 1 : -1]
-
-
-def sub_batch(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
-    """Rows of a rollout batch, trimmed to their longest response."""
-    index = torch.tensor(rows, dtype=torch.long, device=batch.response_ids.device)
-    width = max(int(batch.lengths[index].max()), 1)
-    return RolloutBatch(
-        prompt_ids=[batch.prompt_ids[i] for i in rows],
-        response_ids=batch.response_ids[index, :width],
-        response_mask=batch.response_mask[index, :width],
-        logprobs=None,
-        finished=batch.finished[index],
-        prompt_index=batch.prompt_index[index],
-        lengths=batch.lengths[index],
-        n=1,
-        pad_id=batch.pad_id,
-        temperature=batch.temperature,
-        top_p=batch.top_p,
-    )
-
-
-def scatter_rows(target: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
-    target[torch.tensor(rows, device=target.device), : values.shape[1]] = values.to(target.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -212,8 +155,14 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     if cfg.gradient_checkpointing:
         value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+    # The system prompt and end token the RM was trained with (reward_config.json), or a refusal.
+    default_system = (
+        reward_model_settings(reward_model, tokenizer, cfg.default_system)
+        if reward_model is not None
+        else cfg.default_system
+    )
     prompts, tasks = load_prompts(cfg)
-    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=cfg.default_system) for p in prompts]
+    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
     if too_long:
         raise DataError(
@@ -224,14 +173,17 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     ptx = None
     if cfg.ptx_coef > 0:
         ptx_rows = chunk_tokens(load_text(cfg.ptx_dataset), tokenizer, cfg.ptx_max_length)
-        ptx = PtxStream(ptx_rows, cfg.ptx_batch_size, seed=cfg.seed)
+        # Each process draws from its own shard: the same seeded order on every process would train N
+        # copies of the same rows and waste N-1 of them.
+        ptx = PtxStream(ptx_rows[accelerator.process_index :: world], cfg.ptx_batch_size, seed=cfg.seed)
         accelerator.print(
             f"ptx stream: {len(ptx_rows)} rows of {cfg.ptx_max_length} tokens from {cfg.ptx_dataset}"
         )
 
     policy_opt = build_optimizer(policy, cfg, lr=cfg.policy_lr or cfg.learning_rate)
     value_opt = build_optimizer(value_model, cfg, lr=cfg.value_lr)
-    policy_sched = build_scheduler(policy_opt, cfg, num_steps)
+    # The policy only steps after the value warm-up: its schedule spans the iterations it is stepped in.
+    policy_sched = build_scheduler(policy_opt, cfg, max(num_steps - cfg.value_warmup_steps, 1))
     value_sched = build_scheduler(value_opt, cfg, num_steps)
     policy, value_model, policy_opt, value_opt = accelerator.prepare(
         policy, value_model, policy_opt, value_opt
@@ -269,14 +221,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     if is_main and saved is None and rollout_log.exists():
         rollout_log.unlink()
 
-    def reference_logprobs(seq: Any, response_ids: torch.Tensor) -> torch.Tensor:
-        if reference is not None:
-            return response_logprobs(reference, seq, response_ids, cfg.temperature)
-        with policy_u.disable_adapter():
-            return response_logprobs(policy_u, seq, response_ids, cfg.temperature)
-
-    def micro_slices(rows: list[int]) -> list[list[int]]:
-        return [rows[i : i + cfg.micro_batch_size] for i in range(0, len(rows), cfg.micro_batch_size)]
+    trainer = PolicyTrainer(cfg, accelerator, policy, policy_u, reference, policy_opt, checkpointer, counts)
 
     bar = tqdm(total=num_steps, initial=start_step, desc="ppo", disable=not (is_main and cfg.progress))
     last: dict[str, Any] = {}
@@ -301,59 +246,28 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         ).to(device)
         t_rollout = time.perf_counter() - t0
         texts = batch.texts(tokenizer)
-        n_rows, width = batch.response_ids.shape
         mask = batch.response_mask.float()
 
         # 2. scoring (no grad): old log-probs, reference log-probs, values, RM score, entropy
         t0 = time.perf_counter()
-        old_logprobs = torch.zeros(n_rows, width, device=device)
-        ref_logprobs = torch.zeros_like(old_logprobs)
-        old_values = torch.zeros_like(old_logprobs)
-        entropy = torch.zeros_like(old_logprobs)
-        raw_scores = torch.zeros(n_rows, device=device)
-        all_rows = list(range(n_rows))
         policy.eval()
         value_model.eval()
         frozen = [m for m in (reference, reward_model) if m is not None]
         for model in frozen:
             model.to(device)
-        with torch.no_grad(), accelerator.autocast():
-            for rows in micro_slices(all_rows):
-                sub = sub_batch(batch, rows)
-                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                logps, ent = response_logprobs(policy, seq, sub.response_ids, cfg.temperature, True)
-                scatter_rows(old_logprobs, rows, logps)
-                scatter_rows(entropy, rows, ent)
-                scatter_rows(ref_logprobs, rows, reference_logprobs(seq, sub.response_ids))
-                scatter_rows(old_values, rows, response_values(value_model, seq, w))
-                if reward_model is not None:
-                    scored = reward_model(seq.input_ids, seq.attention_mask)
-                    raw_scores[torch.tensor(rows, device=device)] = scored.rewards.float()
+        old_logprobs, ref_logprobs, old_values, entropy = rollout_passes(trainer, value_model, batch)
+        raw_scores, closed, readable = score_rollouts(
+            batch, texts, reward_model=reward_model, reward_fn=reward_fn,
+            micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
+        )  # fmt: skip
         for model in frozen:
             model.to(frozen_home)
-        if reward_fn is not None:
-            raw_scores = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
         old_logprobs, ref_logprobs, old_values = old_logprobs * mask, ref_logprobs * mask, old_values * mask
         t_score = time.perf_counter() - t0
 
         # 3. rewards and advantages
-        finished = batch.finished
-        # Every process's scores feed the running mean (equal row counts, so gather needs no padding).
-        everyone_scores, everyone_finished = accelerator.gather(raw_scores), accelerator.gather(finished)
-        # Unclosed responses get a fixed penalty, so they stay out of the statistics of real scores.
-        moments.update(
-            everyone_scores[everyone_finished] if cfg.missing_eos_penalty is not None else everyone_scores
-        )
-        if cfg.reward_norm == "none":
-            scores = raw_scores.clone()
-        else:
-            scores = moments.normalise(raw_scores, use_std=cfg.reward_norm == "running_mean_std")
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(finished, scores, torch.full_like(scores, cfg.missing_eos_penalty))
-        kl = kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
-        rewards = -cfg.kl_coef * kl
-        last_token = (batch.lengths - 1).clamp(min=0)
-        rewards[torch.arange(n_rows, device=device), last_token] += scores * (batch.lengths > 0)
+        scores = ppo_scores(cfg, moments, raw_scores, closed, readable, accelerator)
+        rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_estimator)
         advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             # Statistics of the global batch, so N processes give the advantages of one.
@@ -364,71 +278,12 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         t0 = time.perf_counter()
         policy.train()
         value_model.train()
-        stats_acc: dict[str, list[float]] = {}
-        order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
-        for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(n_rows, generator=order_gen).tolist()
-            size = n_rows // cfg.num_mini_batches
-            for mb in range(cfg.num_mini_batches):
-                mini = perm[mb * size : (mb + 1) * size]
-                tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
-                micros = micro_slices(mini)
-                ptx_rows = ptx.next_batch() if (ptx is not None and not warmup) else None
-                for k, rows in enumerate(micros):
-                    sub = sub_batch(batch, rows)
-                    seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-                    idx = torch.tensor(rows, device=device)
-                    sub_mask = mask[idx, :w]
-                    last_micro = k == len(micros) - 1
-                    # Gradients are all-reduced once per mini-batch, not per micro-batch.
-                    sync_v = nullcontext() if last_micro else accelerator.no_sync(value_model)
-                    with sync_v, accelerator.autocast():
-                        values = response_values(value_model, seq, w)
-                        v_loss, v_stats = ppo_value_loss(
-                            values,
-                            old_values[idx, :w],
-                            returns[idx, :w],
-                            sub_mask,
-                            cfg.value_clip,
-                            tokens / world,
-                        )
-                        accelerator.backward(v_loss)
-                    _add(
-                        stats_acc,
-                        {
-                            "value_loss": v_loss.item()
-                            * tokens.item()
-                            / world
-                            / max(sub_mask.sum().item(), 1),
-                            **v_stats,
-                        },
-                    )
-                    if warmup:
-                        continue  # the policy's weights stay bit-identical during the warm-up
-                    sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
-                    with sync_p, accelerator.autocast():
-                        logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
-                        p_loss, p_stats = ppo_policy_loss(
-                            logprobs,
-                            old_logprobs[idx, :w],
-                            advantages[idx, :w],
-                            sub_mask,
-                            cfg.clip_eps,
-                            tokens / world,
-                        )
-                        if ptx_rows is not None and last_micro:
-                            ptx_loss = ptx_lm_loss(policy, ptx_rows, device)
-                            p_stats["ptx_loss"] = ptx_loss.detach()
-                            p_loss = p_loss + cfg.ptx_coef * ptx_loss
-                        accelerator.backward(p_loss)
-                    _add(stats_acc, p_stats)
-                value_norm = accelerator.clip_grad_norm_(value_model.parameters(), _clip(cfg))
-                step_if_finite(value_opt, value_norm, counts, checkpointer, step + 1)
-                if not warmup:
-                    policy_norm = accelerator.clip_grad_norm_(policy.parameters(), _clip(cfg))
-                    step_if_finite(policy_opt, policy_norm, counts, checkpointer, step + 1)
-                    _add(stats_acc, {"policy_grad_norm": policy_norm})
-                _add(stats_acc, {"value_grad_norm": value_norm})
+        stats_acc = ppo_update(
+            trainer, value_model, value_opt, batch,
+            {"old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
+             "returns": returns, "mask": mask},
+            ptx, warmup, step,
+        )  # fmt: skip
         value_sched.step()
         if not warmup:
             policy_sched.step()
@@ -438,7 +293,8 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
         metrics.update(
             {
-                "rm_score": raw_scores[finished].mean().item() if finished.any() else float("nan"),
+                "rm_score": raw_scores[closed].mean().item() if closed.any() else float("nan"),
+                "closed_frac": closed.float().mean().item(),
                 "score_normalised": scores.mean().item(),
                 "reward_running_mean": moments.mean,
                 "skipped_nonfinite": counts["skipped_nonfinite"],
@@ -511,83 +367,134 @@ def ptx_lm_loss(policy: Any, rows: list[list[int]], device: torch.device) -> tor
     return loss
 
 
-def gold_score(tasks: list[Any], local: list[int], batch: RolloutBatch, texts: list[str]) -> float:
-    """Share of responses that the gold verifier accepts (generated prompts only)."""
-    from align.tasks import verify
+def ppo_scores(
+    cfg: PPOConfig,
+    moments: RunningMoments,
+    raw: torch.Tensor,
+    closed: torch.Tensor,
+    readable: torch.Tensor,
+    accelerator: Any,
+) -> torch.Tensor:
+    """(B,) shaped scores of this process's rows: the running statistics see every process's scores that
+    are used as they are (closed ones; with no penalty, every readable one) and never an RM's -10
+    placeholder; then `shape_scores` normalises and ranks unclosed responses below every closed one."""
+    everyone, everyone_closed = accelerator.gather(raw), accelerator.gather(closed)
+    everyone_readable = accelerator.gather(readable)
+    moments.update(everyone[everyone_closed if cfg.missing_eos_penalty is not None else everyone_readable])
+    if cfg.reward_norm == "none":
+        mean, std = 0.0, 1.0
+    else:
+        mean, std = moments.mean, moments.std
+    shaped = shape_scores(
+        everyone, everyone_closed, mean, std,
+        use_std=cfg.reward_norm != "running_mean", missing_eos_penalty=cfg.missing_eos_penalty,
+        readable=everyone_readable,
+    )  # fmt: skip
+    n, rank = len(raw), accelerator.process_index  # equal row counts per process: gather is a concat
+    return shaped[rank * n : (rank + 1) * n]
 
-    prompt_rows = batch.prompt_index.tolist()
-    return sum(verify(tasks[local[p]], text) for p, text in zip(prompt_rows, texts, strict=True)) / len(texts)
 
-
-def log_rl_step(
-    cfg: Any,
-    metrics: dict[str, Any],
-    done: int,
-    total: int,
-    logger: Any,
+def ppo_update(
+    t: PolicyTrainer,
+    value_model: Any,
+    value_opt: Any,
     batch: RolloutBatch,
-    texts: list[str],
-    scores: torch.Tensor,
-    timings: tuple[float, float, float],
-    *,
-    tasks: list[Any] | None,
-    local: list[int],
-    prompts: list[list[dict[str, str]]],
-    rollout_log: Path,
-    is_main: bool,
-) -> None:
-    """The end of an iteration of PPO or an online loop: response length, unclosed share and timings
-    (rollout, scoring, training) added to `metrics`, the gold verifier's score on generated prompts, the
-    metrics line every `logging_steps`, and the first `log_rollouts` responses to rollouts.jsonl."""
-    t_rollout, t_score, t_train = timings
-    lengths = batch.lengths.float()
-    metrics.update(
-        {
-            "response_length": lengths.mean().item(),
-            "no_eos_frac": 1.0 - batch.finished.float().mean().item(),
-            "time_rollout": t_rollout,
-            "time_scoring": t_score,
-            "time_training": t_train,
-            "response_tokens_per_s": lengths.sum().item() / max(t_rollout, 1e-9),
-        }
-    )
-    if tasks is not None:
-        metrics["gold_score"] = gold_score(tasks, local, batch, texts)
-    if done % cfg.logging_steps == 0 or done == total:
-        logger.log(metrics, step=done)
-    if is_main and cfg.log_rollouts > 0:
-        append_rollouts(rollout_log, done, batch, texts, local, prompts, scores, cfg.log_rollouts)
-
-
-def append_rollouts(
-    path: Path,
+    tensors: dict[str, torch.Tensor],
+    ptx: PtxStream | None,
+    warmup: bool,
     step: int,
-    batch: RolloutBatch,
-    texts: list[str],
-    local: list[int],
-    prompts: list[list[dict[str, str]]],
-    scores: torch.Tensor,
-    limit: int,
-) -> None:
-    """Write the first `limit` responses of this step, with their scores, to rollouts.jsonl."""
-    with path.open("a") as fh:
-        for row in range(min(limit, len(texts))):
-            query = local[int(batch.prompt_index[row])]
-            record = {
-                "step": step,
-                "query": query,
-                "prompt": prompts[query][-1]["content"],
-                "response": texts[row],
-                "score": scores[row].item(),
-                "finished": bool(batch.finished[row]),
-            }
-            fh.write(json.dumps(record) + "\n")
+) -> dict[str, list[float]]:
+    """The update phase of one PPO iteration: `ppo_epochs` passes of `num_mini_batches` steps, each the
+    clipped value loss (value model) and, after the warm-up, the clipped policy loss plus ptx_coef x the LM
+    loss on pre-training rows (policy). `tensors`: (B, T) old_logprobs, old_values, advantages, returns and
+    mask. Returns the per-micro-batch statistics."""
+    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
+    counts, checkpointer = t.counts, t.checkpointer
+    old_logprobs, old_values = tensors["old_logprobs"], tensors["old_values"]
+    advantages, returns, mask = tensors["advantages"], tensors["returns"], tensors["mask"]
+    n_rows = mask.shape[0]
+    stats_acc: dict[str, list[float]] = {}
+    order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
+    for _epoch in range(cfg.ppo_epochs):
+        perm = torch.randperm(n_rows, generator=order_gen).tolist()
+        size = n_rows // cfg.num_mini_batches
+        for mb in range(cfg.num_mini_batches):
+            mini = perm[mb * size : (mb + 1) * size]
+            tokens = accelerator.reduce(mask[mini].sum(), reduction="sum").clamp(min=1)
+            micros = micro_slices(mini, cfg.micro_batch_size)
+            ptx_rows = ptx.next_batch() if (ptx is not None and not warmup) else None
+            for k, rows in enumerate(micros):
+                sub = sub_batch(batch, rows)
+                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                idx = torch.tensor(rows, device=device)
+                sub_mask = mask[idx, :w]
+                last_micro = k == len(micros) - 1
+                # Gradients are all-reduced once per mini-batch, not per micro-batch.
+                sync_v = nullcontext() if last_micro else accelerator.no_sync(value_model)
+                with sync_v, accelerator.autocast():
+                    values = response_values(value_model, seq, w)
+                    v_loss, v_stats = ppo_value_loss(
+                        values,
+                        old_values[idx, :w],
+                        returns[idx, :w],
+                        sub_mask,
+                        cfg.value_clip,
+                        tokens / world,
+                    )
+                    accelerator.backward(v_loss)
+                add_stats(
+                    stats_acc,
+                    {
+                        "value_loss": v_loss.item() * tokens.item() / world / max(sub_mask.sum().item(), 1),
+                        **v_stats,
+                    },
+                )
+                if warmup:
+                    continue  # the policy's weights stay bit-identical during the warm-up
+                sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
+                with sync_p, accelerator.autocast():
+                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    p_loss, p_stats = ppo_policy_loss(
+                        logprobs,
+                        old_logprobs[idx, :w],
+                        advantages[idx, :w],
+                        sub_mask,
+                        cfg.clip_eps,
+                        tokens / world,
+                    )
+                    if ptx_rows is not None and last_micro:
+                        ptx_loss = ptx_lm_loss(policy, ptx_rows, device)
+                        p_stats["ptx_loss"] = ptx_loss.detach()
+                        p_loss = p_loss + cfg.ptx_coef * ptx_loss
+                    accelerator.backward(p_loss)
+                add_stats(stats_acc, p_stats)
+            value_norm = optimizer_step(
+                accelerator, value_model, value_opt, max_grad_norm=cfg.max_grad_norm, counts=counts,
+                checkpointer=checkpointer, step=step + 1, what="value gradient",
+            )  # fmt: skip
+            if not warmup:
+                policy_norm = t.optimizer_step(step + 1, what="policy gradient")
+                add_stats(stats_acc, {"policy_grad_norm": policy_norm})
+            add_stats(stats_acc, {"value_grad_norm": value_norm})
+    return stats_acc
 
 
-def _clip(cfg: PPOConfig) -> float:
-    return cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-
-
-def _add(acc: dict[str, list[float]], stats: dict[str, Any]) -> None:
-    for key, value in stats.items():
-        acc.setdefault(key, []).append(float(value))
+def rollout_passes(
+    t: PolicyTrainer, value_model: Any, batch: RolloutBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The no-grad passes of the score phase over a rollout batch, in micro-batches: (B, T) each of the
+    policy's log-probs, the reference's log-probs, the value model's values and the policy's entropy."""
+    cfg = t.cfg
+    n_rows, width = batch.response_ids.shape
+    old_logprobs = torch.zeros(n_rows, width, device=t.device)
+    ref_logprobs, old_values, entropy = (torch.zeros_like(old_logprobs) for _ in range(3))
+    with torch.no_grad(), t.accelerator.autocast():
+        for rows in micro_slices(list(range(n_rows)), cfg.micro_batch_size):
+            sub = sub_batch(batch, rows)
+            seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+            logps, ent = response_logprobs(t.policy, seq, sub.response_ids, cfg.temperature, True)
+            scatter_rows(old_logprobs, rows, logps)
+            scatter_rows(entropy, rows, ent)
+            scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
+            scatter_rows(old_values, rows, response_values(value_model, seq, w))
+    return old_logprobs, ref_logprobs, old_values, entropy

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import random
 import time
 from contextlib import nullcontext
@@ -35,6 +34,7 @@ from align.reward import RewardModel, pack_pairs, pad_sequences
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
+from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.run_start import start_single_model_run
 
@@ -398,19 +398,11 @@ def train_reward_model(
                     rejected.detach().sum(),
                 ]
             )
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        )
         totals = (accelerator.reduce(sums, reduction="sum") / cfg.batch_size).tolist()
-        if not (math.isfinite(totals[0]) and math.isfinite(float(grad_norm))):
-            state["skipped_nonfinite"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
-        else:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(
+            accelerator, model, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
+            checkpointer=run.checkpointer, step=step + 1, scheduler=scheduler, loss=totals[0],
+        )  # fmt: skip
         step_seconds = time.perf_counter() - step_start
         train_seconds += step_seconds
         last_loss = totals[0]

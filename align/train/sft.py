@@ -11,7 +11,6 @@ micro-batches and processes.
 from __future__ import annotations
 
 import json
-import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,6 +30,7 @@ from align.packing import pack_examples
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
+from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.run_start import start_single_model_run
 
@@ -142,7 +142,11 @@ def record_accuracy_before(
     so a resumed run does not measure the already-trained model as its "before"."""
     if "accuracy_before" not in state:
         say(f"held-out accuracy before training ({cfg.eval_tasks} generated tasks)...")
-        state["accuracy_before"] = heldout_accuracy(model, tokenizer, cfg)["accuracy"]
+        result = heldout_accuracy(model, tokenizer, cfg)
+        state["accuracy_before"] = result["accuracy"]
+        # Per task, so the "after" figure can be tested against it pairwise (same tasks, McNemar).
+        if "oks" in result:
+            state["accuracy_before_oks"] = [int(ok) for ok in result["oks"]]
 
 
 def record_accuracy_after(
@@ -152,10 +156,22 @@ def record_accuracy_after(
     """Held-out gold accuracy after training, beside the "before" figure, into the run's summary."""
     say(f"held-out accuracy after training ({cfg.eval_tasks} generated tasks)...")
     summary["accuracy_before"] = state.get("accuracy_before")
-    summary["accuracy_after"] = heldout_accuracy(model, tokenizer, cfg)["accuracy"]
+    result = heldout_accuracy(model, tokenizer, cfg)
+    summary["accuracy_after"] = result["accuracy"]
+    before_oks = state.get("accuracy_before_oks")
+    test = ""
+    if before_oks is not None and len(before_oks) == len(result.get("oks", ())):
+        from align.evaluate_policy import paired_accuracy
+
+        summary["accuracy_test"] = t = paired_accuracy([bool(x) for x in before_oks], result["oks"])
+        test = (
+            f" (95% CI {t['before_lo']:.1%}-{t['before_hi']:.1%} -> {t['after_lo']:.1%}-{t['after_hi']:.1%}; "
+            f"change {t['delta']:+.1%} [{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}], {t['gained']} gained, "
+            f"{t['lost']} lost, McNemar exact p = {t['p_mcnemar']:.3g})"
+        )
     say(
         f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
-        f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}"
+        f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}{test}"
     )
 
 
@@ -229,20 +245,12 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 loss, stats = sft_loss_from_logprobs(logps, normalizer / accelerator.num_processes)
                 accelerator.backward(loss)
             nll_sum += stats["nll_sum"]
-        grad_norm = accelerator.clip_grad_norm_(
-            model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        )
         total_nll = accelerator.reduce(nll_sum, reduction="sum").item()
-        if not (math.isfinite(total_nll) and math.isfinite(float(grad_norm))):
-            # A non-finite step would poison the weights and Adam's moments: skip it and say so.
-            state["skipped_nonfinite"] += 1
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            run.checkpointer.nonfinite(step + 1)  # says so; with on_nonfinite=stop, stops below
-        else:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        # A non-finite step would poison the weights and Adam's moments: skipped, counted, said.
+        grad_norm = optimizer_step(
+            accelerator, model, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
+            checkpointer=run.checkpointer, step=step + 1, scheduler=scheduler, loss=total_nll,
+        )  # fmt: skip
         last_loss = total_nll / normalizer
         done = step + 1
         bar.update(1)
