@@ -122,12 +122,21 @@ def _documents_of(position_ids: torch.Tensor, batch: int) -> dict[str, Any] | No
     """`document_kwargs_from_positions` of (1 or B, T) positions expanded to ``batch`` rows, or None when every
     row is one document; cached per tensor."""
     global _derived
-    if _derived is not None and _derived[0]() is position_ids and _derived[1] == position_ids._version:
+    # Inference tensors (made under torch.inference_mode, as in evaluation) have no version counter to
+    # tell an in-place change: derive theirs anew in every layer rather than trust a stale cache.
+    cacheable = not position_ids.is_inference()
+    if (
+        cacheable
+        and _derived is not None
+        and _derived[0]() is position_ids
+        and _derived[1] == position_ids._version
+    ):
         return _derived[2]
     found: dict[str, Any] | None = document_kwargs_from_positions(position_ids.expand(batch, -1))
     if found["cu_seq_lens_q"].numel() == batch + 1:
         found = None
-    _derived = (weakref.ref(position_ids), position_ids._version, found)
+    if cacheable:
+        _derived = (weakref.ref(position_ids), position_ids._version, found)
     return found
 
 

@@ -98,6 +98,20 @@ def test_several_padded_packed_rows_equal_documents_alone():
             start += n
 
 
+def test_packed_rows_under_inference_mode_equal_documents_alone():
+    """Evaluation runs under torch.inference_mode, whose tensors have no version counter: the per-pass
+    cache of derived documents must not need one (it raised 'Inference tensors do not track version
+    counter' in the GRPO gold evaluation)."""
+    model = _tiny_lm(DOC_ATTENTION).eval()
+    with torch.no_grad():
+        alone = _alone(model)
+    row = packed_row(_docs(), torch.device("cpu"))
+    row.pop("documents")  # documents derived from position_ids inside the layers
+    with torch.inference_mode():
+        got = packed_logprobs(model, {k: v.clone() if torch.is_tensor(v) else v for k, v in row.items()})
+    torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
+
+
 def test_padded_batches_and_greedy_generation_equal_sdpa():
     """Not packed: a left-padded batch and KV-cache decoding run exactly as under sdpa."""
     ours, ref = _tiny_lm(DOC_ATTENTION).eval(), _tiny_lm("sdpa").eval()
