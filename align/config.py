@@ -344,7 +344,9 @@ class PPOConfig(RolloutKeys, TrainConfig):
     default_system: str | None = doc(
         "template",
         "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
-        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+        "(as apply_chat_template serves it), or, with a reward model, the one it was trained with "
+        "(reward_config.json); none = no system prompt; other text = that prompt (refused if the reward "
+        "model was trained with another).",
     )
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     max_steps: int = doc(8, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
@@ -482,7 +484,9 @@ class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
     default_system: str | None = doc(
         "template",
         "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
-        "(as apply_chat_template serves it), none = no system prompt, other text = that prompt.",
+        "(as apply_chat_template serves it), or, with a reward model, the one it was trained with "
+        "(reward_config.json); none = no system prompt; other text = that prompt (refused if the reward "
+        "model was trained with another).",
     )
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     missing_eos_penalty: float | None = doc(

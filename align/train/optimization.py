@@ -67,4 +67,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total: i
             min_ratio=cfg.min_lr_ratio,
         ),
     )
-

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM
 
+import chatml
 from align.config import PPOConfig
 from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
@@ -190,8 +191,8 @@ def reward_model_settings(reward_model: Any, tokenizer: Any, default_system: str
     policy must be able to emit the RM's end token, or every response is unreadable to the RM and scores its
     `unclosed_reward` placeholder: a silent zero signal after normalisation.
 
-    Returns the system prompt to use: `default_system` when set and equal to the RM's, the RM's when
-    `default_system` is None. Raises RunSetupError on a different explicit system prompt, on an end token
+    Returns the system prompt to use: the RM's when `default_system` is the stage default ``"template"``,
+    else `default_system` resolved, when it equals the RM's. Raises RunSetupError on a different system prompt, on an end token
     the policy's tokenizer spells with another id, and on an end token the rollouts never stop on.
     """
     rm_cfg = reward_model.config
@@ -207,16 +208,17 @@ def reward_model_settings(reward_model: Any, tokenizer: Any, default_system: str
             f"the reward model reads its score at {rm_cfg.end_token!r} (id {rm_cfg.end_token_id}), but rollouts stop "
             f"only on ids {stops}: no response would ever be scored; retrain the RM with end_token=<|im_end|>"
         )
-    if (
-        default_system is not None
-        and rm_cfg.default_system is not None
-        and default_system != rm_cfg.default_system
-    ):
+    # Compared as the prompts they resolve to ('template' -> the template's own default, none -> None).
+    rm_system = chatml.resolve_default_system(rm_cfg.default_system, tokenizer)
+    if default_system == chatml.TEMPLATE_SYSTEM:
+        return rm_system  # the stage default: follow the reward model
+    wanted = chatml.resolve_default_system(default_system, tokenizer)
+    if wanted != rm_system:
         raise RunSetupError(
-            f"default_system={default_system!r} but the reward model was trained with {rm_cfg.default_system!r}; "
-            "leave default_system unset to use the reward model's"
+            f"default_system={default_system!r} but the reward model was trained with {rm_system!r}; "
+            f"leave default_system at {chatml.TEMPLATE_SYSTEM!r} to use the reward model's"
         )
-    return default_system if default_system is not None else rm_cfg.default_system
+    return wanted
 
 
 def score_rollouts(
