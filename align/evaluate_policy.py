@@ -332,7 +332,6 @@ def compare_policies(
     if reward_model is not None:
         rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
         rm.requires_grad_(False)
-    # The prompts the RM was trained on (and PPO sampled with) carry its system prompt: so do these.
     # The prompt the policy was trained on: the RM's (reward_config.json), else the chat template's own default.
     default_system = rm.config.default_system if rm is not None else chatml.TEMPLATE_SYSTEM
     prompt_ids = [chatml.encode_prompt(t.messages, tokenizer, default_system=default_system) for t in tasks]
