@@ -118,6 +118,25 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    def select(self, rows: list[int]) -> RolloutBatch:
+        """These rows as a batch of their own (``n`` = 1, no log-probs), trimmed to their longest response
+        (at least one column)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.response_ids.device)
+        width = max(int(self.lengths[index].max()), 1)
+        return RolloutBatch(
+            prompt_ids=[self.prompt_ids[i] for i in rows],
+            response_ids=self.response_ids[index, :width],
+            response_mask=self.response_mask[index, :width],
+            logprobs=None,
+            finished=self.finished[index],
+            prompt_index=self.prompt_index[index],
+            lengths=self.lengths[index],
+            n=1,
+            pad_id=self.pad_id,
+            temperature=self.temperature,
+            top_p=self.top_p,
+        )
+
     @property
     def num_prompts(self) -> int:
         return len(self) // self.n if self.n else 0
@@ -212,18 +231,7 @@ def teacher_forced_logprobs(
         sub_r = max(int(batch.lengths[i]) for i in idx)
         if sub_r == 0:
             continue
-        rows = torch.tensor(idx, dtype=torch.long, device=batch.response_ids.device)
-        sub = RolloutBatch(
-            prompt_ids=[batch.prompt_ids[i] for i in idx],
-            response_ids=batch.response_ids[rows, :sub_r],
-            response_mask=batch.response_mask[rows, :sub_r],
-            logprobs=None,
-            finished=batch.finished[rows],
-            prompt_index=batch.prompt_index[rows],
-            lengths=batch.lengths[rows],
-            n=1,
-            pad_id=batch.pad_id,
-        )
+        sub = batch.select(idx)
         seq = sub.sequences(left_pad=True)
         input_ids, attention_mask = seq.input_ids.to(device), seq.attention_mask.to(device)
         logits = model(
@@ -235,7 +243,7 @@ def teacher_forced_logprobs(
         ).logits[:, :-1]
         tokens = input_ids[:, -sub_r:]
         logp = (logits.float() / temp).log_softmax(dim=-1).gather(-1, tokens[..., None])[..., 0]
-        out[rows.to(device), :sub_r] = logp * attention_mask[:, -sub_r:]
+        out[torch.tensor(idx, device=device), :sub_r] = logp * attention_mask[:, -sub_r:]
     return out
 
 

@@ -64,7 +64,6 @@ from align.train.rl_common import (
     reward_model_settings,
     scatter_rows,
     score_rollouts,
-    sub_batch,
 )
 from align.train.sft import record_accuracy_after, record_accuracy_before
 
@@ -372,7 +371,7 @@ def grpo_update(t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, st
     ref_logprobs = torch.zeros_like(old_logprobs)
     with torch.no_grad(), accelerator.autocast():
         for rows in micro_slices(train_rows, cfg.micro_batch_size):
-            sub = sub_batch(batch, rows)
+            sub = batch.select(rows)
             seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
             if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
                 scatter_rows(
@@ -397,7 +396,7 @@ def grpo_update(t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, st
             if not micros:  # every group tied: no advantage anywhere, nothing to update
                 continue
             for k, rows in enumerate(micros):
-                sub = sub_batch(batch, rows)
+                sub = batch.select(rows)
                 seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
                 idx = torch.tensor(rows, device=device)
                 sub_mask = mask[idx, :w]
@@ -446,7 +445,7 @@ def online_dpo_update(
     slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
     for k, part in enumerate(slices):
         rows = [c for c, _ in part] + [r for _, r in part]
-        sub = sub_batch(batch, rows)
+        sub = batch.select(rows)
         seq = sub.sequences(left_pad=True)
         sub_mask = sub.response_mask.float()
         ref_seq = (t.reference_logprobs(seq, sub.response_ids) * sub_mask).sum(1)

@@ -64,7 +64,6 @@ from align.train.rl_common import (
     reward_model_settings,
     scatter_rows,
     score_rollouts,
-    sub_batch,
 )
 
 # ---------------------------------------------------------------------------------------------------
@@ -424,7 +423,7 @@ def ppo_update(
             micros = micro_slices(mini, cfg.micro_batch_size)
             ptx_rows = ptx.next_batch() if (ptx is not None and not warmup) else None
             for k, rows in enumerate(micros):
-                sub = sub_batch(batch, rows)
+                sub = batch.select(rows)
                 seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
                 idx = torch.tensor(rows, device=device)
                 sub_mask = mask[idx, :w]
@@ -490,7 +489,7 @@ def rollout_passes(
     ref_logprobs, old_values, entropy = (torch.zeros_like(old_logprobs) for _ in range(3))
     with torch.no_grad(), t.accelerator.autocast():
         for rows in micro_slices(list(range(n_rows)), cfg.micro_batch_size):
-            sub = sub_batch(batch, rows)
+            sub = batch.select(rows)
             seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
             logps, ent = response_logprobs(t.policy, seq, sub.response_ids, cfg.temperature, True)
             scatter_rows(old_logprobs, rows, logps)

@@ -77,25 +77,6 @@ def response_logprobs(
     )
 
 
-def sub_batch(batch: RolloutBatch, rows: list[int]) -> RolloutBatch:
-    """Rows of a rollout batch, trimmed to their longest response."""
-    index = torch.tensor(rows, dtype=torch.long, device=batch.response_ids.device)
-    width = max(int(batch.lengths[index].max()), 1)
-    return RolloutBatch(
-        prompt_ids=[batch.prompt_ids[i] for i in rows],
-        response_ids=batch.response_ids[index, :width],
-        response_mask=batch.response_mask[index, :width],
-        logprobs=None,
-        finished=batch.finished[index],
-        prompt_index=batch.prompt_index[index],
-        lengths=batch.lengths[index],
-        n=1,
-        pad_id=batch.pad_id,
-        temperature=batch.temperature,
-        top_p=batch.top_p,
-    )
-
-
 def scatter_rows(target: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
     target[torch.tensor(rows, device=target.device), : values.shape[1]] = values.to(target.dtype)
 
@@ -248,7 +229,7 @@ def score_rollouts(
     found = torch.zeros(len(texts), dtype=torch.bool, device=device)
     with torch.no_grad():
         for rows in micro_slices(list(range(len(texts))), micro_batch_size):
-            seq = sub_batch(batch, rows).sequences(left_pad=True)
+            seq = batch.select(rows).sequences(left_pad=True)
             ctx = autocast() if autocast is not None else torch.autocast("cpu", enabled=False)
             with ctx:
                 out = reward_model(seq.input_ids.to(device), seq.attention_mask.to(device))
