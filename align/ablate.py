@@ -372,8 +372,12 @@ def run_sweep(
                 f"[{time.perf_counter() - t0:7.1f}s] {result['status']:<6} {run.name} ({result['seconds']:.0f} s)"
             )
 
+    # The first run goes alone: a run may first train shared inputs that are missing (PPO's embedded
+    # default trains the SFT and RM defaults into outputs/), and two runs at once would both write them.
+    if todo:
+        one(todo[0])
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        list(pool.map(one, todo))
+        list(pool.map(one, todo[1:]))
     rows = collect(sweep, runs)
     write_outputs(sweep, rows)
     log(f"sweep done in {time.perf_counter() - t0:.0f} s: {sweep.out / 'report.md'}")

@@ -178,3 +178,29 @@ def test_pareto_front_and_seed_aggregation_on_worked_numbers():
     assert [a["n"] for a in agg] == [2, 1]
     assert agg[0]["rm_gain"] == 2.0 and agg[0]["rm_gain_std"] == pytest.approx(2**0.5)
     assert agg[0]["tax_lm_loss"] == pytest.approx(0.2) and agg[1]["rm_gain_std"] == 0.0
+
+
+def test_the_first_run_finishes_before_the_others_start(sweep_file):
+    """A run may first train missing shared inputs (PPO's embedded default trains outputs/sft and outputs/rm):
+    two runs at once would both write them, so the first run of a parallel sweep goes alone."""
+    import threading
+    import time
+
+    sweep = load_sweep(sweep_file, grid=parse_grid(["ptx_coef=0,1,2,3"]))
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    recipe = FakeRecipe()
+
+    def recorded(sweep, run, run_dir, threads, gpu):
+        with lock:
+            events.append(("start", run.name))
+        time.sleep(0.05)  # long enough for a second worker to start if it were allowed to
+        result = recipe(sweep, run, run_dir, threads, gpu)
+        with lock:
+            events.append(("end", run.name))
+        return result
+
+    run_sweep(sweep, run_fn=recorded, jobs=4, log=lambda s: None)
+    first = events[0][1]
+    assert events[:2] == [("start", first), ("end", first)]
+    assert sum(kind == "start" for kind, _ in events) == 4
