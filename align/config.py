@@ -165,6 +165,14 @@ class GoldEvalKeys:
 class RolloutKeys:
     """Sampling responses from the policy (PPO, online DPO, GRPO)."""
 
+    default_system: str | None = doc(
+        "template",
+        "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
+        "(as apply_chat_template serves it), or, with a reward model, the one it was trained with "
+        "(reward_config.json); none = no system prompt; other text = that prompt (refused if the reward "
+        "model was trained with another).",
+    )
+    max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     samples_per_query: int = doc(4, "Responses sampled per query.")
     top_p: float = doc(1.0, "Nucleus sampling mass.")
     temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
@@ -341,14 +349,6 @@ class PPOConfig(RolloutKeys, TrainConfig):
     train_missing_stages: bool = doc(
         True, "With the embedded defaults: train the SFT and RM defaults first when their outputs are absent."
     )
-    default_system: str | None = doc(
-        "template",
-        "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
-        "(as apply_chat_template serves it), or, with a reward model, the one it was trained with "
-        "(reward_config.json); none = no system prompt; other text = that prompt (refused if the reward "
-        "model was trained with another).",
-    )
-    max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     max_steps: int = doc(8, "PPO iterations (rollout + update); -1 derives them from num_epochs.")
     batch_size: int = doc(
         4, "Global batch per PPO iteration, in queries (each gets samples_per_query responses)."
@@ -481,14 +481,6 @@ class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
         "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",
     )
     embedded_prompts: int = doc(24, "With dataset=embedded: how many generated training prompts.")
-    default_system: str | None = doc(
-        "template",
-        "System prompt inserted when a prompt has none: 'template' = the chat template's own default "
-        "(as apply_chat_template serves it), or, with a reward model, the one it was trained with "
-        "(reward_config.json); none = no system prompt; other text = that prompt (refused if the reward "
-        "model was trained with another).",
-    )
-    max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     missing_eos_penalty: float | None = doc(
         None, "Score given to a response that never emitted <|im_end|> (None: score it as it is)."
     )
