@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from align.data import DataError, load_preference, load_sft, main
 from align.ptx import load_text
-from align.train.ppo import load_prompts
+from align.train.rl_common import load_prompts
 
 SETTINGS = settings(
     max_examples=40,
