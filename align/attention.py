@@ -102,6 +102,7 @@ def check_no_mask_on_packed_rows(
         or position_ids is None
         or attention_mask.ndim != 2
         or position_ids.shape[-1] < 2
+        or position_ids.shape[-1] != attention_mask.shape[-1]  # a KV cache: the mask covers past tokens too
     ):
         return
     real = attention_mask.bool()

@@ -44,14 +44,21 @@ class ManualRolloutEngine(_BatchedEngine):
         active = torch.arange(b, device=device)  # chunk rows still decoding
         cache = DynamicCache(config=model.config)
         positions = position_ids_from_mask(attention_mask)
+        # The n samples of a prompt share its prefill: each distinct prompt runs once and every row gets
+        # its prompt's cache and logits (GRPO's 8 samples: 1/8 of the prefill, most of a short rollout).
+        distinct, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        first = torch.empty(len(distinct), dtype=torch.long, device=device).scatter_(
+            0, inverse, torch.arange(b, device=device)
+        )
         logits = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
+            input_ids=input_ids[first],
+            attention_mask=attention_mask[first],
+            position_ids=positions[first],
             **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1]
+        ).logits[:, -1][inverse]
+        cache.batch_select_indices(inverse)  # back to the rows' order, prompts repeated
         next_pos = positions[:, -1:] + 1
         steps = 0
         for step in range(max_new_tokens):

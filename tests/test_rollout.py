@@ -214,6 +214,27 @@ def test_manual_greedy_equals_hf_greedy_token_for_token(qwen_tokenizer, prompts)
     assert all(len(set(r)) > 1 for r in hf.responses())  # a degenerate model would prove little
 
 
+def test_manual_engine_prefills_each_prompt_once_and_matches_hf(qwen_tokenizer, prompts):
+    """n samples of a prompt share its prefill (one row per distinct prompt in the first forward pass) and
+    decode as if each had its own: greedy n=3 equals HF's greedy n=3 token for token, log-probs included."""
+    model = _tiny(qwen_tokenizer, 50.0)
+    first_batch = []
+    handle = model.register_forward_pre_hook(
+        lambda _m, _a, kw: first_batch.append(kw["input_ids"].shape) if not first_batch else None,
+        with_kwargs=True,
+    )
+    kw = dict(n=3, max_new_tokens=8, temperature=0.0)
+    try:
+        manual = ManualRolloutEngine(model, qwen_tokenizer, batch_size=9).generate(prompts, **kw)
+    finally:
+        handle.remove()
+    hf = HFRolloutEngine(model, qwen_tokenizer).generate(prompts, **kw)
+    assert first_batch[0][0] == len(prompts) == 3  # 3 distinct prompts prefilled for 9 rows
+    assert torch.equal(hf.response_ids, manual.response_ids)
+    assert torch.allclose(hf.logprobs, manual.logprobs, atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in manual.responses()}) > 1
+
+
 @pytest.mark.parametrize("cls", ENGINES)
 def test_stop_masks_and_finished_flags(cls, tiny, qwen_tokenizer, prompts):
     engine = cls(tiny, qwen_tokenizer, batch_size=2)

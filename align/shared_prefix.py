@@ -1,0 +1,92 @@
+"""Log-probs of several responses to one prompt, with the prompt run through the model once.
+
+GRPO and online DPO sample G responses per prompt. Scored as G full sequences, every prompt token runs G
+times; with short answers to long prompts (the embedded tasks: ~50 prompt tokens, ~4 response tokens; chat
+prompts with a system prompt and tools) that is nearly all of the cost. Here each distinct prompt, less its
+last token, runs once with a KV cache; the cache is gathered to the rows that share it, and only
+[last prompt token, response] runs per row. Gradients flow back through the gathered keys and values into
+the one prompt pass, so log-probs and gradients equal the per-row pass to float rounding
+(tests/test_shared_prefix.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from align.fused_logprobs import lm_logprobs
+from align.hf_compat import cache_kwargs
+from align.rollout import RolloutBatch, position_ids_from_mask
+
+
+def shares_prompts(batch: RolloutBatch) -> bool:
+    """True when some rows of `batch` answer the same prompt (the shared pass saves work)."""
+    return int(torch.unique(batch.prompt_index).numel()) < len(batch)
+
+
+def _left_padded(
+    rows: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long, device=device)
+            mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+def shared_prompt_logprobs(
+    model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log-probs of `batch.response_ids` (and their entropy), each distinct prompt run once.
+
+    Rows answer the same prompt when they have the same `batch.prompt_index` (a rollout batch, or rows
+    `select`ed from one). Runs under the caller's grad mode: a training step backpropagates through the
+    shared prompt pass. Positions past a response's end hold whatever the model gives; mask them.
+    """
+    device = batch.response_ids.device
+    keys, inverse = torch.unique(batch.prompt_index, return_inverse=True)
+    first: dict[int, int] = {}
+    for row, k in enumerate(inverse.tolist()):
+        first.setdefault(k, row)
+    prompts = [batch.prompt_ids[first[k]] for k in range(len(keys))]
+    heads, head_mask = _left_padded([p[:-1] for p in prompts], batch.pad_id, device)
+    inverse = inverse.to(device)
+    cache_kw: dict[str, Any] = {}
+    if heads.shape[1] > 0:  # one-token prompts have no prefix to share
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
+        cache_kw = cache_kwargs(model, cache)
+        model(
+            input_ids=heads,
+            attention_mask=head_mask,
+            position_ids=position_ids_from_mask(head_mask),
+            use_cache=True,
+            logits_to_keep=1,
+            **cache_kw,
+        )
+        cache.batch_select_indices(inverse)  # row i attends to its prompt's keys and values
+    width = batch.response_ids.shape[1]
+    last = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)[inverse]
+    step_ids = torch.cat([last[:, None], batch.response_ids[:, : width - 1]], dim=1)
+    step_mask = torch.cat(
+        [head_mask[inverse], torch.ones_like(last[:, None]), batch.response_mask[:, : width - 1].long()],
+        dim=1,
+    )
+    start = head_mask.sum(1)[inverse]  # position of each row's last prompt token
+    positions = start[:, None] + torch.arange(width, device=device)[None, :]
+    return lm_logprobs(
+        model,
+        batch.response_ids,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        input_ids=step_ids,
+        attention_mask=step_mask,
+        position_ids=positions,
+        use_cache=bool(cache_kw),
+        **cache_kw,
+    )

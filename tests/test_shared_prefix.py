@@ -1,0 +1,101 @@
+"""The shared-prompt pass gives the per-row pass's log-probs and gradients (align/shared_prefix.py)."""
+
+import pytest
+import torch
+
+from align.rollout import RolloutBatch
+from align.shared_prefix import shared_prompt_logprobs, shares_prompts
+from align.train.rl_common import response_logprobs
+from tests.conftest import tiny_qwen2
+
+
+def _batch(vocab: int, seed: int = 0) -> RolloutBatch:
+    """3 prompts of different lengths (one of a single token), 3 responses each of different lengths,
+    rows interleaved (prompt 0, 1, 2, 0, ...) so sharing cannot rely on rows being grouped."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(5, vocab, (n,), generator=g).tolist() for n in (7, 1, 4)]
+    lengths = torch.tensor([3, 1, 4, 2, 4, 4, 1, 3, 2])
+    width = int(lengths.max())
+    response_ids = torch.randint(5, vocab, (9, width), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    index = torch.tensor([0, 1, 2] * 3)
+    return RolloutBatch(
+        prompt_ids=[prompts[int(i)] for i in index],
+        response_ids=response_ids.masked_fill(mask == 0, 0),
+        response_mask=mask,
+        logprobs=None,
+        finished=torch.ones(9, dtype=torch.bool),
+        prompt_index=index,
+        lengths=lengths,
+        n=1,
+        pad_id=0,
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_logprobs_equal_the_per_row_pass_with_gradients(qwen_tokenizer, temperature):
+    model = tiny_qwen2(qwen_tokenizer, seed=3).double()
+    batch = _batch(2000)
+    assert shares_prompts(batch) and not shares_prompts(batch.select([0, 1, 2]))
+    mask = batch.response_mask.double()
+    upstream = torch.randn(
+        batch.response_ids.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            logps = shared_prompt_logprobs(model, batch, temperature)
+        else:
+            logps = response_logprobs(model, batch.sequences(left_pad=True), batch.response_ids, temperature)
+        (upstream * logps * mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logps.detach() * mask, grads))
+    (plain, plain_grads), (fast, fast_grads) = results
+    torch.testing.assert_close(fast, plain, rtol=1e-6, atol=1e-6)
+    assert plain_grads.keys() == fast_grads.keys() and len(plain_grads) == len(list(model.parameters()))
+    for name, want in plain_grads.items():
+        torch.testing.assert_close(fast_grads[name], want, rtol=1e-5, atol=1e-6, msg=name)  # fp32 logits
+
+
+def test_shared_prompt_logprobs_match_one_unpadded_row_each(qwen_tokenizer):
+    """Against an independent reference: each row alone, prompt + response, no padding, no cache."""
+    model = tiny_qwen2(qwen_tokenizer, seed=4)
+    batch = _batch(2000, seed=5)
+    with torch.no_grad():
+        fast, entropy = shared_prompt_logprobs(model, batch, 1.0, with_entropy=True)
+        for row in range(len(batch)):
+            n = int(batch.lengths[row])
+            ids = torch.tensor([batch.prompt_ids[row] + batch.response_ids[row, :n].tolist()])
+            logits = model(input_ids=ids).logits[0, -n - 1 : -1].float()
+            want = logits.log_softmax(-1).gather(-1, ids[0, -n:, None])[:, 0]
+            torch.testing.assert_close(fast[row, :n], want, rtol=1e-5, atol=1e-5)
+            want_entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            torch.testing.assert_close(entropy[row, :n], want_entropy, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_logprobs_through_a_lora_adapter(qwen_tokenizer):
+    """A peft-wrapped policy (the GRPO default) takes the cache by the inner model's keyword, and the
+    adapter's gradients equal the per-row pass's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_qwen2(qwen_tokenizer, seed=6),
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
+    batch = _batch(2000, seed=7)
+    mask = batch.response_mask.float()
+    grads = []
+    for shared in (False, True):
+        model.zero_grad()
+        if shared:
+            logps = shared_prompt_logprobs(model, batch, 1.0)
+        else:
+            logps = response_logprobs(model, batch.sequences(left_pad=True), batch.response_ids, 1.0)
+        (logps * mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, want in grads[0].items():
+        torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-6, msg=name)
