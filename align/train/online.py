@@ -36,7 +36,6 @@ from align.config_loader import config_to_dict
 from align.data import DataError
 from align.losses import dpo_loss, ppo_policy_loss
 from align.models import load_causal_lm, save_final_model
-from align.reward import RewardModel
 from align.rl_math import (
     best_worst_pairs,
     group_advantages,
@@ -55,13 +54,13 @@ from align.train.process import RunSetupError, make_accelerator, prepare_output_
 from align.train.rl_common import (
     PolicyTrainer,
     add_stats,
-    check_same_vocabulary,
-    load_frozen_lm,
     load_prompts,
+    load_reference,
+    load_reward_model,
     log_rl_step,
     micro_slices,
     response_logprobs,
-    reward_model_settings,
+    rl_default_system,
     scatter_rows,
     score_rollouts,
 )
@@ -149,20 +148,11 @@ def run_online(
     # recomputes.
     start_name = start_model(cfg.model_name_or_path)
     policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name))
-    frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
     needs_reference = not grpo or cfg.kl_coef > 0
-    # A LoRA policy's reference is the same weights with the adapter off: no second copy.
-    reference = None
-    if needs_reference and not cfg.use_lora:
-        reference = load_frozen_lm(resolve_model(start_name), frozen_dtype, cfg.trust_remote_code).to(device)
+    reference = load_reference(cfg, resolve_model(start_name), device) if needs_reference else None
     prompts, tasks = load_online_prompts(cfg)
     source = reward_source(cfg, reward_fn, tasks)
-    reward_model = None
-    if source == "model":
-        check_same_vocabulary(tokenizer, cfg.reward_model_path)
-        reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype)
-        reward_model.requires_grad_(False)
-        reward_model.eval().to(device)
+    reward_model = load_reward_model(cfg, tokenizer, device) if source == "model" else None
     accelerator.print(
         f"{method}: policy {start_name}; reward: "
         + {
@@ -173,11 +163,7 @@ def run_online(
         }[source]
     )
 
-    default_system = (
-        reward_model_settings(reward_model, tokenizer, cfg.default_system)
-        if reward_model is not None
-        else cfg.default_system
-    )
+    default_system = rl_default_system(cfg, reward_model, tokenizer)
     prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
     if too_long:

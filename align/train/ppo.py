@@ -55,13 +55,13 @@ from align.train.process import RunSetupError, make_accelerator, prepare_output_
 from align.train.rl_common import (
     PolicyTrainer,
     add_stats,
-    check_same_vocabulary,
-    load_frozen_lm,
     load_prompts,
+    load_reference,
+    load_reward_model,
     log_rl_step,
     micro_slices,
     response_logprobs,
-    reward_model_settings,
+    rl_default_system,
     scatter_rows,
     score_rollouts,
 )
@@ -132,22 +132,10 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
     # Four models. Dropout is off in the trained ones, so the first PPO epoch sees ratio 1 exactly
     # (PPOConfig has no dropout key: load_causal_lm turns dropout off for such a config).
     policy, tokenizer = load_causal_lm(cfg)
-    policy_path = resolve_model(cfg.model_name_or_path)
-    frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
     # Frozen models only work in the scoring phase; with offload_frozen they wait on the CPU otherwise.
     frozen_home = torch.device("cpu") if cfg.offload_frozen else device
-    # A LoRA policy's reference is the same weights with the adapter off: no second copy.
-    reference = (
-        None
-        if cfg.use_lora
-        else load_frozen_lm(policy_path, frozen_dtype, cfg.trust_remote_code).to(frozen_home)
-    )
-    reward_model = value_model = None
-    if reward_fn is None:
-        check_same_vocabulary(tokenizer, cfg.reward_model_path)
-        reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype)
-        reward_model.requires_grad_(False)
-        reward_model.eval().to(frozen_home)
+    reference = load_reference(cfg, resolve_model(cfg.model_name_or_path), frozen_home)
+    reward_model = load_reward_model(cfg, tokenizer, frozen_home) if reward_fn is None else None
     value_model = RewardModel.from_pretrained(
         cfg.value_model_path or cfg.reward_model_path, dtype=torch.float32, dropout=0.0
     )
@@ -155,11 +143,7 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
         value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # The system prompt and end token the RM was trained with (reward_config.json), or a refusal.
-    default_system = (
-        reward_model_settings(reward_model, tokenizer, cfg.default_system)
-        if reward_model is not None
-        else cfg.default_system
-    )
+    default_system = rl_default_system(cfg, reward_model, tokenizer)
     prompts, tasks = load_prompts(cfg)
     prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
     too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
