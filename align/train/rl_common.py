@@ -300,6 +300,10 @@ class PolicyTrainer:
             with self.policy_u.disable_adapter():
                 return response_logprobs(self.policy_u, seq, response_ids, self.cfg.temperature)
 
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the weights, optimisers and schedules (the loop's counters)."""
+        return self.counts
+
     def optimizer_step(self, step: int, what: str = "gradient") -> float:
         """`optimizer_step` on the policy (the schedule is stepped once per iteration by the loop)."""
         return optimizer_step(
