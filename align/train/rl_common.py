@@ -1,8 +1,10 @@
 """What PPO and the online loops (online DPO, GRPO) share: prompts, the frozen models and the reward model's
-settings, forward passes over rollouts, the scoring phase, and the end-of-iteration bookkeeping.
+settings, forward passes over rollouts, the scoring phase, and the end-of-iteration bookkeeping. The run
+around them (output directory, engine, resume, logger, summary) is `align.train.rl_run`.
 
-The phases of one RL iteration, named the same in both loops:
-  rollout      the policy samples responses (`align.rollout_engines`);
+The phases of one RL iteration, named the same in both loops (`score_phase`, `advantages_phase`,
+`update_phase` in align/train/ppo.py and align/train/online.py):
+  rollout      the policy samples responses (`RLRun.rollout`, over `align.rollout_engines`);
   score        `score_rollouts`: reward-model scores (or a rule-based reward) and which responses closed;
   advantages   pure shaping in `align.rl_math` (PPO: `shape_scores` + `token_rewards` + `gae`;
                GRPO: `group_scores` + `group_advantages`; online DPO: `group_scores` + `best_worst_pairs`);

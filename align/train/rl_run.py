@@ -46,11 +46,13 @@ from align.train.rl_common import log_rl_step
 Messages = list[dict[str, str]]
 
 
-def start_rl_run(cfg: Any, stage: str, *, split_mini_batches: bool = True) -> tuple[Accelerator, Path]:
+def start_rl_run(
+    cfg: Any, stage: str, *, min_samples: int = 1, split_mini_batches: bool = True
+) -> tuple[Accelerator, Path]:
     """The accelerator and the prepared output directory; seeds everything. Refuses, before any model is
-    loaded, a batch of queries that does not split evenly over the processes (each samples its own share)
-    and, with `split_mini_batches`, a rollout batch that `num_mini_batches` optimiser steps cannot share
-    evenly."""
+    loaded, a batch of queries that does not split evenly over the processes (each samples its own share),
+    fewer than `min_samples` samples per query (the online methods compare samples), and with
+    `split_mini_batches` a rollout batch that `num_mini_batches` optimiser steps cannot share evenly."""
     accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
     out = prepare_output_dir(
@@ -60,6 +62,10 @@ def start_rl_run(cfg: Any, stage: str, *, split_mini_batches: bool = True) -> tu
     set_seed(cfg.seed)
     if cfg.batch_size % world:
         raise RunSetupError(f"batch_size={cfg.batch_size} queries cannot be split over {world} processes")
+    if cfg.samples_per_query < min_samples:
+        raise RunSetupError(
+            f"samples_per_query={cfg.samples_per_query}: {stage} compares samples, use {min_samples} or more"
+        )
     rows = rows_per_process(cfg, world)
     if split_mini_batches and rows % cfg.num_mini_batches:
         raise RunSetupError(
