@@ -1,19 +1,20 @@
 """Online preference learning: online DPO (Qwen2) and GRPO (Qwen2.5), on one loop skeleton.
 
 One iteration, both methods:
-  1. rollout   the current policy samples `samples_per_query` responses per query (the rollout engine);
-  2. scoring   the reward model scores each response at its closing <|im_end|> (or the gold verifier of
-               the embedded tasks, or a caller's `reward_fn` for rule-based rewards);
-  3. update    online DPO: in every query's group the best and the worst response form a DPO pair
-               (groups whose scores all tie are skipped and counted), and one DPO step is taken against
-               the initial policy as reference.
-               GRPO: advantages are the rewards normalised within each query's group, the token-level
-               clipped objective of PPO is applied (`ppo_policy_loss`), plus kl_coef x the k3 KL to the
-               reference. Before training, a scoring pass samples every query once and the queries with
-               the larger reward variance are trained first (the Qwen2.5 ordering; switchable).
+  1. rollout     the current policy samples `samples_per_query` responses per query (the rollout engine);
+  2. score       the reward model scores each response at its closing <|im_end|> (or the gold verifier of
+                 the embedded tasks, or a caller's `reward_fn` for rule-based rewards);
+  3. advantages  online DPO: in every query's group the best and the worst response form a DPO pair
+                 (groups whose scores all tie are skipped and counted).
+                 GRPO: the rewards normalised within each query's group.
+  4. update      online DPO: one DPO step against the initial policy as reference.
+                 GRPO: the token-level clipped objective of PPO (`ppo_policy_loss`), plus kl_coef x the k3
+                 KL to the reference. Before training, a scoring pass samples every query once and the
+                 queries with the larger reward variance are trained first (the Qwen2.5 ordering; switchable).
 
 The maths lives in pure functions (`align.rl_math.best_worst_pairs`, `group_advantages`,
-`variance_order`, `kl_estimate`; `align.losses.dpo_loss`, `ppo_policy_loss`); this file moves tensors.
+`variance_order`, `kl_estimate`; `align.losses.dpo_loss`, `ppo_policy_loss`); the run around the loop
+(output directory, engine, resume, logging, summary) is `align.train.rl_run`; this file moves tensors.
 """
 
 from __future__ import annotations
@@ -21,21 +22,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-import chatml
 from align.assets import resolve_model, start_model
 from align.config import GRPOConfig, OnlineConfig, OnlineDPOConfig
-from align.config_loader import config_to_dict
-from align.data import DataError
 from align.losses import dpo_loss, ppo_policy_loss
-from align.models import load_causal_lm, save_final_model
+from align.models import load_causal_lm
 from align.reward import RewardModel
 from align.rl_math import (
     best_worst_pairs,
@@ -46,28 +44,27 @@ from align.rl_math import (
     variance_order,
 )
 from align.rollout import RolloutBatch
-from align.rollout_engines import engine_class, engine_options
-from align.tracking import MetricsLogger, plot_metrics
-from align.train.batching import global_batch_indices, total_steps
-from align.train.checkpointing import RunCheckpointer, fingerprint_rows
+from align.train.batching import total_steps
 from align.train.optimization import build_optimizer, build_scheduler
-from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
+from align.train.process import RunSetupError
 from align.train.rl_common import (
     PolicyTrainer,
     add_stats,
-    check_same_vocabulary,
-    load_frozen_lm,
     load_prompts,
-    log_rl_step,
+    load_reference,
+    load_reward_model,
     micro_slices,
     response_logprobs,
-    reward_model_settings,
+    rl_default_system,
     scatter_rows,
     score_rollouts,
 )
+from align.train.rl_run import PhaseTimer, RLRun, encode_rl_prompts, open_rl_run, start_rl_run
 from align.train.sft import record_accuracy_after, record_accuracy_before
 
 Method = Literal["online_dpo", "grpo"]
+# `best_worst_pairs`: (P,) chosen and (P,) rejected flat row indices, (P,) their queries, tied groups
+Pairs = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 def run_online_dpo(cfg: OnlineDPOConfig, **kw: Any) -> dict[str, Any]:
@@ -78,6 +75,58 @@ def run_online_dpo(cfg: OnlineDPOConfig, **kw: Any) -> dict[str, Any]:
 def run_grpo(cfg: GRPOConfig, **kw: Any) -> dict[str, Any]:
     """GRPO per `cfg`; see `run_online` for the keyword arguments."""
     return run_online(cfg, "grpo", **kw)
+
+
+def run_online(
+    cfg: OnlineConfig, method: Method, *, reward_fn: Any = None, stop_after_step: int | None = None
+) -> dict[str, Any]:
+    """Run online DPO or GRPO per `cfg`; return the summary (also written to summary.json).
+
+    `reward_fn(batch, texts) -> (B,) scores` replaces the reward model (rule-based rewards, tests);
+    `stop_after_step` ends the run after that iteration's checkpoint, as a kill would.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown online method {method!r}")
+    started = time.perf_counter()
+    run, online = setup_online(cfg, method, reward_fn)
+    for step in run.steps():
+        queries, timer = run.local_queries(step), PhaseTimer()
+        with timer("rollout"):
+            online.policy.eval()
+            batch = run.rollout(queries, step)
+        texts = batch.texts(run.tokenizer)
+        with timer("scoring"):
+            scores = score_phase(online, batch, texts, queries)
+            grouped = batch.grouped(scores)
+        with timer("training"):
+            advantages = advantages_phase(online, grouped)
+            metrics = update_phase(online, batch, grouped, advantages, step)
+        metrics.update(online_metrics(online, scores, grouped))
+        if run.end_step(
+            step, metrics, batch, texts, queries, scores, timer, online.trainer_state, stop_after_step
+        ):
+            return {"stopped_at": step + 1}
+    state = online.counts  # checkpointed: the counters and the held-out accuracy before training
+    fields = {
+        "policy": online.policy_name,
+        "reward": online.source,
+        "steps": run.num_steps,
+        "time_variance_pass_s": round(online.time_variance_pass_s, 2),
+        "skipped_nonfinite": state.get("skipped_nonfinite", 0),
+        "last": run.last_numbers(),
+    }
+    # Measured before the final save: merging LoRA weights for it alters the model.
+    accuracy_after = partial(
+        record_accuracy_after, state=state, model=online.policy_u, tokenizer=run.tokenizer, cfg=cfg,
+        say=online.accelerator.print,
+    )  # fmt: skip
+    keys = ["reward_mean", "gold_score", "loss", *online.method.plot_keys]
+    before_save = accuracy_after if online.embedded_eval else None
+    return run.finish(fields, keys, online.method.title, before_save=before_save, started=started)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up
 
 
 def load_online_prompts(cfg: OnlineConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
@@ -115,226 +164,128 @@ def reward_source(cfg: OnlineConfig, reward_fn: Any, tasks: list[Any] | None) ->
     return kind
 
 
-def run_online(
-    cfg: OnlineConfig, method: Method, *, reward_fn: Any = None, stop_after_step: int | None = None
-) -> dict[str, Any]:
-    """Run online DPO or GRPO per `cfg`; return the summary (also written to summary.json).
+def describe_reward(cfg: OnlineConfig, source: str) -> str:
+    """The reward source in words, for the run's first line."""
+    return {
+        "model": f"the reward model at {cfg.reward_model_path}",
+        "verifier": "the gold verifier of the embedded tasks (rule-based 0/1; no reward model at "
+        f"{cfg.reward_model_path})",
+        "reward_fn": "the caller's reward_fn",
+    }[source]
 
-    `reward_fn(batch, texts) -> (B,) scores` replaces the reward model (rule-based rewards, tests);
-    `stop_after_step` ends the run after that iteration's checkpoint, as a kill would.
-    """
-    if method not in ("online_dpo", "grpo"):
-        raise ValueError(f"unknown online method {method!r}")
-    t_start = time.perf_counter()
+
+@dataclasses.dataclass
+class OnlineTrainer(PolicyTrainer):
+    """What the online phases work on besides the run: the policy side (policy, reference, optimiser,
+    checkpointer, and the checkpointed loop state in `counts`), the method, the schedule and the scorer."""
+
+    method: OnlineMethod
+    scheduler: Any
+    reward_model: RewardModel | None
+    reward_fn: Any
+    tasks: list[Any] | None  # the embedded prompts' tasks (the verifier reward, the gold evaluation)
+    policy_name: str
+    source: str  # reward_fn, model or verifier
+    time_variance_pass_s: float = 0.0
+
+    @property
+    def embedded_eval(self) -> bool:
+        return self.tasks is not None and self.cfg.eval_tasks > 0
+
+
+def setup_online(cfg: OnlineConfig, method: Method, reward_fn: Any) -> tuple[RLRun, OnlineTrainer]:
+    """Set up: the policy (and its reference where the method needs one), the prompts and the scorer,
+    optimiser and schedule, the run (engine, resume, logger), the held-out accuracy before training and,
+    for GRPO, the variance ordering of the queries."""
     grpo = method == "grpo"
-    accelerator = make_accelerator(cfg)
-    is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
-    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, is_main=is_main, stage=method)
-    accelerator.wait_for_everyone()
-    set_seed(cfg.seed)
-    if cfg.batch_size % world:
-        raise RunSetupError(f"batch_size={cfg.batch_size} queries cannot be split over {world} processes")
-    if cfg.samples_per_query < 2:
-        raise RunSetupError(
-            f"samples_per_query={cfg.samples_per_query}: {method} compares samples, use 2 or more"
-        )
-    queries_per_process = cfg.batch_size // world
-    rows_per_process = queries_per_process * cfg.samples_per_query
-    if grpo and rows_per_process % cfg.num_mini_batches:
-        raise RunSetupError(
-            f"{rows_per_process} responses per process do not split into num_mini_batches={cfg.num_mini_batches}"
-        )
-
-    # Models. Dropout off (the config has no dropout key): the scored log-probs must be those the update
+    accelerator, out = start_rl_run(cfg, method, min_samples=2, split_mini_batches=grpo)
+    device = accelerator.device
+    # Dropout off (the config has no dropout key): the scored log-probs must be those the update
     # recomputes.
     start_name = start_model(cfg.model_name_or_path)
     policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name))
-    frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
     needs_reference = not grpo or cfg.kl_coef > 0
-    # A LoRA policy's reference is the same weights with the adapter off: no second copy.
-    reference = None
-    if needs_reference and not cfg.use_lora:
-        reference = load_frozen_lm(resolve_model(start_name), frozen_dtype, cfg.trust_remote_code).to(device)
+    reference = load_reference(cfg, resolve_model(start_name), device) if needs_reference else None
     prompts, tasks = load_online_prompts(cfg)
     source = reward_source(cfg, reward_fn, tasks)
-    reward_model = None
-    if source == "model":
-        check_same_vocabulary(tokenizer, cfg.reward_model_path)
-        reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype)
-        reward_model.requires_grad_(False)
-        reward_model.eval().to(device)
-    accelerator.print(
-        f"{method}: policy {start_name}; reward: "
-        + {
-            "model": f"the reward model at {cfg.reward_model_path}",
-            "verifier": "the gold verifier of the embedded tasks (rule-based 0/1; no reward model at "
-            f"{cfg.reward_model_path})",
-            "reward_fn": "the caller's reward_fn",
-        }[source]
-    )
-
-    default_system = (
-        reward_model_settings(reward_model, tokenizer, cfg.default_system)
-        if reward_model is not None
-        else cfg.default_system
-    )
-    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
-    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
-    if too_long:
-        raise DataError(
-            f"{len(too_long)} prompts exceed max_length={cfg.max_length} tokens (first: #{too_long[0]})"
-        )
-    steps_per_epoch, num_steps = total_steps(cfg, len(prompt_ids))
+    reward_model = load_reward_model(cfg, tokenizer, device) if source == "model" else None
+    accelerator.print(f"{method}: policy {start_name}; reward: {describe_reward(cfg, source)}")
+    prompt_ids = encode_rl_prompts(cfg, prompts, tokenizer, rl_default_system(cfg, reward_model, tokenizer))
+    steps = total_steps(cfg, len(prompt_ids))
 
     optimizer = build_optimizer(policy, cfg)
-    scheduler = build_scheduler(optimizer, cfg, num_steps)
+    scheduler = build_scheduler(optimizer, cfg, steps[1])
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    policy_u = accelerator.unwrap_model(policy)
-    engine_cls = engine_class(cfg.rollout_engine)
-    engine = engine_cls(
-        policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none", **engine_options(cfg)
-    )
-
-    fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
-    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)
-    objects = ({"policy": policy_u}, {"policy": optimizer}, {"policy": scheduler})
-    start_step, saved = checkpointer.restore(*objects)
-    state: dict[str, Any] = dict(saved or {})
-    logger = MetricsLogger(
-        out,
-        cfg.report_to,
-        enabled=is_main,
-        resume_step=start_step if saved is not None else None,
-        run_config=config_to_dict(cfg),
-    )
-    rollout_log = out / "rollouts.jsonl"
-    if is_main and saved is None and rollout_log.exists():
-        rollout_log.unlink()
-    embedded_eval = tasks is not None and cfg.eval_tasks > 0
-    if embedded_eval and is_main:
-        record_accuracy_before(state, policy_u, tokenizer, cfg, accelerator.print)
-
-    def score(batch: RolloutBatch, texts: list[str], queries: list[int]) -> torch.Tensor:
-        """(B,) scores of a rollout batch whose prompt i is query `queries[i]`; unclosed (or unreadable)
-        responses rank below every closed one when missing_eos_penalty is set (`group_scores`)."""
-        rule = reward_fn
-        if rule is None and reward_model is None:
-            rule = verifier_reward(tasks, queries)
-        raw, closed, _ = score_rollouts(
-            batch, texts, reward_model=reward_model, reward_fn=rule,
-            micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
-        )  # fmt: skip
-        return group_scores(raw, closed, cfg.missing_eos_penalty)
-
-    def rollout(queries: list[int], seed: int) -> RolloutBatch:
-        return engine.generate(
-            [prompt_ids[i] for i in queries],
-            n=cfg.samples_per_query,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=seed,
-        ).to(device)
-
-    def sample_scores(queries: list[int], seed: int) -> torch.Tensor:
-        batch = rollout(queries, seed=seed)
-        return batch.grouped(score(batch, batch.texts(tokenizer), queries)).cpu()
-
-    order, t_order = None, 0.0
+    run = open_rl_run(
+        cfg, method, accelerator, out, tokenizer, prompts, tasks, prompt_ids, steps, policy, modules={},
+        optimizers={"policy": optimizer}, schedulers={"policy": scheduler}, postfix={"reward": "reward_mean"},
+    )  # fmt: skip
+    state: dict[str, Any] = dict(run.saved or {})
+    online = OnlineTrainer(
+        cfg, accelerator, policy, run.policy_u, reference, optimizer, run.checkpointer, state,
+        METHODS[method], scheduler, reward_model, reward_fn, tasks, start_name, source,
+    )  # fmt: skip
+    if online.embedded_eval and run.is_main:
+        record_accuracy_before(state, run.policy_u, tokenizer, cfg, accelerator.print)
     if grpo and cfg.variance_order:
         policy.eval()
-        order, t_order = variance_pass(cfg, out, accelerator, len(prompt_ids), sample_scores)
-
-    def batch_indices(step: int) -> list[int]:
-        if order is None:
-            return global_batch_indices(step, len(prompt_ids), cfg.batch_size, cfg.seed)
-        k = step % steps_per_epoch
-        return order[k * cfg.batch_size : (k + 1) * cfg.batch_size]
-
-    trainer = PolicyTrainer(cfg, accelerator, policy, policy_u, reference, optimizer, checkpointer, state)
-
-    bar = tqdm(total=num_steps, initial=start_step, desc=method, disable=not (is_main and cfg.progress))
-    last: dict[str, Any] = {}
-    for step in range(start_step, num_steps):
-        indices = batch_indices(step)
-        local = indices[
-            accelerator.process_index * queries_per_process : (accelerator.process_index + 1)
-            * queries_per_process
-        ]
-
-        # 1. rollout
-        t0 = time.perf_counter()
-        policy.eval()
-        batch = rollout(local, seed=cfg.seed * 100_003 + step * world + accelerator.process_index)
-        t_rollout = time.perf_counter() - t0
-        texts = batch.texts(tokenizer)
-
-        # 2. scoring
-        t0 = time.perf_counter()
-        scores = score(batch, texts, local)
-        grouped = batch.grouped(scores)
-        t_score = time.perf_counter() - t0
-
-        # 3. update
-        t0 = time.perf_counter()
-        policy.train()
-        update = grpo_update if grpo else online_dpo_update
-        metrics = update(trainer, batch, grouped, step)
-        scheduler.step()
-        t_train = time.perf_counter() - t0
-
-        # 4. metrics
-        metrics.update(
-            {
-                "reward_mean": scores.mean().item(),
-                "reward_std_within_group": grouped.std(dim=1).mean().item(),
-                "lr": scheduler.get_last_lr()[0],
-                "skipped_nonfinite": state.get("skipped_nonfinite", 0),
-            }
+        run.order, online.time_variance_pass_s = variance_pass(
+            cfg, out, accelerator, len(prompt_ids), partial(sample_scores, run, online)
         )
-        done = step + 1
-        log_rl_step(
-            cfg, metrics, done, num_steps, logger, batch, texts, scores, (t_rollout, t_score, t_train),
-            tasks=tasks, local=local, prompts=prompts, rollout_log=rollout_log, is_main=is_main,
-        )  # fmt: skip
-        last = metrics
-        bar.update(1)
-        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-        if checkpointer.end_of_step(
-            done, num_steps, lambda step: checkpointer.save(step, state, *objects), stop_after_step
-        ):
-            bar.close()
-            logger.close()
-            return {"stopped_at": done}
-    bar.close()
+    return run, online
 
-    summary: dict[str, Any] = {
-        "stage": method,
-        "output_dir": str(out),
-        "final_model": str(out / "final"),
-        "metrics": str(out / "metrics.jsonl"),
-        "policy": start_name,
-        "reward": source,
-        "steps": num_steps,
-        "time_variance_pass_s": round(t_order, 2),
-        "skipped_nonfinite": state.get("skipped_nonfinite", 0),
-        "last": {k: v for k, v in last.items() if isinstance(v, int | float)},
+
+# ---------------------------------------------------------------------------------------------------
+# The phases of one iteration
+
+
+def score_phase(
+    online: OnlineTrainer, batch: RolloutBatch, texts: list[str], queries: list[int]
+) -> torch.Tensor:
+    """(B,) scores of a rollout batch whose prompt i is query `queries[i]`; unclosed (or unreadable)
+    responses rank below every closed one when missing_eos_penalty is set (`group_scores`)."""
+    cfg, rule = online.cfg, online.reward_fn
+    if rule is None and online.reward_model is None:
+        rule = verifier_reward(online.tasks, queries)
+    raw, closed, _ = score_rollouts(
+        batch, texts, reward_model=online.reward_model, reward_fn=rule,
+        micro_batch_size=cfg.micro_batch_size, autocast=online.accelerator.autocast,
+    )  # fmt: skip
+    return group_scores(raw, closed, cfg.missing_eos_penalty)
+
+
+def sample_scores(run: RLRun, online: OnlineTrainer, queries: list[int], seed: int) -> torch.Tensor:
+    """(Q, G) scores of fresh samples for `queries`, drawn with `seed` (the variance pass), on the CPU."""
+    batch = run.sample(queries, seed=seed)
+    return batch.grouped(score_phase(online, batch, batch.texts(run.tokenizer), queries)).cpu()
+
+
+def advantages_phase(online: OnlineTrainer, grouped: torch.Tensor) -> Any:
+    """The method's advantages from the (Q, G) scores: GRPO's (B,) group-normalised advantages, or online
+    DPO's best-worst pairs (`Pairs`)."""
+    return online.method.advantages(online.cfg, grouped)
+
+
+def update_phase(
+    online: OnlineTrainer, batch: RolloutBatch, grouped: torch.Tensor, advantages: Any, step: int
+) -> dict[str, Any]:
+    """The method's update in training mode, then one step of the schedule. `grouped`: (Q, G) scores;
+    `advantages`: what the method's advantages phase gave (GRPO: (B,) advantages; online DPO: pairs).
+    Returns the iteration's metrics."""
+    online.policy.train()
+    metrics = online.method.update(online, batch, grouped, advantages, step)
+    online.scheduler.step()
+    return metrics
+
+
+def online_metrics(online: OnlineTrainer, scores: torch.Tensor, grouped: torch.Tensor) -> dict[str, Any]:
+    """The metrics both methods log besides their update's: (B,) `scores`, grouped as (Q, G)."""
+    return {
+        "reward_mean": scores.mean().item(),
+        "reward_std_within_group": grouped.std(dim=1).mean().item(),
+        "lr": online.scheduler.get_last_lr()[0],
+        "skipped_nonfinite": online.counts.get("skipped_nonfinite", 0),
     }
-    accelerator.wait_for_everyone()
-    policy_state = accelerator.get_state_dict(policy)
-    if is_main:
-        if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
-            record_accuracy_after(summary, state, policy_u, tokenizer, cfg, accelerator.print)
-        save_final_model(policy_u, tokenizer, out / "final", state_dict=policy_state)
-        keys = ["reward_mean", "gold_score", "loss"] + (
-            ["kl", "clipfrac"] if grpo else ["dpo_margin", "pairs"]
-        )
-        summary["plot"] = str(plot_metrics(out, keys, title="GRPO" if grpo else "Online DPO"))
-        summary["time_total_s"] = round(time.perf_counter() - t_start, 2)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    logger.close()
-    accelerator.wait_for_everyone()
-    return summary
 
 
 def pair_weight(pairs_here: int, global_pairs: int, world: int) -> float:
@@ -355,16 +306,24 @@ def informative_rows(grouped: torch.Tensor, skip_ties: bool) -> list[int]:
     return [i * g + j for i in range(q) if bool(keep[i]) for j in range(g)]
 
 
-def grpo_update(t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, step: int) -> dict[str, Any]:
-    """GRPO's advantages and update for one rollout batch: group-normalised advantages, the token-level
-    clipped objective plus kl_coef x the k3 KL to the reference, `ppo_epochs` x `num_mini_batches` steps.
-    `grouped`: (Q, G) scores. Returns the iteration's metrics (means of the per-micro-batch statistics)."""
+def grpo_advantages(cfg: OnlineConfig, grouped: torch.Tensor) -> torch.Tensor:
+    """GRPO's advantages phase: the (Q, G) scores normalised within each query's group, as (Q * G,) =
+    (B,) per-response advantages (every token of a response gets its response's)."""
+    return group_advantages(grouped, scale=cfg.scale_rewards).flatten()
+
+
+def grpo_update(
+    t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, advantages: torch.Tensor, step: int
+) -> dict[str, Any]:
+    """GRPO's update for one rollout batch: the token-level clipped objective plus kl_coef x the k3 KL to
+    the reference, `ppo_epochs` x `num_mini_batches` steps. `grouped`: (Q, G) scores; `advantages`: (B,).
+    Returns the iteration's metrics (means of the per-micro-batch statistics)."""
     cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
     n_rows, width = batch.response_ids.shape
     mask = batch.response_mask.float()
     stats_acc: dict[str, list[float]] = {}
     metrics: dict[str, Any] = {}
-    advantages = group_advantages(grouped, scale=cfg.scale_rewards).flatten().to(device)
+    advantages = advantages.to(device)
     single_pass = cfg.ppo_epochs == 1 and cfg.num_mini_batches == 1
     train_rows = informative_rows(grouped, cfg.skip_zero_variance_groups and world == 1)
     old_logprobs = torch.zeros(n_rows, width, device=device)
@@ -425,16 +384,22 @@ def grpo_update(t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, st
     return {**metrics, **{k: sum(v) / len(v) for k, v in stats_acc.items()}}
 
 
+def dpo_pairs(cfg: OnlineConfig, grouped: torch.Tensor) -> Pairs:
+    """Online DPO's advantages phase: in each row of the (Q, k) scores the best and the worst response
+    form a pair; (P,) chosen and (P,) rejected flat row indices, (P,) their queries, and the count of
+    all-tied groups (skipped)."""
+    return best_worst_pairs(grouped)
+
+
 def online_dpo_update(
-    t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, step: int
+    t: PolicyTrainer, batch: RolloutBatch, grouped: torch.Tensor, pairs: Pairs, step: int
 ) -> dict[str, Any]:
-    """Online DPO's pairs and update for one rollout batch: in each query's group the best and the worst
-    response form a pair (all-tied groups skipped and counted), one DPO step against the reference.
+    """Online DPO's update for one rollout batch: one DPO step on the `pairs` against the reference.
     `grouped`: (Q, k) scores. Returns the iteration's metrics."""
     cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
     stats_acc: dict[str, list[float]] = {}
     metrics: dict[str, Any] = {}
-    chosen, rejected, _, ties = best_worst_pairs(grouped)
+    chosen, rejected, _, ties = pairs
     n_pairs = int(chosen.numel())
     # Pairs on every process: each pair weighs 1/global_pairs, whatever process it fell on. Weighting
     # by the local count gave a mean of per-process means (a process with 1 pair counted as much as
@@ -517,3 +482,19 @@ def variance_pass(
     )
     accelerator.wait_for_everyone()
     return order, seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlineMethod:
+    """What differs between online DPO and GRPO: the advantages and update phases, and the plot."""
+
+    title: str
+    plot_keys: tuple[str, ...]  # plotted after reward_mean, gold_score and loss
+    advantages: Callable[[OnlineConfig, torch.Tensor], Any]
+    update: Callable[[PolicyTrainer, RolloutBatch, torch.Tensor, Any, int], dict[str, Any]]
+
+
+METHODS: dict[str, OnlineMethod] = {
+    "online_dpo": OnlineMethod("Online DPO", ("dpo_margin", "pairs"), dpo_pairs, online_dpo_update),
+    "grpo": OnlineMethod("GRPO", ("kl", "clipfrac"), grpo_advantages, grpo_update),
+}

@@ -1,38 +1,33 @@
 """PPO with four models, the Qwen way: the whole loop in one file.
 
 One iteration:
-  1. rollout   the policy samples `samples_per_query` responses for each query (top-p 0.9);
-  2. scoring   no-grad passes give the policy's and the reference's log-probs, the value model's
-               per-token values, and the reward model's score at the closing <|im_end|>;
-  3. rewards   the score is normalised by a running mean; every token is charged -kl_coef * KL and the
-               last token gets the score (a response that never closed gets `missing_eos_penalty`);
-               GAE turns them into advantages and returns;
-  4. update    `ppo_epochs` passes of the clipped policy loss (+ ptx_coef x LM loss on pre-training
-               text) and the clipped value loss. During the value warm-up only the value model learns.
+  1. rollout     the policy samples `samples_per_query` responses for each query (top-p 0.9);
+  2. score       no-grad passes give the policy's and the reference's log-probs, the value model's
+                 per-token values, and the reward model's score at the closing <|im_end|>;
+  3. advantages  the score is normalised by a running mean; every token is charged -kl_coef * KL and the
+                 last token gets the score (a response that never closed gets `missing_eos_penalty`);
+                 GAE turns them into advantages and returns;
+  4. update      `ppo_epochs` passes of the clipped policy loss (+ ptx_coef x LM loss on pre-training
+                 text) and the clipped value loss. During the value warm-up only the value model learns.
 
-The maths is in pure functions (`align.rl_math`, `align.losses`); this file only moves tensors.
+The maths is in pure functions (`align.rl_math`, `align.losses`); the run around the loop (output
+directory, engine, resume, logging, summary) is `align.train.rl_run`; this file only moves tensors.
 """
 
 from __future__ import annotations
 
-import json
-import time
+import dataclasses
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-import chatml
 from align.assets import SFT_DEFAULT_OUTPUT, resolve_model
 from align.config import PPOConfig
-from align.config_loader import config_to_dict
-from align.data import DataError
 from align.fused_logprobs import lm_logprobs
 from align.losses import ppo_policy_loss, ppo_value_loss, sft_loss_from_logprobs
-from align.models import load_causal_lm, save_final_model
+from align.models import load_causal_lm
 from align.ptx import PtxStream, chunk_tokens, load_text
 from align.reward import RewardModel
 from align.rl_math import (
@@ -45,33 +40,63 @@ from align.rl_math import (
     token_rewards,
 )
 from align.rollout import RolloutBatch
-from align.rollout_engines import engine_class, engine_options
-from align.tracking import MetricsLogger, plot_metrics
-from align.train.batching import global_batch_indices, total_steps
-from align.train.checkpointing import RunCheckpointer, fingerprint_rows
+from align.train.batching import total_steps
 from align.train.optim_step import optimizer_step
 from align.train.optimization import build_optimizer, build_scheduler
-from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.rl_common import (
     PolicyTrainer,
     add_stats,
-    check_same_vocabulary,
-    load_frozen_lm,
     load_prompts,
-    log_rl_step,
+    load_reference,
+    load_reward_model,
     micro_slices,
     response_logprobs,
-    reward_model_settings,
+    rl_default_system,
     scatter_rows,
     score_rollouts,
 )
+from align.train.rl_run import PhaseTimer, RLRun, encode_rl_prompts, open_rl_run, start_rl_run
+
+
+def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: Any = None) -> dict[str, Any]:
+    """Run PPO per `cfg`; return the summary (also written to summary.json).
+
+    `reward_fn(batch, texts) -> (B,) scores` replaces the reward model (rule-based rewards, tests);
+    `stop_after_step` ends the run after that iteration's checkpoint, as a kill would.
+    """
+    if reward_fn is None:
+        ensure_embedded_inputs(cfg)
+    run, ppo = setup_ppo(cfg, reward_fn)
+    for step in run.steps():
+        warmup = step < cfg.value_warmup_steps
+        queries, timer = run.local_queries(step), PhaseTimer()
+        with timer("rollout"):
+            batch = run.rollout(queries, step)
+        texts = batch.texts(run.tokenizer)
+        with timer("scoring"):
+            scored = score_phase(ppo, batch, texts)
+        advantages_phase(ppo, scored)
+        with timer("training"):
+            stats = update_phase(ppo, batch, scored, warmup, step)
+        metrics = ppo_metrics(ppo, batch, scored, stats, warmup)
+        if run.end_step(
+            step, metrics, batch, texts, queries, scored.raw_scores, timer, ppo.trainer_state, stop_after_step
+        ):
+            return {"stopped_at": step + 1}
+    return run.finish(
+        {
+            "steps": run.num_steps,
+            "last": run.last_numbers(),
+            "skipped_nonfinite": ppo.counts["skipped_nonfinite"],
+        },
+        ["rm_score", "gold_score", "kl", "entropy", "value_loss", "ptx_loss"],
+        "PPO",
+        also_save={"value": ppo.value_model},
+    )
+
 
 # ---------------------------------------------------------------------------------------------------
-# Data: prompts (with their gold tasks when generated) and the pre-training stream
-
-
-# ---------------------------------------------------------------------------------------------------
-# Models
+# Set-up
 
 
 def ensure_embedded_inputs(cfg: PPOConfig) -> None:
@@ -92,262 +117,201 @@ def ensure_embedded_inputs(cfg: PPOConfig) -> None:
         run_reward(RMConfig())
 
 
+@dataclasses.dataclass
+class PPOTrainer(PolicyTrainer):
+    """What PPO's phases work on besides the run: the policy side (policy, reference, policy optimiser,
+    checkpointer, counters), the value model and its optimiser, both schedules, the scorer (reward model
+    or `reward_fn`), the running reward statistics and the pre-training stream."""
+
+    value_model: Any  # as prepared by accelerate
+    value_opt: Any
+    policy_sched: Any
+    value_sched: Any
+    reward_model: RewardModel | None
+    reward_fn: Any
+    frozen_home: torch.device  # where the reference and reward model wait outside the score phase
+    moments: RunningMoments
+    ptx: PtxStream | None
+
+    def trainer_state(self) -> dict[str, Any]:
+        """The counters plus what a resumed run needs to shape rewards and draw pre-training rows as the
+        uninterrupted one would: the running reward statistics and the ptx stream's position."""
+        state = {
+            "reward_moments": self.moments.state_dict(),
+            **({"ptx": self.ptx.state_dict()} if self.ptx else {}),
+        }
+        return {**state, **self.counts}
+
+
+def setup_ppo(cfg: PPOConfig, reward_fn: Any) -> tuple[RLRun, PPOTrainer]:
+    """Set up: the four models (policy, reference, reward, value), the prompts, the pre-training stream,
+    optimisers and schedules, then the run (engine, resume, logger) and the restored PPO state."""
+    accelerator, out = start_rl_run(cfg, "ppo")
+    device = accelerator.device
+    # Dropout is off in the trained models, so the first PPO epoch sees ratio 1 exactly (PPOConfig has no
+    # dropout key: load_causal_lm turns dropout off for such a config).
+    policy, tokenizer = load_causal_lm(cfg)
+    # Frozen models only work in the score phase; with offload_frozen they wait on the CPU otherwise.
+    frozen_home = torch.device("cpu") if cfg.offload_frozen else device
+    reference = load_reference(cfg, resolve_model(cfg.model_name_or_path), frozen_home)
+    reward_model = load_reward_model(cfg, tokenizer, frozen_home) if reward_fn is None else None
+    value_model = RewardModel.from_pretrained(
+        cfg.value_model_path or cfg.reward_model_path, dtype=torch.float32, dropout=0.0
+    )
+    if cfg.gradient_checkpointing:
+        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # The system prompt and end token the RM was trained with (reward_config.json), or a refusal.
+    default_system = rl_default_system(cfg, reward_model, tokenizer)
+    prompts, tasks = load_prompts(cfg)
+    prompt_ids = encode_rl_prompts(cfg, prompts, tokenizer, default_system)
+    steps = total_steps(cfg, len(prompt_ids))
+    ptx = ptx_stream(cfg, tokenizer, accelerator) if cfg.ptx_coef > 0 else None
+
+    policy_opt = build_optimizer(policy, cfg, lr=cfg.policy_lr or cfg.learning_rate)
+    value_opt = build_optimizer(value_model, cfg, lr=cfg.value_lr)
+    # The policy only steps after the value warm-up: its schedule spans the iterations it is stepped in.
+    policy_sched = build_scheduler(policy_opt, cfg, max(steps[1] - cfg.value_warmup_steps, 1))
+    value_sched = build_scheduler(value_opt, cfg, steps[1])
+    policy, value_model, policy_opt, value_opt = accelerator.prepare(
+        policy, value_model, policy_opt, value_opt
+    )
+    run = open_rl_run(
+        cfg, "ppo", accelerator, out, tokenizer, prompts, tasks, prompt_ids, steps, policy,
+        modules={"value": accelerator.unwrap_model(value_model)},
+        optimizers={"policy": policy_opt, "value": value_opt},
+        schedulers={"policy": policy_sched, "value": value_sched},
+        postfix={"score": "rm_score", "kl": "kl"},
+    )  # fmt: skip
+    saved = run.saved or {}
+    counts: dict[str, Any] = {"skipped_nonfinite": saved.get("skipped_nonfinite", 0)}
+    moments = RunningMoments()
+    if run.saved is not None:
+        moments.load_state_dict(saved["reward_moments"])
+        if ptx is not None and "ptx" in saved:
+            ptx.load_state_dict(saved["ptx"])
+    ppo = PPOTrainer(
+        cfg, accelerator, policy, run.policy_u, reference, policy_opt, run.checkpointer, counts,
+        value_model, value_opt, policy_sched, value_sched, reward_model, reward_fn, frozen_home, moments, ptx,
+    )  # fmt: skip
+    return run, ppo
+
+
+def ptx_stream(cfg: PPOConfig, tokenizer: Any, accelerator: Any) -> PtxStream:
+    """This process's stream of pre-training rows for the ptx loss."""
+    world = accelerator.num_processes
+    ptx_rows = chunk_tokens(load_text(cfg.ptx_dataset), tokenizer, cfg.ptx_max_length)
+    # Each process draws from its own shard: the same seeded order on every process would train N
+    # copies of the same rows and waste N-1 of them.
+    ptx = PtxStream(ptx_rows[accelerator.process_index :: world], cfg.ptx_batch_size, seed=cfg.seed)
+    accelerator.print(
+        f"ptx stream: {len(ptx_rows)} rows of {cfg.ptx_max_length} tokens from {cfg.ptx_dataset}"
+    )
+    return ptx
+
+
 # ---------------------------------------------------------------------------------------------------
-# Forward passes over rollouts. All use the left-padded layout of `RolloutBatch.sequences`: every row's
-# response starts at column P, so `logits[:, P-1 : P+R-1]` predict the response tokens.
+# The phases of one iteration. Forward passes use the left-padded layout of `RolloutBatch.sequences`:
+# every row's response starts at column P, so `logits[:, P-1 : P+R-1]` predict the response tokens.
+
+
+@dataclasses.dataclass
+class PPOTensors:
+    """One iteration's tensors over its B responses of at most T tokens: the score phase fills the first
+    eight, the advantages phase the last four."""
+
+    mask: torch.Tensor  # (B, T) 1.0 on response tokens
+    old_logprobs: torch.Tensor  # (B, T) the policy's, at rollout time
+    ref_logprobs: torch.Tensor  # (B, T) the reference's
+    old_values: torch.Tensor  # (B, T) the value model's, at rollout time
+    entropy: torch.Tensor  # (B, T) the policy's
+    raw_scores: torch.Tensor  # (B,) the reward model's (or reward_fn's)
+    closed: torch.Tensor  # (B,) bool: stopped and readable to the scorer
+    readable: torch.Tensor  # (B,) bool: the raw score is a judgement
+    scores: torch.Tensor | None = None  # (B,) normalised and shaped
+    kl: torch.Tensor | None = None  # (B, T) the per-token KL charged in the rewards
+    advantages: torch.Tensor | None = None  # (B, T)
+    returns: torch.Tensor | None = None  # (B, T)
+
+
+def score_phase(ppo: PPOTrainer, batch: RolloutBatch, texts: list[str]) -> PPOTensors:
+    """No grad: the (B, T) old and reference log-probs, values and entropy, and the (B,) scores, with the
+    frozen models brought to the device only for this phase."""
+    cfg = ppo.cfg
+    mask = batch.response_mask.float()
+    ppo.policy.eval()
+    ppo.value_model.eval()
+    frozen = [m for m in (ppo.reference, ppo.reward_model) if m is not None]
+    for model in frozen:
+        model.to(ppo.device)
+    old_logprobs, ref_logprobs, old_values, entropy = rollout_passes(ppo, batch)
+    raw_scores, closed, readable = score_rollouts(
+        batch, texts, reward_model=ppo.reward_model, reward_fn=ppo.reward_fn,
+        micro_batch_size=cfg.micro_batch_size, autocast=ppo.accelerator.autocast,
+    )  # fmt: skip
+    for model in frozen:
+        model.to(ppo.frozen_home)
+    masked = (old_logprobs * mask, ref_logprobs * mask, old_values * mask)
+    return PPOTensors(mask, *masked, entropy, raw_scores, closed, readable)
+
+
+def advantages_phase(ppo: PPOTrainer, tensors: PPOTensors) -> None:
+    """Fill in the (B,) shaped scores, the (B, T) per-token KL, advantages (GAE; whitened over the global
+    batch) and returns."""
+    cfg, accelerator, t = ppo.cfg, ppo.accelerator, tensors
+    t.scores = ppo_scores(cfg, ppo.moments, t.raw_scores, t.closed, t.readable, accelerator)
+    rewards, t.kl = token_rewards(
+        t.scores, t.old_logprobs, t.ref_logprobs, t.mask, cfg.kl_coef, cfg.kl_estimator
+    )
+    t.advantages, t.returns = gae(rewards, t.old_values, t.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        # Statistics of the global batch, so N processes give the advantages of one.
+        world, device = accelerator.num_processes, accelerator.device
+        reduce_sum = (lambda x: accelerator.reduce(x.to(device), reduction="sum")) if world > 1 else None
+        t.advantages = masked_whiten(t.advantages, t.mask, reduce_sum=reduce_sum)
+
+
+def update_phase(
+    ppo: PPOTrainer, batch: RolloutBatch, tensors: PPOTensors, warmup: bool, step: int
+) -> dict[str, list[float]]:
+    """`ppo_update` in training mode, then one step of each schedule (the policy's only after the
+    warm-up). Returns the per-micro-batch statistics."""
+    ppo.policy.train()
+    ppo.value_model.train()
+    stats = ppo_update(ppo, batch, tensors, warmup, step)
+    ppo.value_sched.step()
+    if not warmup:
+        ppo.policy_sched.step()
+    return stats
+
+
+def ppo_metrics(
+    ppo: PPOTrainer, batch: RolloutBatch, t: PPOTensors, stats: dict[str, list[float]], warmup: bool
+) -> dict[str, Any]:
+    """The iteration's metrics line (before `log_rl_step` adds lengths, timings and the gold score)."""
+    metrics: dict[str, Any] = {"value_warmup": int(warmup)}
+    metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
+    metrics.update(
+        {
+            "rm_score": t.raw_scores[t.closed].mean().item() if t.closed.any() else float("nan"),
+            "closed_frac": t.closed.float().mean().item(),
+            "score_normalised": t.scores.mean().item(),
+            "reward_running_mean": ppo.moments.mean,
+            "skipped_nonfinite": ppo.counts["skipped_nonfinite"],
+            "kl": (t.kl.sum(1)).mean().item(),
+            "entropy": masked_mean(t.entropy, t.mask).item(),
+            "explained_variance": explained_variance(t.old_values, t.returns, t.mask).item(),
+            "score_std_within_query": batch.grouped(t.raw_scores).std(dim=1).mean().item()
+            if ppo.cfg.samples_per_query > 1
+            else 0.0,
+        }
+    )
+    return metrics
 
 
 def response_values(value_model: RewardModel, seq: Any, width: int) -> torch.Tensor:
     """(B, R) value estimates V(s_t), read where the policy predicts response token t."""
     values = value_model(seq.input_ids, seq.attention_mask, return_all=True).values
     return values[:, -width - 1 : -1]
-
-
-# ---------------------------------------------------------------------------------------------------
-# The loop
-
-
-def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: Any = None) -> dict[str, Any]:
-    """Run PPO per `cfg`; return the summary (also written to summary.json).
-
-    `reward_fn(batch, texts) -> (B,) scores` replaces the reward model (rule-based rewards, tests);
-    `stop_after_step` ends the run after that iteration's checkpoint, as a kill would.
-    """
-    if reward_fn is None:
-        ensure_embedded_inputs(cfg)
-    accelerator = make_accelerator(cfg)
-    is_main, device, world = accelerator.is_main_process, accelerator.device, accelerator.num_processes
-    out = prepare_output_dir(cfg.output_dir, overwrite=cfg.overwrite, is_main=is_main, stage="ppo")
-    accelerator.wait_for_everyone()
-    set_seed(cfg.seed)
-    if cfg.batch_size % world:
-        raise RunSetupError(f"batch_size={cfg.batch_size} queries cannot be split over {world} processes")
-    queries_per_process = cfg.batch_size // world
-    rows_per_process = queries_per_process * cfg.samples_per_query
-    if rows_per_process % cfg.num_mini_batches:
-        raise RunSetupError(
-            f"{rows_per_process} responses per process do not split into num_mini_batches={cfg.num_mini_batches}"
-        )
-
-    # Four models. Dropout is off in the trained ones, so the first PPO epoch sees ratio 1 exactly
-    # (PPOConfig has no dropout key: load_causal_lm turns dropout off for such a config).
-    policy, tokenizer = load_causal_lm(cfg)
-    policy_path = resolve_model(cfg.model_name_or_path)
-    frozen_dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
-    # Frozen models only work in the scoring phase; with offload_frozen they wait on the CPU otherwise.
-    frozen_home = torch.device("cpu") if cfg.offload_frozen else device
-    # A LoRA policy's reference is the same weights with the adapter off: no second copy.
-    reference = (
-        None
-        if cfg.use_lora
-        else load_frozen_lm(policy_path, frozen_dtype, cfg.trust_remote_code).to(frozen_home)
-    )
-    reward_model = value_model = None
-    if reward_fn is None:
-        check_same_vocabulary(tokenizer, cfg.reward_model_path)
-        reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype)
-        reward_model.requires_grad_(False)
-        reward_model.eval().to(frozen_home)
-    value_model = RewardModel.from_pretrained(
-        cfg.value_model_path or cfg.reward_model_path, dtype=torch.float32, dropout=0.0
-    )
-    if cfg.gradient_checkpointing:
-        value_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-    # The system prompt and end token the RM was trained with (reward_config.json), or a refusal.
-    default_system = (
-        reward_model_settings(reward_model, tokenizer, cfg.default_system)
-        if reward_model is not None
-        else cfg.default_system
-    )
-    prompts, tasks = load_prompts(cfg)
-    prompt_ids = [chatml.encode_prompt(p, tokenizer, default_system=default_system) for p in prompts]
-    too_long = [i for i, ids in enumerate(prompt_ids) if len(ids) > cfg.max_length]
-    if too_long:
-        raise DataError(
-            f"{len(too_long)} prompts exceed max_length={cfg.max_length} tokens (first: #{too_long[0]})"
-        )
-    steps_per_epoch, num_steps = total_steps(cfg, len(prompt_ids))
-
-    ptx = None
-    if cfg.ptx_coef > 0:
-        ptx_rows = chunk_tokens(load_text(cfg.ptx_dataset), tokenizer, cfg.ptx_max_length)
-        # Each process draws from its own shard: the same seeded order on every process would train N
-        # copies of the same rows and waste N-1 of them.
-        ptx = PtxStream(ptx_rows[accelerator.process_index :: world], cfg.ptx_batch_size, seed=cfg.seed)
-        accelerator.print(
-            f"ptx stream: {len(ptx_rows)} rows of {cfg.ptx_max_length} tokens from {cfg.ptx_dataset}"
-        )
-
-    policy_opt = build_optimizer(policy, cfg, lr=cfg.policy_lr or cfg.learning_rate)
-    value_opt = build_optimizer(value_model, cfg, lr=cfg.value_lr)
-    # The policy only steps after the value warm-up: its schedule spans the iterations it is stepped in.
-    policy_sched = build_scheduler(policy_opt, cfg, max(num_steps - cfg.value_warmup_steps, 1))
-    value_sched = build_scheduler(value_opt, cfg, num_steps)
-    policy, value_model, policy_opt, value_opt = accelerator.prepare(
-        policy, value_model, policy_opt, value_opt
-    )
-    policy_u, value_u = accelerator.unwrap_model(policy), accelerator.unwrap_model(value_model)
-    engine_cls = engine_class(cfg.rollout_engine)
-    # Our own log-prob pass below uses the training layout, so the engine computes none.
-    engine = engine_cls(
-        policy_u, tokenizer, batch_size=max(rows_per_process, 1), logprobs="none", **engine_options(cfg)
-    )
-    _, im_end = chatml.chatml_token_ids(tokenizer)
-
-    moments = RunningMoments()
-    fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
-    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)
-    objects = (
-        {"policy": policy_u, "value": value_u},
-        {"policy": policy_opt, "value": value_opt},
-        {"policy": policy_sched, "value": value_sched},
-    )
-    start_step, saved = checkpointer.restore(*objects)
-    counts: dict[str, Any] = {"skipped_nonfinite": (saved or {}).get("skipped_nonfinite", 0)}
-    if saved is not None:
-        moments.load_state_dict(saved["reward_moments"])
-        if ptx is not None and "ptx" in saved:
-            ptx.load_state_dict(saved["ptx"])
-    logger = MetricsLogger(
-        out,
-        cfg.report_to,
-        enabled=is_main,
-        resume_step=start_step if saved else None,
-        run_config=config_to_dict(cfg),
-    )
-    rollout_log = out / "rollouts.jsonl"
-    if is_main and saved is None and rollout_log.exists():
-        rollout_log.unlink()
-
-    trainer = PolicyTrainer(cfg, accelerator, policy, policy_u, reference, policy_opt, checkpointer, counts)
-
-    bar = tqdm(total=num_steps, initial=start_step, desc="ppo", disable=not (is_main and cfg.progress))
-    last: dict[str, Any] = {}
-    for step in range(start_step, num_steps):
-        warmup = step < cfg.value_warmup_steps
-        metrics: dict[str, Any] = {"value_warmup": int(warmup)}
-        indices = global_batch_indices(step, len(prompt_ids), cfg.batch_size, cfg.seed)
-        local = indices[
-            accelerator.process_index * queries_per_process : (accelerator.process_index + 1)
-            * queries_per_process
-        ]
-
-        # 1. rollout
-        t0 = time.perf_counter()
-        batch = engine.generate(
-            [prompt_ids[i] for i in local],
-            n=cfg.samples_per_query,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=cfg.seed * 100_003 + step * world + accelerator.process_index,
-        ).to(device)
-        t_rollout = time.perf_counter() - t0
-        texts = batch.texts(tokenizer)
-        mask = batch.response_mask.float()
-
-        # 2. scoring (no grad): old log-probs, reference log-probs, values, RM score, entropy
-        t0 = time.perf_counter()
-        policy.eval()
-        value_model.eval()
-        frozen = [m for m in (reference, reward_model) if m is not None]
-        for model in frozen:
-            model.to(device)
-        old_logprobs, ref_logprobs, old_values, entropy = rollout_passes(trainer, value_model, batch)
-        raw_scores, closed, readable = score_rollouts(
-            batch, texts, reward_model=reward_model, reward_fn=reward_fn,
-            micro_batch_size=cfg.micro_batch_size, autocast=accelerator.autocast,
-        )  # fmt: skip
-        for model in frozen:
-            model.to(frozen_home)
-        old_logprobs, ref_logprobs, old_values = old_logprobs * mask, ref_logprobs * mask, old_values * mask
-        t_score = time.perf_counter() - t0
-
-        # 3. rewards and advantages
-        scores = ppo_scores(cfg, moments, raw_scores, closed, readable, accelerator)
-        rewards, kl = token_rewards(scores, old_logprobs, ref_logprobs, mask, cfg.kl_coef, cfg.kl_estimator)
-        advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
-            # Statistics of the global batch, so N processes give the advantages of one.
-            reduce_sum = (lambda t: accelerator.reduce(t.to(device), reduction="sum")) if world > 1 else None
-            advantages = masked_whiten(advantages, mask, reduce_sum=reduce_sum)
-
-        # 4. update
-        t0 = time.perf_counter()
-        policy.train()
-        value_model.train()
-        stats_acc = ppo_update(
-            trainer, value_model, value_opt, batch,
-            {"old_logprobs": old_logprobs, "old_values": old_values, "advantages": advantages,
-             "returns": returns, "mask": mask},
-            ptx, warmup, step,
-        )  # fmt: skip
-        value_sched.step()
-        if not warmup:
-            policy_sched.step()
-        t_train = time.perf_counter() - t0
-
-        # 5. metrics
-        metrics.update({k: sum(v) / len(v) for k, v in stats_acc.items()})
-        metrics.update(
-            {
-                "rm_score": raw_scores[closed].mean().item() if closed.any() else float("nan"),
-                "closed_frac": closed.float().mean().item(),
-                "score_normalised": scores.mean().item(),
-                "reward_running_mean": moments.mean,
-                "skipped_nonfinite": counts["skipped_nonfinite"],
-                "kl": (kl.sum(1)).mean().item(),
-                "entropy": masked_mean(entropy, mask).item(),
-                "explained_variance": explained_variance(old_values, returns, mask).item(),
-                "score_std_within_query": batch.grouped(raw_scores).std(dim=1).mean().item()
-                if cfg.samples_per_query > 1
-                else 0.0,
-            }
-        )
-        done = step + 1
-        log_rl_step(
-            cfg, metrics, done, num_steps, logger, batch, texts, raw_scores, (t_rollout, t_score, t_train),
-            tasks=tasks, local=local, prompts=prompts, rollout_log=rollout_log, is_main=is_main,
-        )  # fmt: skip
-        last = metrics
-        bar.update(1)
-        bar.set_postfix(score=f"{metrics['rm_score']:.3f}", kl=f"{metrics['kl']:.3f}")
-
-        def save(step: int) -> None:
-            state = {"reward_moments": moments.state_dict(), **({"ptx": ptx.state_dict()} if ptx else {})}
-            checkpointer.save(step, {**state, **counts}, *objects)
-
-        if checkpointer.end_of_step(done, num_steps, save, stop_after_step):
-            bar.close()
-            logger.close()
-            return {"stopped_at": done}
-    bar.close()
-
-    summary: dict[str, Any] = {
-        "stage": "ppo",
-        "output_dir": str(out),
-        "final_model": str(out / "final"),
-        "metrics": str(out / "metrics.jsonl"),
-        "steps": num_steps,
-        "last": {k: v for k, v in last.items() if isinstance(v, int | float)},
-        "skipped_nonfinite": counts["skipped_nonfinite"],
-    }
-    accelerator.wait_for_everyone()
-    policy_state = accelerator.get_state_dict(policy)
-    value_state = accelerator.get_state_dict(value_model)
-    if is_main:
-        save_final_model(policy_u, tokenizer, out / "final", state_dict=policy_state)
-        value_u.save_pretrained(out / "value", tokenizer, state_dict=value_state)
-        summary["plot"] = str(
-            plot_metrics(
-                out, ["rm_score", "gold_score", "kl", "entropy", "value_loss", "ptx_loss"], title="PPO"
-            )
-        )
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    logger.close()
-    accelerator.wait_for_everyone()
-    return summary
 
 
 def ptx_lm_loss(policy: Any, rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -394,23 +358,17 @@ def ppo_scores(
 
 
 def ppo_update(
-    t: PolicyTrainer,
-    value_model: Any,
-    value_opt: Any,
-    batch: RolloutBatch,
-    tensors: dict[str, torch.Tensor],
-    ptx: PtxStream | None,
-    warmup: bool,
-    step: int,
+    ppo: PPOTrainer, batch: RolloutBatch, tensors: PPOTensors, warmup: bool, step: int
 ) -> dict[str, list[float]]:
-    """The update phase of one PPO iteration: `ppo_epochs` passes of `num_mini_batches` steps, each the
-    clipped value loss (value model) and, after the warm-up, the clipped policy loss plus ptx_coef x the LM
-    loss on pre-training rows (policy). `tensors`: (B, T) old_logprobs, old_values, advantages, returns and
-    mask. Returns the per-micro-batch statistics."""
-    cfg, accelerator, policy, device, world = t.cfg, t.accelerator, t.policy, t.device, t.world
-    counts, checkpointer = t.counts, t.checkpointer
-    old_logprobs, old_values = tensors["old_logprobs"], tensors["old_values"]
-    advantages, returns, mask = tensors["advantages"], tensors["returns"], tensors["mask"]
+    """The update of one PPO iteration: `ppo_epochs` passes of `num_mini_batches` steps, each the clipped
+    value loss (value model) and, after the warm-up, the clipped policy loss plus ptx_coef x the LM loss on
+    pre-training rows (policy). Reads the (B, T) old_logprobs, old_values, advantages, returns and mask of
+    `tensors`. Returns the per-micro-batch statistics."""
+    value_model, value_opt, ptx = ppo.value_model, ppo.value_opt, ppo.ptx
+    cfg, accelerator, policy, device, world = ppo.cfg, ppo.accelerator, ppo.policy, ppo.device, ppo.world
+    counts, checkpointer = ppo.counts, ppo.checkpointer
+    old_logprobs, old_values = tensors.old_logprobs, tensors.old_values
+    advantages, returns, mask = tensors.advantages, tensors.returns, tensors.mask
     n_rows = mask.shape[0]
     stats_acc: dict[str, list[float]] = {}
     order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
@@ -472,14 +430,14 @@ def ppo_update(
                 checkpointer=checkpointer, step=step + 1, what="value gradient",
             )  # fmt: skip
             if not warmup:
-                policy_norm = t.optimizer_step(step + 1, what="policy gradient")
+                policy_norm = ppo.optimizer_step(step + 1, what="policy gradient")
                 add_stats(stats_acc, {"policy_grad_norm": policy_norm})
             add_stats(stats_acc, {"value_grad_norm": value_norm})
     return stats_acc
 
 
 def rollout_passes(
-    t: PolicyTrainer, value_model: Any, batch: RolloutBatch
+    t: PPOTrainer, batch: RolloutBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The no-grad passes of the score phase over a rollout batch, in micro-batches: (B, T) each of the
     policy's log-probs, the reference's log-probs, the value model's values and the policy's entropy."""
@@ -495,5 +453,5 @@ def rollout_passes(
             scatter_rows(old_logprobs, rows, logps)
             scatter_rows(entropy, rows, ent)
             scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
-            scatter_rows(old_values, rows, response_values(value_model, seq, w))
+            scatter_rows(old_values, rows, response_values(t.value_model, seq, w))
     return old_logprobs, ref_logprobs, old_values, entropy

@@ -1,8 +1,10 @@
 """What PPO and the online loops (online DPO, GRPO) share: prompts, the frozen models and the reward model's
-settings, forward passes over rollouts, the scoring phase, and the end-of-iteration bookkeeping.
+settings, forward passes over rollouts, the scoring phase, and the end-of-iteration bookkeeping. The run
+around them (output directory, engine, resume, logger, summary) is `align.train.rl_run`.
 
-The phases of one RL iteration, named the same in both loops:
-  rollout      the policy samples responses (`align.rollout_engines`);
+The phases of one RL iteration, named the same in both loops (`score_phase`, `advantages_phase`,
+`update_phase` in align/train/ppo.py and align/train/online.py):
+  rollout      the policy samples responses (`RLRun.rollout`, over `align.rollout_engines`);
   score        `score_rollouts`: reward-model scores (or a rule-based reward) and which responses closed;
   advantages   pure shaping in `align.rl_math` (PPO: `shape_scores` + `token_rewards` + `gae`;
                GRPO: `group_scores` + `group_advantages`; online DPO: `group_scores` + `best_worst_pairs`);
@@ -24,6 +26,7 @@ import chatml
 from align.config import PPOConfig
 from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
+from align.reward import RewardModel
 from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
@@ -46,6 +49,28 @@ def load_frozen_lm(path: str, dtype: torch.dtype, trust_remote_code: bool) -> to
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
     model.requires_grad_(False)
     return model.eval()
+
+
+def frozen_dtype(cfg: Any) -> torch.dtype:
+    """The precision of the frozen reference and reward models (`ref_dtype`)."""
+    return torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
+
+
+def load_reference(cfg: Any, path: str, device: torch.device) -> torch.nn.Module | None:
+    """The frozen reference policy from `path`, on `device`; None for a LoRA policy, whose reference is the
+    same weights with the adapter off (no second copy)."""
+    if cfg.use_lora:
+        return None
+    return load_frozen_lm(path, frozen_dtype(cfg), cfg.trust_remote_code).to(device)
+
+
+def load_reward_model(cfg: Any, tokenizer: Any, device: torch.device) -> RewardModel:
+    """The frozen reward model at `cfg.reward_model_path`, on `device`; refused when its vocabulary is not
+    the policy's (it would score other tokens than those sampled)."""
+    check_same_vocabulary(tokenizer, cfg.reward_model_path)
+    reward_model = RewardModel.from_pretrained(cfg.reward_model_path, dtype=frozen_dtype(cfg))
+    reward_model.requires_grad_(False)
+    return reward_model.eval().to(device)
 
 
 def check_same_vocabulary(tokenizer: Any, path: str) -> None:
@@ -202,6 +227,14 @@ def reward_model_settings(reward_model: Any, tokenizer: Any, default_system: str
     return wanted
 
 
+def rl_default_system(cfg: Any, reward_model: RewardModel | None, tokenizer: Any) -> str | None:
+    """The system prompt the RL prompts get: the reward model's when there is one (`reward_model_settings`,
+    which also refuses an RM the policy cannot be scored by), else `cfg.default_system`."""
+    if reward_model is None:
+        return cfg.default_system
+    return reward_model_settings(reward_model, tokenizer, cfg.default_system)
+
+
 def score_rollouts(
     batch: RolloutBatch,
     texts: list[str],
@@ -268,6 +301,10 @@ class PolicyTrainer:
                 return response_logprobs(self.reference, seq, response_ids, self.cfg.temperature)
             with self.policy_u.disable_adapter():
                 return response_logprobs(self.policy_u, seq, response_ids, self.cfg.temperature)
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What a checkpoint keeps besides the weights, optimisers and schedules (the loop's counters)."""
+        return self.counts
 
     def optimizer_step(self, step: int, what: str = "gradient") -> float:
         """`optimizer_step` on the policy (the schedule is stepped once per iteration by the loop)."""
