@@ -54,8 +54,8 @@ from align.train.rl_common import (
     load_reference,
     load_reward_model,
     micro_slices,
-    response_logprobs,
     rl_default_system,
+    rollout_logprobs,
     scatter_rows,
     score_rollouts,
 )
@@ -331,15 +331,10 @@ def grpo_update(
     with torch.no_grad(), accelerator.autocast():
         for rows in micro_slices(train_rows, cfg.micro_batch_size):
             sub = batch.select(rows)
-            seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
             if not single_pass:  # one pass: the ratio is 1 by construction, no extra forward needed
-                scatter_rows(
-                    old_logprobs,
-                    rows,
-                    response_logprobs(policy, seq, sub.response_ids, cfg.temperature),
-                )
+                scatter_rows(old_logprobs, rows, rollout_logprobs(policy, sub, cfg.temperature))
             if cfg.kl_coef > 0:
-                scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
+                scatter_rows(ref_logprobs, rows, t.reference_logprobs(sub))
     order_gen = torch.Generator().manual_seed(cfg.seed * 7 + step)
     for _epoch in range(cfg.ppo_epochs):
         perm = (
@@ -356,12 +351,12 @@ def grpo_update(
                 continue
             for k, rows in enumerate(micros):
                 sub = batch.select(rows)
-                seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
+                w = sub.response_ids.shape[1]
                 idx = torch.tensor(rows, device=device)
                 sub_mask = mask[idx, :w]
                 sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
                 with sync, accelerator.autocast():
-                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    logprobs = rollout_logprobs(policy, sub, cfg.temperature)
                     old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
                     adv = advantages[idx][:, None].expand(-1, w)
                     loss, p_stats = ppo_policy_loss(
@@ -411,12 +406,11 @@ def online_dpo_update(
     for k, part in enumerate(slices):
         rows = [c for c, _ in part] + [r for _, r in part]
         sub = batch.select(rows)
-        seq = sub.sequences(left_pad=True)
         sub_mask = sub.response_mask.float()
-        ref_seq = (t.reference_logprobs(seq, sub.response_ids) * sub_mask).sum(1)
+        ref_seq = (t.reference_logprobs(sub) * sub_mask).sum(1)
         sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
         with sync, accelerator.autocast():
-            logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+            logprobs = rollout_logprobs(policy, sub, cfg.temperature)
             seq_logps = (logprobs * sub_mask).sum(1)
             b = len(part)
             loss, d_stats = dpo_loss(

@@ -50,8 +50,8 @@ from align.train.rl_common import (
     load_reference,
     load_reward_model,
     micro_slices,
-    response_logprobs,
     rl_default_system,
+    rollout_logprobs,
     scatter_rows,
     score_rollouts,
 )
@@ -410,7 +410,7 @@ def ppo_update(
                     continue  # the policy's weights stay bit-identical during the warm-up
                 sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
                 with sync_p, accelerator.autocast():
-                    logprobs = response_logprobs(policy, seq, sub.response_ids, cfg.temperature)
+                    logprobs = rollout_logprobs(policy, sub, cfg.temperature)
                     p_loss, p_stats = ppo_policy_loss(
                         logprobs,
                         old_logprobs[idx, :w],
@@ -449,9 +449,9 @@ def rollout_passes(
         for rows in micro_slices(list(range(n_rows)), cfg.micro_batch_size):
             sub = batch.select(rows)
             seq, w = sub.sequences(left_pad=True), sub.response_ids.shape[1]
-            logps, ent = response_logprobs(t.policy, seq, sub.response_ids, cfg.temperature, True)
+            logps, ent = rollout_logprobs(t.policy, sub, cfg.temperature, True)
             scatter_rows(old_logprobs, rows, logps)
             scatter_rows(entropy, rows, ent)
-            scatter_rows(ref_logprobs, rows, t.reference_logprobs(seq, sub.response_ids))
+            scatter_rows(ref_logprobs, rows, t.reference_logprobs(sub))
             scatter_rows(old_values, rows, response_values(t.value_model, seq, w))
     return old_logprobs, ref_logprobs, old_values, entropy

@@ -28,6 +28,7 @@ from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
 from align.reward import RewardModel
 from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
+from align.shared_prefix import shared_prompt_logprobs, shares_prompts
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
 
@@ -100,6 +101,17 @@ def response_logprobs(
         use_cache=False,
         logits_to_keep=response_ids.shape[1] + 1,
     )
+
+
+def rollout_logprobs(
+    model: Any, sub: RolloutBatch, temperature: float, with_entropy: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """(B, R) log-probs of a rollout (sub-)batch's responses: rows that answer the same prompt run it once
+    (`align.shared_prefix`: GRPO's G samples, online DPO's pairs, PPO's 2 samples), else one left-padded
+    pass. The two agree to float rounding, values and gradients (tests/test_shared_prefix.py)."""
+    if shares_prompts(sub):
+        return shared_prompt_logprobs(model, sub, temperature, with_entropy)
+    return response_logprobs(model, sub.sequences(left_pad=True), sub.response_ids, temperature, with_entropy)
 
 
 def scatter_rows(target: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
@@ -294,13 +306,13 @@ class PolicyTrainer:
     def world(self) -> int:
         return self.accelerator.num_processes
 
-    def reference_logprobs(self, seq: Any, response_ids: torch.Tensor) -> torch.Tensor:
-        """(B, R) reference log-probs of the response tokens, no grad."""
+    def reference_logprobs(self, sub: RolloutBatch) -> torch.Tensor:
+        """(B, R) reference log-probs of a rollout (sub-)batch's response tokens, no grad."""
         with torch.no_grad():
             if self.reference is not None:
-                return response_logprobs(self.reference, seq, response_ids, self.cfg.temperature)
+                return rollout_logprobs(self.reference, sub, self.cfg.temperature)
             with self.policy_u.disable_adapter():
-                return response_logprobs(self.policy_u, seq, response_ids, self.cfg.temperature)
+                return rollout_logprobs(self.policy_u, sub, self.cfg.temperature)
 
     def trainer_state(self) -> dict[str, Any]:
         """What a checkpoint keeps besides the weights, optimisers and schedules (the loop's counters)."""
