@@ -71,6 +71,21 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
 
 
+def left_padded(
+    rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id rows left-padded to the longest: ``(ids, mask)``, both (len(rows), width) long, mask 1 on
+    real tokens. Every row ends in the last column, where generation (or a cached pass) continues."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
 # --------------------------------------------------------------------------------------------------------
 # The batch
 # --------------------------------------------------------------------------------------------------------
@@ -183,12 +198,8 @@ class RolloutBatch:
         n_rows, r = responses.shape
         plen = torch.tensor([len(p) for p in self.prompt_ids], dtype=torch.long, device=device)
         if left_pad:
-            width = int(plen.max()) if n_rows else 0
-            prompts = torch.full((n_rows, width), pad, dtype=torch.long, device=device)
-            prompt_mask = torch.zeros((n_rows, width), dtype=torch.long, device=device)
-            for i, ids in enumerate(self.prompt_ids):
-                prompts[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                prompt_mask[i, width - len(ids) :] = 1
+            prompts, prompt_mask = left_padded(self.prompt_ids, pad, device)
+            width = prompts.shape[1]
             input_ids = torch.cat([prompts, responses], dim=1)
             attention_mask = torch.cat([prompt_mask, self.response_mask.long()], dim=1)
             return Sequences(
@@ -396,15 +407,11 @@ class _BatchedEngine:
         device = _device_of(self.model)
         for start in range(0, len(order), self.batch_size):
             idx = order[start : start + self.batch_size]
-            width = max(len(rows[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for j, i in enumerate(idx):  # left padding: every prompt ends where generation starts
-                input_ids[j, width - len(rows[i]) :] = torch.tensor(rows[i], dtype=torch.long)
-                attention_mask[j, width - len(rows[i]) :] = 1
+            # Left padding: every prompt ends where generation starts.
+            input_ids, attention_mask = left_padded([rows[i] for i in idx], self.pad_id, device)
             new, new_logps = self._decode(
-                input_ids.to(device),
-                attention_mask.to(device),
+                input_ids,
+                attention_mask,
                 max_new_tokens,
                 temperature,
                 top_p,

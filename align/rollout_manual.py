@@ -47,18 +47,22 @@ class ManualRolloutEngine(_BatchedEngine):
         # The n samples of a prompt share its prefill: each distinct prompt runs once and every row gets
         # its prompt's cache and logits (GRPO's 8 samples: 1/8 of the prefill, most of a short rollout).
         distinct, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
-        first = torch.empty(len(distinct), dtype=torch.long, device=device).scatter_(
-            0, inverse, torch.arange(b, device=device)
-        )
+        shared = len(distinct) < b  # else prefill the rows as they are: no gather of the cache
+        rows: torch.Tensor | slice = slice(None)
+        if shared:  # one row per distinct prompt (any of its copies)
+            rows = torch.empty(len(distinct), dtype=torch.long, device=device)
+            rows.scatter_(0, inverse, torch.arange(b, device=device))
         logits = model(
-            input_ids=input_ids[first],
-            attention_mask=attention_mask[first],
-            position_ids=positions[first],
+            input_ids=input_ids[rows],
+            attention_mask=attention_mask[rows],
+            position_ids=positions[rows],
             **cache_kwargs(model, cache),
             use_cache=True,
             logits_to_keep=1,
-        ).logits[:, -1][inverse]
-        cache.batch_select_indices(inverse)  # back to the rows' order, prompts repeated
+        ).logits[:, -1]
+        if shared:
+            logits = logits[inverse]
+            cache.batch_select_indices(inverse)  # every row gets its prompt's keys and values
         next_pos = positions[:, -1:] + 1
         steps = 0
         for step in range(max_new_tokens):

@@ -17,25 +17,12 @@ import torch
 
 from align.fused_logprobs import lm_logprobs
 from align.hf_compat import cache_kwargs
-from align.rollout import RolloutBatch, position_ids_from_mask
+from align.rollout import RolloutBatch, left_padded, position_ids_from_mask
 
 
 def shares_prompts(batch: RolloutBatch) -> bool:
     """True when some rows of `batch` answer the same prompt (the shared pass saves work)."""
     return int(torch.unique(batch.prompt_index).numel()) < len(batch)
-
-
-def _left_padded(
-    rows: list[list[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long, device=device)
-            mask[i, width - len(row) :] = 1
-    return ids, mask
 
 
 def shared_prompt_logprobs(
@@ -53,7 +40,7 @@ def shared_prompt_logprobs(
     for row, k in enumerate(inverse.tolist()):
         first.setdefault(k, row)
     prompts = [batch.prompt_ids[first[k]] for k in range(len(keys))]
-    heads, head_mask = _left_padded([p[:-1] for p in prompts], batch.pad_id, device)
+    heads, head_mask = left_padded([p[:-1] for p in prompts], batch.pad_id, device)
     inverse = inverse.to(device)
     cache_kw: dict[str, Any] = {}
     if heads.shape[1] > 0:  # one-token prompts have no prefix to share
