@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from align.attention import check_no_mask_on_packed_rows
+from align.hf_compat import unwrap_data_parallel
 from align.rl_math import entropy_from_logits, token_logprobs
 
 # One (chunk, V) fp32 block of logits is at most this many bytes (256 MiB) and this many positions: with a
@@ -150,18 +151,11 @@ def chunked_entropy(
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The module under DDP-style wrappers (`.module`)."""
-    while isinstance(getattr(model, "module", None), nn.Module):
-        model = model.module
-    return model
-
-
 def _fast_head(model: nn.Module) -> tuple[nn.Module, str, nn.Linear] | None:
     """(parent, attribute, head) when the chunked path is exact for this model, else None."""
     if type(model).__name__ == "FullyShardedDataParallel" or hasattr(model, "_fsdp_wrapped_module"):
         return None
-    inner = _unwrap(model)
+    inner = unwrap_data_parallel(model)
     config = getattr(inner, "config", None)
     if any(getattr(config, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
         return None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from align.fused_logprobs import lm_logprobs
-from align.hf_compat import cache_kwargs
+from align.hf_compat import cache_kwargs, unwrap_data_parallel
 from align.rollout import RolloutBatch, left_padded, position_ids_from_mask
 
 
@@ -46,9 +46,12 @@ def shared_prompt_logprobs(
     if heads.shape[1] > 0:  # one-token prompts have no prefix to share
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=model.config)
-        cache_kw = cache_kwargs(model, cache)
-        model(
+        # The prefix pass runs inside a data-parallel wrapper: DDP sees one forward (the step pass below),
+        # and each parameter's gradient, summed over both passes by autograd, is reduced once.
+        local = unwrap_data_parallel(model)
+        cache = DynamicCache(config=local.config)
+        cache_kw = cache_kwargs(local, cache)
+        local(
             input_ids=heads,
             attention_mask=head_mask,
             position_ids=position_ids_from_mask(head_mask),
