@@ -56,8 +56,9 @@ def tiny_causal_lm(
     dtype: torch.dtype = torch.float32,
 ) -> torch.nn.Module:
     """A seeded tiny `arch` causal LM in eval mode, with the given attention implementation."""
-    import align.attention  # noqa: F401  (registers align_varlen)
     from transformers import AutoModelForCausalLM
+
+    import align.attention  # noqa: F401  (registers align_varlen)
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(
