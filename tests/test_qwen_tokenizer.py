@@ -193,10 +193,8 @@ def test_cache_is_written_then_reused(tmp_path, monkeypatch):
         raise AssertionError("the cached tokenizer should have been loaded, not rebuilt")
 
     monkeypatch.setattr(qt, "build_qwen_backend", no_rebuild)
-    start = time.perf_counter()
+    # The rebuild is patched to fail: loading proves the cache was read (no wall time asserted).
     second = chatml.qwen_tokenizer(cache_dir=tmp_path)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 5.0  # about 0.5 s on 2 cores; generous for loaded CI machines
     for text in samples:
         assert second.encode(text) == first.encode(text)
 

@@ -172,15 +172,69 @@ def test_unclosed_responses_rank_below_every_closed_one_when_the_rm_spread_excee
     torch.testing.assert_close(none, torch.tensor([3.0, -7.0, -1.0, 0.0]))
 
 
-def test_the_running_mean_sees_only_closed_scores():
-    # What PPO now feeds RunningMoments: the -10 placeholders would drag the mean to -4.
-    raw = torch.tensor([2.0, 0.0, -10.0, -10.0])
-    closed = closed_responses(
-        torch.tensor([True, True, True, False]), torch.tensor([True, True, False, False])
-    )
+class _GatherOf:
+    """What `ppo_scores` needs of an accelerator: `gather` (other ranks' rows around ours) and our rank."""
+
+    def __init__(self, process_index: int = 0, others: dict[int, torch.Tensor] | None = None):
+        self.process_index = process_index
+        self.others = others or {}  # gathered tensors by id: what the other rank contributes
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        other = self.others.get(id(tensor))
+        if other is None:
+            return tensor
+        parts = [other, tensor] if self.process_index == 1 else [tensor, other]
+        return torch.cat(parts)
+
+
+def test_ppo_scores_normalise_by_closed_scores_only_and_rank_unclosed_below():
+    """`ppo_scores` itself: the running mean sees the closed scores (never the RM's -10 placeholders), then
+    unclosed rows score the worst closed one minus |penalty| x std, for either sign of the penalty."""
+    from types import SimpleNamespace
+
+    from align.train.ppo import ppo_scores
+
+    raw = torch.tensor([4.0, 0.0, -10.0, -10.0])
+    found = torch.tensor([True, True, False, False])
+    closed = closed_responses(torch.tensor([True, True, True, False]), found)
+    for penalty in (-1.0, 1.0):
+        cfg = SimpleNamespace(missing_eos_penalty=penalty, reward_norm="running_mean")
+        moments = RunningMoments()
+        shaped = ppo_scores(cfg, moments, raw, closed, found, _GatherOf())
+        # mean 2, std 2 over [4, 0] (with the placeholders the mean would be -4).
+        assert moments.mean == pytest.approx(2.0) and moments.std == pytest.approx(2.0)
+        # closed: raw - 2 = [2, -2]; unclosed: min(-2, 0) - 1 x 2 = -4.
+        torch.testing.assert_close(shaped, torch.tensor([2.0, -2.0, -4.0, -4.0]))
+    # No penalty: every readable score feeds the mean; the unreadable placeholder scores the mean (0).
+    cfg = SimpleNamespace(missing_eos_penalty=None, reward_norm="running_mean")
+    readable = torch.tensor([True, True, True, False])
     moments = RunningMoments()
-    moments.update(raw[closed])
-    assert moments.mean == pytest.approx(1.0) and moments.std == pytest.approx(1.0)
+    shaped = ppo_scores(cfg, moments, torch.tensor([4.0, 0.0, -1.0, -10.0]), closed, readable, _GatherOf())
+    assert moments.mean == pytest.approx(1.0)
+    torch.testing.assert_close(shaped, torch.tensor([3.0, -1.0, -2.0, 0.0]))
+
+
+def test_ppo_scores_use_every_rank_statistics_and_return_this_rank_rows():
+    from types import SimpleNamespace
+
+    from align.train.ppo import ppo_scores
+
+    cfg = SimpleNamespace(missing_eos_penalty=-1.0, reward_norm="running_mean_std")
+    raw, closed, readable = (
+        torch.tensor([6.0, -10.0]),
+        torch.tensor([True, False]),
+        torch.tensor([True, False]),
+    )
+    # Rank 0 holds [2, 4], both closed; this is rank 1.
+    others = {id(raw): torch.tensor([2.0, 4.0]), id(closed): torch.tensor([True, True])}
+    others[id(readable)] = torch.tensor([True, True])
+    moments = RunningMoments()
+    shaped = ppo_scores(cfg, moments, raw, closed, readable, _GatherOf(1, others))
+    # All ranks' closed scores [2, 4, 6]: mean 4, std sqrt(8/3); rank 1's rows are the last two.
+    std = math.sqrt(8 / 3)
+    assert moments.mean == pytest.approx(4.0) and moments.std == pytest.approx(std)
+    worst = (2.0 - 4.0) / std
+    torch.testing.assert_close(shaped, torch.tensor([(6.0 - 4.0) / std, worst - 1.0]))
 
 
 def test_token_rewards_put_the_score_on_the_last_token_and_charge_kl_everywhere():
@@ -211,3 +265,20 @@ def test_group_scores_put_unclosed_responses_below_the_group():
     closed = torch.tensor([True, True, False, False])
     torch.testing.assert_close(group_scores(raw, closed, -0.5), torch.tensor([1.0, 0.0, -0.5, -0.5]))
     torch.testing.assert_close(group_scores(raw, closed, None), raw)
+
+
+@pytest.mark.parametrize("penalty", [-0.5, 0.5], ids=["negative", "positive"])
+def test_unclosed_rows_score_below_zero_when_every_closed_score_is_positive(penalty):
+    """The `clamp(max=0)` and the sign: with closed scores [1, 2] an unclosed row scores 0 - 0.5 (not the
+    worst closed 1 - 0.5, nor 0 + 0.5), whichever sign the config gives the penalty (the committed GRPO
+    config uses +0.5)."""
+    raw = torch.tensor([1.0, 2.0, -10.0])
+    closed = torch.tensor([True, True, False])
+    torch.testing.assert_close(group_scores(raw, closed, penalty), torch.tensor([1.0, 2.0, -0.5]))
+    # shape_scores with mean 1, std 2: centred closed scores [4, 6], the worst clamps to 0, so unclosed
+    # scores 0 - 0.5 x 2 = -1 (the penalty is in units of the spread); scaled: [2, 3] and 0 - 0.5.
+    raw = torch.tensor([5.0, 7.0, 0.0])
+    out = shape_scores(raw, closed, 1.0, 2.0, use_std=False, missing_eos_penalty=penalty)
+    torch.testing.assert_close(out, torch.tensor([4.0, 6.0, -1.0]))
+    out = shape_scores(raw, closed, 1.0, 2.0, use_std=True, missing_eos_penalty=penalty)
+    torch.testing.assert_close(out, torch.tensor([2.0, 3.0, -0.5]))
