@@ -152,3 +152,25 @@ def test_declared_names_are_parsed_from_specifiers(tmp_path: Path):
         "scipy",
         "vllm",
     }
+
+
+def test_pyproject_floors_are_the_ones_align_enforces_at_import():
+    """pyproject.toml's `torch>=`/`transformers>=` floors equal align.MINIMUM_VERSIONS, and the import-time
+    check refuses a version below them with the version it needs (transformers 4.56 passed the old floor
+    and then failed at the first forward with a TypeError)."""
+    import pytest
+
+    import align
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for spec in project["dependencies"]:
+        name, sep, version = spec.partition(">=")
+        if sep and name in align.MINIMUM_VERSIONS:
+            floors[name] = tuple(int(x) for x in version.split("."))
+    assert floors == {dist: need for dist, (need, _) in align.MINIMUM_VERSIONS.items()}
+    with pytest.raises(ImportError, match=r"transformers>=5\.21 .*found transformers 4\.56\.2"):
+        align.require_versions({"torch": "2.13.0+cpu", "transformers": "4.56.2"})
+    with pytest.raises(ImportError, match=r"torch>=2\.5 .*found torch 2\.4\.1"):
+        align.require_versions({"torch": "2.4.1", "transformers": "5.24.0"})
+    align.require_versions({"torch": "2.13.0+cpu", "transformers": "5.21.0"})  # the floor itself passes
