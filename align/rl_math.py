@@ -371,3 +371,80 @@ def group_scores(raw: torch.Tensor, closed: torch.Tensor, missing_eos_penalty: f
     closed = closed.bool()
     worst = raw[closed].min().clamp(max=0.0) if closed.any() else raw.new_zeros(())
     return torch.where(closed, raw, (worst - abs(missing_eos_penalty)).expand_as(raw))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Over-optimisation guards (../shared/research/rm_overopt.md): each bounds what a learned reward model's
+# errors can be worth to the policy. Off by default; the stages reach them through their configs.
+
+
+def reference_anchored_reward(scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
+    """PAR (Fu et al. 2025): sigmoid(score - score of a reference answer to the same prompt).
+
+    Bounded in (0, 1), 0.5 for an answer the RM rates like the reference; removes per-prompt offsets of the
+    RM and caps what an outlier score can earn (an exploited 2.7 against a reference at 1.2 gives 0.82).
+
+    Shapes: scores (B,), reference_scores (B,) (each row's prompt's reference score, or (B, K) for K
+    references, averaged over K as in the paper) -> (B,) fp32.
+    """
+    scores = scores.float()
+    ref = reference_scores.float()
+    if ref.ndim == 2:
+        return torch.sigmoid(scores[:, None] - ref).mean(dim=1)
+    return torch.sigmoid(scores - ref)
+
+
+def clip_rewards(scores: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Scores clamped to [-limit, limit] (DeepSpeed-Chat clamps RM scores at 5, OpenRLHF at 10); None: as is.
+
+    Shapes: (B,) -> (B,) fp32."""
+    scores = scores.float()
+    if limit is None:
+        return scores
+    if limit <= 0:
+        raise ValueError(f"reward clip limit must be positive, got {limit}")
+    return scores.clamp(-limit, limit)
+
+
+def ensemble_reward(
+    member_scores: torch.Tensor, objective: Literal["mean", "min", "uncertainty"], penalty: float = 0.0
+) -> torch.Tensor:
+    """One score per response from K reward heads (Coste et al. 2024): ``mean``; ``min`` (worst-case, WCO);
+    ``uncertainty`` (UWO): mean - `penalty` x the members' standard deviation (population, over K).
+
+    Shapes: member_scores (B, K) -> (B,) fp32."""
+    scores = member_scores.float()
+    if scores.ndim != 2:
+        raise ValueError(f"member_scores must be (B, K), got shape {tuple(scores.shape)}")
+    if objective == "mean":
+        return scores.mean(dim=1)
+    if objective == "min":
+        return scores.min(dim=1).values
+    if objective == "uncertainty":
+        return scores.mean(dim=1) - penalty * scores.std(dim=1, unbiased=False)
+    raise ValueError(f"unknown ensemble objective {objective!r}; one of mean, min, uncertainty")
+
+
+class AdaptiveKLController:
+    """The KL coefficient steered towards a target KL per response (Ziegler et al. 2019, as in TRL's
+    ``adap_kl_ctrl``): after each iteration, coef *= 1 + clip(kl / target - 1, -0.2, 0.2) x steps / horizon.
+
+    The proportional error is clipped so one noisy iteration moves the coefficient by at most 20% of
+    ``steps / horizon``. Checkpointable (`state_dict`)."""
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target KL and horizon must be positive, got {target} and {horizon}")
+        self.coef, self.target, self.horizon = float(init_coef), float(target), int(horizon)
+
+    def update(self, kl: float, steps: int) -> float:
+        """Move the coefficient after `steps` responses (or iterations) at mean KL `kl`; returns it."""
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.coef *= 1.0 + error * steps / self.horizon
+        return self.coef
+
+    def state_dict(self) -> dict[str, float]:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef = float(state["coef"])

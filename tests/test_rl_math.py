@@ -282,3 +282,56 @@ def test_unclosed_rows_score_below_zero_when_every_closed_score_is_positive(pena
     torch.testing.assert_close(out, torch.tensor([4.0, 6.0, -1.0]))
     out = shape_scores(raw, closed, 1.0, 2.0, use_std=True, missing_eos_penalty=penalty)
     torch.testing.assert_close(out, torch.tensor([2.0, 3.0, -0.5]))
+
+
+def test_reference_anchored_reward_on_worked_numbers():
+    from align.rl_math import reference_anchored_reward
+
+    # The exploited 2.71 against a reference answer at 1.2: sigmoid(1.51) = 0.8191; equal scores give 0.5.
+    scores = torch.tensor([2.71, 1.2, -0.8])
+    ref = torch.tensor([1.2, 1.2, 1.2])
+    want = torch.tensor([1 / (1 + math.exp(-1.51)), 0.5, 1 / (1 + math.exp(2.0))])
+    torch.testing.assert_close(reference_anchored_reward(scores, ref), want)
+    # Several references per prompt: the mean of the sigmoids, not the sigmoid of the mean.
+    refs = torch.tensor([[0.0, 2.0]])
+    got = reference_anchored_reward(torch.tensor([1.0]), refs)
+    assert got.item() == pytest.approx((1 / (1 + math.exp(-1)) + 1 / (1 + math.exp(1))) / 2)
+
+
+def test_clip_rewards():
+    from align.rl_math import clip_rewards
+
+    scores = torch.tensor([-7.0, 0.5, 12.0])
+    torch.testing.assert_close(clip_rewards(scores, 5.0), torch.tensor([-5.0, 0.5, 5.0]))
+    torch.testing.assert_close(clip_rewards(scores, None), scores)
+    with pytest.raises(ValueError, match="positive"):
+        clip_rewards(scores, 0.0)
+
+
+def test_ensemble_reward_objectives_on_worked_numbers():
+    from align.rl_math import ensemble_reward
+
+    members = torch.tensor([[1.0, 3.0], [2.0, 2.0], [-1.0, 5.0]])  # 3 responses x 2 heads
+    torch.testing.assert_close(ensemble_reward(members, "mean"), torch.tensor([2.0, 2.0, 2.0]))
+    torch.testing.assert_close(ensemble_reward(members, "min"), torch.tensor([1.0, 2.0, -1.0]))
+    # Population std over the heads: 1, 0, 3; with penalty 0.5 the disputed response loses most.
+    torch.testing.assert_close(ensemble_reward(members, "uncertainty", 0.5), torch.tensor([1.5, 2.0, 0.5]))
+    with pytest.raises(ValueError, match="objective"):
+        ensemble_reward(members, "max")
+    with pytest.raises(ValueError, match=r"\(B, K\)"):
+        ensemble_reward(torch.ones(3), "mean")
+
+
+def test_adaptive_kl_controller_on_worked_numbers():
+    from align.rl_math import AdaptiveKLController
+
+    ctl = AdaptiveKLController(0.04, target=1.0, horizon=100)
+    # KL 1.5 (50% over target) is clipped to +20%, scaled by 10/100 steps: x1.02.
+    assert ctl.update(1.5, steps=10) == pytest.approx(0.04 * 1.02)
+    # KL 0.9 (10% under): x(1 - 0.1 x 10/100) = x0.99.
+    assert ctl.update(0.9, steps=10) == pytest.approx(0.04 * 1.02 * 0.99)
+    restored = AdaptiveKLController(0.5, target=1.0, horizon=100)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.coef == ctl.coef
+    with pytest.raises(ValueError, match="positive"):
+        AdaptiveKLController(0.04, target=0.0, horizon=10)
