@@ -326,6 +326,14 @@ class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
     save_steps: int = doc(10, "Write a checkpoint every N optimiser steps (0: only at the end).")
 
 
+# The RL loops train with dropout off: the model's own by load_causal_lm, LoRA's by this default.
+RL_LORA_DROPOUT_HELP = (
+    "Dropout on the LoRA branch. 0 in the RL loops, which train with dropout off: the first update's "
+    "log-probs then equal those the rollout scored (ratio 1), and the update can use the shared-prompt "
+    "pass (with dropout it takes the slower per-row pass: align/shared_prefix.py)."
+)
+
+
 @dataclasses.dataclass
 class PPOConfig(RolloutKeys, TrainConfig):
     """PPO with four models (policy, reference, reward, value), the Qwen way. Defaults = the embedded job.
@@ -388,6 +396,7 @@ class PPOConfig(RolloutKeys, TrainConfig):
     offload_frozen: bool = doc(
         False, "Keep the reference and reward models on the CPU except while they score (saves GPU memory)."
     )
+    lora_dropout: float = doc(0.0, RL_LORA_DROPOUT_HELP)
     log_rollouts: int = doc(4, "Rollouts per step written to rollouts.jsonl (prompt, response, scores).")
 
 
@@ -495,6 +504,7 @@ class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
     eval_tasks: int = doc(
         32, "With embedded prompts: held-out tasks whose gold-verifier accuracy is reported before and after."
     )
+    lora_dropout: float = doc(0.0, RL_LORA_DROPOUT_HELP)
 
 
 @dataclasses.dataclass

@@ -5,8 +5,14 @@ times; with short answers to long prompts (the embedded tasks: ~50 prompt tokens
 prompts with a system prompt and tools) that is nearly all of the cost. Here each distinct prompt, less its
 last token, runs once with a KV cache; the cache is gathered to the rows that share it, and only
 [last prompt token, response] runs per row. Gradients flow back through the gathered keys and values into
-the one prompt pass, so log-probs and gradients equal the per-row pass to float rounding
-(tests/test_shared_prefix.py).
+the one prompt pass.
+
+When it is the per-row pass: log-probs and gradients equal it to float rounding in eval mode, and in
+training mode without dropout and without gradient checkpointing; for Qwen2, Llama, GPT-2 and Phi3, full
+weights or LoRA, under attention align_varlen, sdpa and eager, fp64/fp32 and bf16 autocast, any padding and
+micro-batch (tests/test_shared_prefix.py, tests/test_matrix_shared_prompt.py). The two training-mode
+switches that break it are named by `shared_pass_inexact_reason`; `align.train.rl_common.rollout_logprobs`
+then takes the per-row pass, and `shared_prompt_logprobs` refuses to run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,46 @@ def shares_prompts(batch: RolloutBatch) -> bool:
     return int(torch.unique(batch.prompt_index).numel()) < len(batch)
 
 
+def shared_pass_inexact_reason(model: torch.nn.Module) -> str | None:
+    """Why the shared-prompt pass would not compute the per-row pass on `model` now; None when it does.
+
+    Two switches break it, both only in training mode:
+    * gradient checkpointing. transformers 5.24 drops the cache a model is handed when a module has
+      ``gradient_checkpointing and training``: in `GradientCheckpointingLayer` when grad is also enabled,
+      in the model-level layer loops of GPT-2 and others whatever the grad mode. Responses would be scored
+      without their prompt, so any checkpointing module in training mode refuses, under no_grad too.
+    * active dropout (an ``nn.Dropout`` with p > 0, or a float ``*dropout*`` rate a module passes to its
+      attention kernel, e.g. LoRA dropout, ``attention_dropout``): the prompt pass draws one mask for all
+      rows that share it, where the per-row pass draws one per row.
+    A peft or data-parallel wrapper is seen through: `modules()` walks the model inside.
+    """
+    for module in model.modules():  # once per micro-batch: names only for the answer
+        if not module.training:
+            continue
+        # An instance attribute where transformers enables it (set_gradient_checkpointing); read from
+        # __dict__ because a missing-attribute lookup through nn.Module and peft's __getattr__ is slow.
+        if vars(module).get("gradient_checkpointing") is True:
+            where = _name(model, module)
+            return f"gradient checkpointing in training mode ({where}) drops the prompt's KV cache"
+        if _has_active_dropout(module):
+            where = _name(model, module)
+            return f"dropout in training mode ({where}) would share one mask across a prompt's rows"
+    return None
+
+
+def _has_active_dropout(module: torch.nn.Module) -> bool:
+    if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    for key, value in vars(module).items():
+        if type(value) is float and value > 0 and ("dropout" in key or key.endswith("_pdrop")):
+            return True
+    return False
+
+
+def _name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module and n), type(module).__name__)
+
+
 def shared_prompt_logprobs(
     model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +79,12 @@ def shared_prompt_logprobs(
     Rows answer the same prompt when they have the same `batch.prompt_index` (a rollout batch, or rows
     `select`ed from one). Runs under the caller's grad mode: a training step backpropagates through the
     shared prompt pass. Positions past a response's end hold whatever the model gives; mask them.
+    Raises ValueError where `shared_pass_inexact_reason` names a switch that makes it differ from the
+    per-row pass (`rollout_logprobs` takes that pass instead).
     """
+    reason = shared_pass_inexact_reason(model)
+    if reason is not None:
+        raise ValueError(f"shared-prompt pass refused: {reason}; use the per-row pass")
     device = batch.response_ids.device
     keys, inverse = torch.unique(batch.prompt_index, return_inverse=True)
     first: dict[int, int] = {}

@@ -1,10 +1,12 @@
-"""The shared-prompt pass gives the per-row pass's log-probs and gradients (align/shared_prefix.py)."""
+"""The shared-prompt pass gives the per-row pass's log-probs and gradients (align/shared_prefix.py), and
+refuses the training-mode switches under which it would not; every switch against `rollout_logprobs`:
+tests/test_matrix_shared_prompt.py."""
 
 import pytest
 import torch
 
 from align.rollout import RolloutBatch
-from align.shared_prefix import shared_prompt_logprobs, shares_prompts
+from align.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.rl_common import response_logprobs
 from tests.conftest import tiny_qwen2
 
@@ -99,3 +101,37 @@ def test_shared_prompt_logprobs_through_a_lora_adapter(qwen_tokenizer):
     assert grads[0] and grads[0].keys() == grads[1].keys()
     for name, want in grads[0].items():
         torch.testing.assert_close(grads[1][name], want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+def test_the_switches_that_make_sharing_inexact_are_named_and_refused(qwen_tokenizer):
+    """Gradient checkpointing and active dropout, each only in training mode; the shared pass refuses them
+    (`rollout_logprobs` takes the per-row pass instead)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_qwen2(qwen_tokenizer, seed=8)
+    assert shared_pass_inexact_reason(model.train()) is None  # training mode alone changes nothing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reason = shared_pass_inexact_reason(model)
+    assert reason is not None and reason.startswith("gradient checkpointing in training mode")
+    with torch.no_grad():  # GPT-2-style layer loops drop the cache whatever the grad mode
+        assert shared_pass_inexact_reason(model) == reason
+    with pytest.raises(ValueError, match="shared-prompt pass refused: gradient checkpointing"):
+        shared_prompt_logprobs(model, _batch(2000), 1.0)
+    assert shared_pass_inexact_reason(model.eval()) is None
+
+    attention = tiny_qwen2(qwen_tokenizer, seed=8, attention_dropout=0.1).train()
+    assert shared_pass_inexact_reason(attention) == (
+        "dropout in training mode (model.layers.0.self_attn) would share one mask across a prompt's rows"
+    )
+    assert shared_pass_inexact_reason(attention.eval()) is None
+
+    def lora(p: float) -> torch.nn.Module:
+        config = LoraConfig(r=4, lora_dropout=p, target_modules=["q_proj"])
+        return get_peft_model(tiny_qwen2(qwen_tokenizer, seed=8), config).train()
+
+    assert shared_pass_inexact_reason(lora(0.0)) is None  # peft puts an Identity where p = 0
+    assert shared_pass_inexact_reason(lora(0.1)) == (
+        "dropout in training mode (base_model.model.model.layers.0.self_attn.q_proj.lora_dropout.default) "
+        "would share one mask across a prompt's rows"
+    )

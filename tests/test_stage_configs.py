@@ -82,6 +82,18 @@ def test_a_key_the_rl_loops_do_not_read_is_refused_by_name(tmp_path, cls, key):
         load_config(cls, None, [f"{key}=1"])
 
 
+def test_the_rl_stages_default_to_lora_dropout_off():
+    """The RL loops train with dropout off (ratio 1 on the rollout's own data, and the shared-prompt pass
+    exact): LoRA's dropout too, in the defaults and every shipped RL config. The other stages keep 0.05."""
+    directory = {cls: name for name, cls in RECIPES.items()}
+    for cls in (PPOConfig, OnlineDPOConfig, GRPOConfig):
+        assert cls().lora_dropout == 0.0, cls.__name__
+        for path in sorted(CONFIGS.joinpath(directory[cls]).glob("*.yaml")):
+            assert load_config(cls, path).lora_dropout == 0.0, path
+        assert "ratio 1" in cls.__dataclass_fields__["lora_dropout"].metadata["help"]
+    assert (SFTConfig().lora_dropout, RMConfig().lora_dropout, DPOConfig().lora_dropout) == (0.05, 0.05, 0.05)
+
+
 def test_ppo_with_skip_bad_is_refused_naming_the_key(tmp_path):
     path = tmp_path / "ppo.yaml"
     path.write_text("kl_coef: 0.05\nskip_bad: true\n")

@@ -28,7 +28,7 @@ from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
 from align.reward import RewardModel
 from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
-from align.shared_prefix import shared_prompt_logprobs, shares_prompts
+from align.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
 
@@ -108,8 +108,10 @@ def rollout_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, R) log-probs of a rollout (sub-)batch's responses: rows that answer the same prompt run it once
     (`align.shared_prefix`: GRPO's G samples, online DPO's pairs, PPO's 2 samples), else one left-padded
-    pass. The two agree to float rounding, values and gradients (tests/test_shared_prefix.py)."""
-    if shares_prompts(sub):
+    pass (the reference computation). The shared pass is taken only where it equals that pass to float
+    rounding, values and gradients: not in training mode with gradient checkpointing or active
+    dropout (`shared_pass_inexact_reason`; tests/test_matrix_shared_prompt.py)."""
+    if shares_prompts(sub) and shared_pass_inexact_reason(model) is None:
         return shared_prompt_logprobs(model, sub, temperature, with_entropy)
     return response_logprobs(model, sub.sequences(left_pad=True), sub.response_ids, temperature, with_entropy)
 
