@@ -154,6 +154,10 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
 def signature(stage_cfg: Any, upstream_hashes: dict[str, str]) -> dict[str, Any]:
     """What decides a stage's output: its config (less reporting keys) and its inputs' signatures."""
     config = {k: v for k, v in dataclasses.asdict(stage_cfg).items() if k not in UNCOMPARED}
+    if not config.get("use_lora", True):
+        # Without LoRA its settings decide nothing: a changed default (RL stages' lora_dropout 0.05 -> 0)
+        # must not make a finished full-weight stage look changed.
+        config = {k: v for k, v in config.items() if not k.startswith("lora_")}
     return {"config": config, "upstream": dict(upstream_hashes)}
 
 

@@ -296,3 +296,24 @@ def test_recipe_exits_2_with_one_line_on_a_section_typo(tmp_path):
         "error: pipeline section 'ppo': unknown key 'kl_coeff' for PPOConfig (did you mean 'kl_coef'?)"
     ]
     assert not (tmp_path / "p").exists()
+
+
+def test_lora_settings_leave_a_full_weight_stage_signature_alone():
+    """A stage run without LoRA keeps its signature when a LoRA default changes (the RL stages' lora_dropout
+    went 0.05 -> 0.0); with LoRA on, the same change is a change."""
+    import dataclasses
+
+    from align.config import PPOConfig
+    from align.pipeline import _same_signature, signature, signature_hash
+
+    full = PPOConfig(use_lora=False)
+    sig = signature(full, {"rm": "abc"})
+    assert not any(k.startswith("lora_") for k in sig["config"])
+    old = {**sig, "config": {**sig["config"], "lora_dropout": 0.05, "lora_r": 8}}
+    assert _same_signature({"hash": signature_hash(old), "signature": old}, sig, signature_hash(sig))
+    lora = signature(dataclasses.replace(full, use_lora=True), {"rm": "abc"})
+    lora_old = {**lora, "config": {**lora["config"], "lora_dropout": 0.05}}
+    assert lora["config"]["lora_dropout"] == 0.0
+    assert not _same_signature(
+        {"hash": signature_hash(lora_old), "signature": lora_old}, lora, signature_hash(lora)
+    )
