@@ -29,7 +29,7 @@ import torch
 import chatml
 from align.rl_math import kl_estimate, masked_sum, token_logprobs
 from align.rollout import HFRolloutEngine, RolloutBatch, teacher_forced_logprobs
-from align.tasks import Task, generate_tasks, verify
+from align.tasks import Task, generate_tasks, verify, write_jsonl
 
 __all__ = [
     "add_cli_args",
@@ -40,6 +40,8 @@ __all__ = [
     "lm_loss",
     "mcnemar_exact",
     "paired_accuracy",
+    "per_task_records",
+    "portable_path",
     "load_lm",
     "sequence_kl",
     "tax_rows",
@@ -187,6 +189,49 @@ def tax_rows(
     return chunk_tokens(load_text(source, split="heldout"), tokenizer, length)[:max_rows]
 
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def portable_path(path: str | Path, out_dir: str | Path) -> str:
+    """A path as a report records it, with no machine-specific prefix: relative to the repository root when
+    it lies inside it (``outputs/sft/final``), else relative to ``out_dir``, the report's own directory,
+    and then always starting with ``./`` or ``../``. A name that is not an existing path (a model alias such
+    as ``smollm2-135m-instruct``) is kept as given."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        return str(path)
+    p = p.resolve()
+    if p.is_relative_to(REPO_ROOT):
+        return p.relative_to(REPO_ROOT).as_posix() or "."
+    rel = Path(os.path.relpath(p, Path(out_dir).resolve())).as_posix()
+    return rel if rel.startswith("..") else f"./{rel}"
+
+
+def per_task_records(
+    tasks: Sequence[Task], base: dict[str, Any], pol: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """One record per evaluated task, enough to recompute the paired test: ``prompt`` (the final user turn),
+    ``messages``, ``key``, ``kind``, ``answer``, both greedy responses and their gold verdicts, and with a
+    reward model both scores. ``gained`` = count(policy_correct and not baseline_correct), ``lost`` the
+    reverse; ``mcnemar_exact(gained, lost)`` is the report's p."""
+    return [
+        {
+            "prompt": t.prompt,
+            "messages": t.messages,
+            "key": t.key,
+            "kind": t.kind,
+            "answer": t.answer,
+            "baseline": base["texts"][i],
+            "policy": pol["texts"][i],
+            "baseline_correct": bool(base["gold"][i]),
+            "policy_correct": bool(pol["gold"][i]),
+            "baseline_rm": base["rm"][i] if base["rm"] is not None else None,
+            "policy_rm": pol["rm"][i] if pol["rm"] is not None else None,
+        }
+        for i, t in enumerate(tasks)
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------------------
@@ -289,7 +334,9 @@ def compare_policies(
     prompts_file: str | Path | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``policy`` against ``baseline`` on held-out prompts; write ``eval.json`` and ``eval.md``.
+    """Evaluate ``policy`` against ``baseline`` on held-out prompts; write ``eval.json``, ``eval.md`` and
+    ``per_task.jsonl`` (one line per task: `per_task_records`). Model paths in the result are recorded by
+    `portable_path` (relative to the repository or to ``out_dir``).
 
     Prompts: ``num_prompts`` held-out tasks of ``align.tasks.generate_tasks(split="heldout", seed=seed)``
     (problems no embedded training stage saw), or the first ``num_prompts`` tasks of ``prompts_file``
@@ -368,10 +415,11 @@ def compare_policies(
     kl = sequence_kl(lp_pol, lp_base, sampled.response_mask.to(lp_pol.device))
 
     acc_p, acc_b = _mean(pol["gold"]), _mean(base["gold"])
+    # Paths relative to the repository or to out/: a committed report holds no machine paths.
     result: dict[str, Any] = {
-        "policy": str(policy),
-        "baseline": str(baseline),
-        "reward_model": str(reward_model) if reward_model is not None else None,
+        "policy": portable_path(policy, out),
+        "baseline": portable_path(baseline, out),
+        "reward_model": portable_path(reward_model, out) if reward_model is not None else None,
         "num_prompts": len(tasks),
         "win_rate_rm": win_rate(pol["rm"], base["rm"]) if rm is not None else None,
         "win_rate_gold": win_rate(pol["gold"], base["gold"]),
@@ -398,6 +446,8 @@ def compare_policies(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     write_report(out, "eval", result, format_markdown(result))
+    # Beside eval.json: every task's two answers and verdicts, so anyone can recompute the paired test.
+    write_jsonl(out / "per_task.jsonl", per_task_records(tasks, base, pol))
     return result
 
 

@@ -4,9 +4,13 @@
         --reward-model outputs/rm/rm/final --out outputs/ppo/eval
 
 Writes ``eval.json`` and ``eval.md`` into ``--out`` (see ``align.evaluate_policy.compare_policies``): win
-rates judged by the reward model and the gold verifier with 95% Wilson intervals, gold accuracy, mean RM
-score, KL(policy || baseline) on the policy's own samples, response length, and the alignment tax (held-out
-LM loss and perplexity, task accuracy) before and after. Exit status: 0, or 2 for unusable input.
+rates judged by the reward model and the gold verifier with 95% Wilson intervals, gold accuracy with the
+paired test (exact McNemar), mean RM score, KL(policy || baseline) on the policy's own samples, response
+length, and the alignment tax (held-out LM loss and perplexity, task accuracy) before and after. Beside
+them, ``per_task.jsonl``: one line per held-out task (``prompt``, ``answer``, ``baseline``, ``policy``,
+``baseline_correct``, ``policy_correct``, ...), from which the paired test can be recomputed. Model paths
+in the JSON are relative to the repository (or to ``--out`` for models outside it), never absolute.
+Exit status: 0, or 2 for unusable input.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(Path(args.out, "eval.md").read_text())
+    print(f"per-task records: {Path(args.out, 'per_task.jsonl')}")
     headline = {
         k: result[k] for k in ("win_rate_rm", "win_rate_gold", "gold_accuracy", "kl_to_baseline", "tax")
     }

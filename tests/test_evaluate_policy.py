@@ -203,3 +203,48 @@ def test_paired_accuracy_counts_discordant_tasks():
     assert r["delta_hi"] - r["delta"] == pytest.approx(1.959963984540054 * math.sqrt(4.4) / 10)
     assert r["p_mcnemar"] == pytest.approx(2 * 7 / 64)  # (C(6,0) + C(6,1)) / 2^6, twice
     assert (r["after_lo"], r["after_hi"]) == pytest.approx(wilson_interval(7, 10))
+
+
+def test_portable_path_holds_no_machine_prefix(tmp_path):
+    from align.evaluate_policy import REPO_ROOT, portable_path
+
+    out = tmp_path / "run" / "eval"
+    (tmp_path / "model").mkdir()
+    (tmp_path / "run" / "eval" / "final").mkdir(parents=True)
+    assert portable_path(REPO_ROOT / "align" / "tasks.py", out) == "align/tasks.py"  # inside the repository
+    assert portable_path(tmp_path / "model", out) == "../../model"  # outside it: from the report's directory
+    assert portable_path(tmp_path / "run" / "eval" / "final", out) == "./final"
+    assert portable_path("smollm2-135m-instruct", out) == "smollm2-135m-instruct"  # an alias, kept
+
+
+def test_per_task_records_recompute_the_paired_test(tmp_path, monkeypatch):
+    from conftest import build_tiny_qwen2, byte_tokenizer
+
+    import align.evaluate_policy as ev
+    from align.evaluate_policy import mcnemar_exact
+    from align.tasks import generate_tasks
+
+    # Random models never answer right; a rule on the text makes some replies "correct" on either side.
+    monkeypatch.setattr(ev, "verify", lambda task, reply: len(reply) % 2 == 0)
+    # Byte-level models (259 ids): their tokenizer loads in milliseconds, Qwen's 151k vocabulary in seconds.
+    base = build_tiny_qwen2(byte_tokenizer(), tmp_path / "base", seed=0)
+    other = build_tiny_qwen2(byte_tokenizer(), tmp_path / "other", seed=1)
+    r = compare_policies(other, base, reward_model=None, out_dir=tmp_path / "ev", num_prompts=12,
+                         max_new_tokens=5, batch_size=12, tax_max_rows=0, device="cpu")  # fmt: skip
+    lines = [json.loads(line) for line in (tmp_path / "ev" / "per_task.jsonl").read_text().splitlines()]
+    tasks = generate_tasks(12, seed=0, split="heldout")
+    assert [(x["prompt"], x["answer"], x["key"]) for x in lines] == [
+        (t.prompt, t.answer, t.key) for t in tasks
+    ]
+    for x in lines:
+        assert x["policy_correct"] == (len(x["policy"]) % 2 == 0)
+        assert x["baseline_correct"] == (len(x["baseline"]) % 2 == 0)
+    gained = sum(x["policy_correct"] and not x["baseline_correct"] for x in lines)
+    lost = sum(x["baseline_correct"] and not x["policy_correct"] for x in lines)
+    paired = r["gold_paired"]
+    assert (paired["gained"], paired["lost"]) == (gained, lost) and gained + lost > 0
+    assert paired["p_mcnemar"] == mcnemar_exact(gained, lost)
+    assert r["gold_accuracy"]["policy"] == sum(x["policy_correct"] for x in lines) / 12
+    # The report names the models relative to itself (they live outside the repository), never absolutely.
+    saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert (saved["policy"], saved["baseline"]) == ("../other", "../base")
