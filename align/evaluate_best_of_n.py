@@ -1,0 +1,312 @@
+"""The best-of-n gate: is a reward model worth optimising against? Measured in minutes, before any PPO.
+
+On held-out tasks, ``n`` responses per prompt are sampled from the policy and scored by the reward model;
+the gold verifier then says how often the RM's favourite is right. Reported, each with a 95% Wilson
+interval and its mean RM score:
+
+* greedy: the policy's temperature-0 answer;
+* mean sample: the expected accuracy of one random sample (per prompt, the share of its n samples that are
+  correct, averaged over prompts);
+* best-of-k by the RM, k = 1, 2, 4, ..., n: per prompt the highest-scoring of the *first k* samples (the
+  first on ties), so every k reads the same n samples and best-of-1 is simply the first sample;
+* any-correct-of-k (oracle, pass@k): the ceiling a perfect reward model would reach with k samples.
+
+Every response is scored as eval/policy.py scores it: read at its closing end token, and a response that never
+closed gets the RM's ``unclosed_reward`` (so best-of-n passes over unfinished replies where it can).
+
+An RM whose best-of-n does not beat the mean sample cannot teach the policy more gold accuracy than the
+samples already carry; one that does bounds what RL with it can reach at that KL (best-of-n's KL to the
+policy is at most log n - (n - 1) / n nats).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import chatml
+from align.evaluate_policy import Z95, portable_path, wilson_interval
+from align.tasks import Task, generate_tasks, verify, write_jsonl
+
+# --------------------------------------------------------------------------------------------------------
+# Pure pieces
+# --------------------------------------------------------------------------------------------------------
+
+
+def best_of_k(scores: Sequence[Sequence[float]], k: int) -> list[int]:
+    """Per prompt, the index of the sample best-of-k picks: the highest score among the first k samples,
+    the earliest on ties."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    picks = []
+    for row in scores:
+        if len(row) < k:
+            raise ValueError(f"best-of-{k} needs {k} samples per prompt, a prompt has {len(row)}")
+        first = list(row[:k])
+        picks.append(first.index(max(first)))
+    return picks
+
+
+def ks_up_to(n: int) -> list[int]:
+    """The k reported for n samples: powers of two below n, then n (8 -> [1, 2, 4, 8]; 6 -> [1, 2, 4, 6])."""
+    ks, k = [], 1
+    while k < n:
+        ks.append(k)
+        k *= 2
+    return [*ks, n]
+
+
+def _rate(successes: float, n: int) -> dict[str, float]:
+    lo, hi = wilson_interval(successes, n)
+    return {"accuracy": successes / n if n else float("nan"), "lo": lo, "hi": hi}
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def best_of_n_table(
+    scores: Sequence[Sequence[float]],
+    correct: Sequence[Sequence[bool]],
+    greedy_correct: Sequence[bool] | None = None,
+    greedy_scores: Sequence[float] | None = None,
+    z: float = Z95,
+) -> dict[str, Any]:
+    """Gold accuracy and mean RM score of greedy, the mean sample and best-of-k (k from `ks_up_to(n)`), and
+    any-correct-of-k, from per-prompt sample scores and verdicts (n samples each).
+
+    The mean sample's interval is Wilson's with the summed per-prompt shares as successes over the prompts
+    (a share varies less than one Bernoulli draw, so it is conservative). ``gain`` is best-of-n minus the mean
+    sample in accuracy points, with a paired normal interval over the per-prompt differences
+    d = correct(best-of-n pick) - share correct (the two read the same samples).
+    """
+    if len(scores) != len(correct) or any(len(s) != len(c) for s, c in zip(scores, correct, strict=True)):
+        raise ValueError("scores and correct must have the same shape (prompts x samples)")
+    prompts = len(scores)
+    n = len(scores[0]) if prompts else 0
+    if prompts == 0 or n == 0 or any(len(s) != n for s in scores):
+        raise ValueError("need at least one prompt and the same number (>= 1) of samples for each")
+    shares = [sum(map(bool, c)) / n for c in correct]
+    result: dict[str, Any] = {"prompts": prompts, "n": n}
+    if greedy_correct is not None:
+        result["greedy"] = {
+            **_rate(sum(map(bool, greedy_correct)), prompts),
+            "rm_score": _mean(greedy_scores) if greedy_scores is not None else None,
+        }
+    result["mean_sample"] = {
+        **_rate(sum(shares), prompts),
+        "rm_score": _mean([x for s in scores for x in s]),
+    }
+    best, oracle = {}, {}
+    for k in ks_up_to(n):
+        picks = best_of_k(scores, k)
+        hits = [bool(c[p]) for c, p in zip(correct, picks, strict=True)]
+        best[str(k)] = {
+            **_rate(sum(hits), prompts),
+            "rm_score": _mean([s[p] for s, p in zip(scores, picks, strict=True)]),
+        }
+        oracle[str(k)] = _rate(sum(any(map(bool, c[:k])) for c in correct), prompts)
+    result["best_of"], result["any_correct_of"] = best, oracle
+    top = best_of_k(scores, n)
+    diffs = [float(bool(c[p])) - share for c, p, share in zip(correct, top, shares, strict=True)]
+    mean = _mean(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (prompts - 1)) if prompts > 1 else 0.0
+    half = z * sd / math.sqrt(prompts)
+    result["gain"] = {"k": n, "points": 100 * mean, "lo": 100 * (mean - half), "hi": 100 * (mean + half)}
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------
+
+
+def format_markdown(r: dict[str, Any]) -> str:
+    """The Markdown report of a `best_of_n_eval` result."""
+
+    def row(name: str, x: dict[str, Any] | None) -> str:
+        if x is None:
+            return f"| {name} | - | - | - |"
+        rm = x.get("rm_score")
+        return (
+            f"| {name} | {100 * x['accuracy']:.1f}% | [{100 * x['lo']:.1f}, {100 * x['hi']:.1f}] | "
+            f"{'-' if rm is None else format(rm, '.3f')} |"
+        )
+
+    g = r["gain"]
+    lines = [
+        f"# Best-of-n gate: {r['policy']} judged by {r['reward_model']}",
+        "",
+        f"{r['prompts']} held-out prompts, {r['n']} samples each (temperature {r['temperature']}, top-p "
+        f"{r['top_p']}, {r['max_new_tokens']} new tokens); gold verifier accuracy with 95% Wilson intervals. "
+        "Best-of-k takes the RM's favourite of the first k samples.",
+        "",
+        "| selection | gold accuracy | 95% CI | mean RM score |",
+        "|---|---|---|---|",
+        row("greedy", r.get("greedy")),
+        row("mean sample", r["mean_sample"]),
+        *(row(f"best-of-{k} by RM", x) for k, x in r["best_of"].items()),
+        *(row(f"any correct of {k} (oracle)", x) for k, x in r["any_correct_of"].items()),
+        "",
+        f"Best-of-{g['k']} vs the mean sample: {g['points']:+.1f} points [{g['lo']:+.1f}, {g['hi']:+.1f}] "
+        "(paired over prompts).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_best_of_n(r: dict[str, Any], path: str | Path) -> Path:
+    """Gold accuracy against n: best-of-n by the RM (Wilson bars), the oracle, the mean sample and greedy."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on training machines
+    import matplotlib.pyplot as plt
+
+    ks = [int(k) for k in r["best_of"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    acc = [100 * x["accuracy"] for x in r["best_of"].values()]
+    err = [
+        [100 * (x["accuracy"] - x["lo"]) for x in r["best_of"].values()],
+        [100 * (x["hi"] - x["accuracy"]) for x in r["best_of"].values()],
+    ]
+    ax.errorbar(ks, acc, yerr=err, marker="o", capsize=3, label="best-of-n by the RM")
+    ax.plot(
+        ks,
+        [100 * x["accuracy"] for x in r["any_correct_of"].values()],
+        "--",
+        marker=".",
+        label="any correct (oracle)",
+    )
+    mean = r["mean_sample"]
+    ax.axhline(100 * mean["accuracy"], color="grey", label="mean sample")
+    ax.axhspan(100 * mean["lo"], 100 * mean["hi"], color="grey", alpha=0.15)
+    if r.get("greedy"):
+        ax.axhline(100 * r["greedy"]["accuracy"], color="black", linestyle=":", label="greedy")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("n (samples per prompt)")
+    ax.set_ylabel("gold accuracy (%)")
+    ax.set_title(f"Best-of-n on {r['prompts']} held-out prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------
+# On models
+# --------------------------------------------------------------------------------------------------------
+
+
+def best_of_n_eval(
+    policy: str | Path,
+    reward_model: str | Path,
+    *,
+    out_dir: str | Path,
+    num_prompts: int = 200,
+    n: int = 8,
+    max_new_tokens: int = 24,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | None = None,
+    prompts_file: str | Path | None = None,
+) -> dict[str, Any]:
+    """Sample ``n`` responses per held-out task from ``policy`` (plus one greedy), score them with the reward
+    model, verify them; write ``best_of_n.json``, ``best_of_n.md``, ``best_of_n.png`` and ``samples.jsonl``
+    (per prompt: the greedy answer and every sample with its verdict and score) into ``out_dir``.
+
+    Prompts: ``generate_tasks(num_prompts, seed, split="heldout")`` (eval/policy.py's held-out tasks), or
+    the first ``num_prompts`` of a tasks JSONL. The prompts carry the system prompt the RM was trained with.
+    """
+    from align.assets import resolve_model
+    from align.evaluate_policy import load_lm
+    from align.models import load_tokenizer
+    from align.reward import RewardModel
+    from align.rollout import HFRolloutEngine
+    from align.train.rl_common import check_same_vocabulary, score_rollouts
+
+    t0 = time.perf_counter()
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if prompts_file is not None:
+        from align.tasks import read_tasks_jsonl
+
+        tasks: list[Task] = read_tasks_jsonl(prompts_file)[:num_prompts]
+    else:
+        tasks = generate_tasks(num_prompts, seed=seed, split="heldout")
+    if not tasks:
+        raise ValueError("no prompts to evaluate on (num_prompts must be >= 1)")
+    policy_dir = resolve_model(str(policy))
+    tokenizer = load_tokenizer(policy_dir)
+    check_same_vocabulary(tokenizer, str(reward_model))
+    rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
+    rm.requires_grad_(False)
+    prompt_ids = [
+        chatml.encode_prompt(t.messages, tokenizer, default_system=rm.config.default_system) for t in tasks
+    ]
+    model = load_lm(policy_dir, device)
+    engine = HFRolloutEngine(model, tokenizer, batch_size=batch_size, logprobs="none", show_progress=True)
+
+    def scored(batch: Any) -> tuple[list[str], list[float]]:
+        texts = batch.texts(tokenizer)
+        raw, _, _ = score_rollouts(batch, texts, reward_model=rm, micro_batch_size=batch_size)
+        return texts, raw.tolist()
+
+    greedy_texts, greedy_scores = scored(
+        engine.generate(prompt_ids, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
+    )
+    sampled = engine.generate(
+        prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    texts, flat_scores = scored(sampled)
+    finished = sampled.finished.tolist()
+    rows = [range(i * n, (i + 1) * n) for i in range(len(tasks))]  # prompt i's samples: rows i*n .. i*n+n-1
+    scores = [[flat_scores[j] for j in r] for r in rows]
+    correct = [[verify(t, texts[j]) for j in r] for t, r in zip(tasks, rows, strict=True)]
+    greedy_correct = [verify(t, g) for t, g in zip(tasks, greedy_texts, strict=True)]
+    table = best_of_n_table(scores, correct, greedy_correct, greedy_scores)
+    result = {
+        "policy": portable_path(policy, out),
+        "reward_model": portable_path(reward_model, out),
+        **table,
+        "temperature": temperature,
+        "top_p": top_p,
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+        "unclosed_share": 1 - sum(finished) / len(finished),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    (out / "best_of_n.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "best_of_n.md").write_text(format_markdown(result))
+    plot_best_of_n(result, out / "best_of_n.png")
+    write_jsonl(
+        out / "samples.jsonl",
+        (
+            {
+                "prompt": t.prompt,
+                "key": t.key,
+                "answer": t.answer,
+                "greedy": greedy_texts[i],
+                "greedy_correct": greedy_correct[i],
+                "greedy_score": greedy_scores[i],
+                "samples": [texts[j] for j in rows[i]],
+                "correct": correct[i],
+                "scores": scores[i],
+                "finished": [finished[j] for j in rows[i]],
+            }  # fmt: skip
+            for i, t in enumerate(tasks)
+        ),
+    )
+    return result

@@ -1,0 +1,120 @@
+"""The best-of-n gate: the selection and the table on worked numbers; eval/best_of_n.py end to end on a tiny
+policy and a tiny reward model, its numbers recomputed from the samples it records."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_sample_pairs import build_stopping_policy
+
+from align.evaluate_best_of_n import best_of_k, best_of_n_table, ks_up_to
+from align.evaluate_policy import Z95, wilson_interval
+
+SCORES = [[0.1, 0.9, 0.3, 0.9], [2.0, 1.0, 3.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]
+CORRECT = [[False, True, False, False], [True, False, False, True], [False, False, False, True]]
+
+
+def test_best_of_k_picks_the_first_highest_of_the_first_k():
+    assert best_of_k(SCORES, 1) == [0, 0, 0]
+    assert best_of_k(SCORES, 2) == [1, 0, 0]
+    assert best_of_k(SCORES, 4) == [1, 2, 0]  # 0.9 twice: the first; all tied: the first
+    with pytest.raises(ValueError, match="best-of-5 needs 5 samples"):
+        best_of_k(SCORES, 5)
+    assert ks_up_to(8) == [1, 2, 4, 8] and ks_up_to(6) == [1, 2, 4, 6] and ks_up_to(1) == [1]
+
+
+def test_best_of_n_table_on_worked_numbers():
+    t = best_of_n_table(SCORES, CORRECT, greedy_correct=[True, False, False], greedy_scores=[1.0, 2.0, 3.0])
+    assert (t["prompts"], t["n"]) == (3, 4)
+    assert t["greedy"]["accuracy"] == pytest.approx(1 / 3) and t["greedy"]["rm_score"] == pytest.approx(2.0)
+    # Mean sample: shares 1/4, 2/4, 1/4 -> 1/3; its interval is Wilson's with 1 success of 3.
+    assert t["mean_sample"]["accuracy"] == pytest.approx(1 / 3)
+    assert (t["mean_sample"]["lo"], t["mean_sample"]["hi"]) == pytest.approx(wilson_interval(1.0, 3))
+    assert t["mean_sample"]["rm_score"] == pytest.approx(4.2 / 12)
+    # Best-of-1 picks (0, 0, 0): F T F; best-of-2 (1, 0, 0): T T F; best-of-4 (1, 2, 0): T F F.
+    assert {k: x["accuracy"] for k, x in t["best_of"].items()} == pytest.approx(
+        {"1": 1 / 3, "2": 2 / 3, "4": 1 / 3}
+    )
+    assert {k: x["rm_score"] for k, x in t["best_of"].items()} == pytest.approx(
+        {"1": 1.1 / 3, "2": 1.9 / 3, "4": 2.9 / 3}
+    )
+    assert (t["best_of"]["2"]["lo"], t["best_of"]["2"]["hi"]) == pytest.approx(wilson_interval(2, 3))
+    # Any correct among the first k: F T F; T T F; T T T.
+    assert {k: x["accuracy"] for k, x in t["any_correct_of"].items()} == pytest.approx(
+        {"1": 1 / 3, "2": 2 / 3, "4": 1.0}
+    )
+    # Gain of best-of-4 over the mean sample: d = (1 - 1/4, 0 - 2/4, 0 - 1/4) = (0.75, -0.5, -0.25), mean 0.
+    half = Z95 * math.sqrt((0.75**2 + 0.5**2 + 0.25**2) / 2) / math.sqrt(3)
+    assert t["gain"]["k"] == 4 and t["gain"]["points"] == pytest.approx(0.0, abs=1e-12)
+    assert (t["gain"]["lo"], t["gain"]["hi"]) == pytest.approx((-100 * half, 100 * half))
+
+
+def test_best_of_n_table_refuses_ragged_input():
+    with pytest.raises(ValueError, match="same shape"):
+        best_of_n_table([[1.0, 2.0]], [[True]])
+    with pytest.raises(ValueError, match="same number"):
+        best_of_n_table([[1.0, 2.0], [1.0]], [[True, False], [True]])
+
+
+def _main():
+    path = Path(__file__).resolve().parent.parent / "eval" / "best_of_n.py"
+    spec = importlib.util.spec_from_file_location("eval_best_of_n", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_eval_best_of_n_end_to_end(tiny_rm_dir, tmp_path, capsys):
+    import chatml
+    from align.reward import RewardModel
+    from align.tasks import generate_tasks, verify
+
+    policy = build_stopping_policy(tmp_path / "policy")
+    out = tmp_path / "bon"
+    args = ["--policy", str(policy), "--reward-model", str(tiny_rm_dir), "--out", str(out), "--num-prompts", "4",
+            "--n", "4", "--max-new-tokens", "6", "--seed", "3", "--device", "cpu"]  # fmt: skip
+    assert _main()(args) == 0
+    result = json.loads((out / "best_of_n.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    tasks = generate_tasks(4, seed=3, split="heldout")
+    assert [r["key"] for r in rows] == [t.key for t in tasks]
+    # The recorded verdicts are the gold verifier's, and the table is the one the samples give.
+    for task, r in zip(tasks, rows, strict=True):
+        assert r["correct"] == [verify(task, s) for s in r["samples"]]
+        assert r["greedy_correct"] == verify(task, r["greedy"])
+    table = best_of_n_table(
+        [r["scores"] for r in rows], [r["correct"] for r in rows],
+        [r["greedy_correct"] for r in rows], [r["greedy_score"] for r in rows],
+    )  # fmt: skip
+    for key in ("greedy", "mean_sample", "best_of", "any_correct_of", "gain", "prompts", "n"):
+        assert result[key] == table[key]
+    assert list(result["best_of"]) == ["1", "2", "4"]
+    # A recorded score is the reward model's on prompt + response (closed replies are read at <|im_end|>).
+    rm = RewardModel.from_pretrained(tiny_rm_dir).eval()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    r, j = next((r, j) for r in rows for j, ok in enumerate(r["finished"]) if ok)
+    task = tasks[rows.index(r)]
+    ids = chatml.encode_prompt(task.messages, tokenizer, default_system=rm.config.default_system)
+    ids += tokenizer(r["samples"][j], add_special_tokens=False)["input_ids"] + [
+        tokenizer.convert_tokens_to_ids("<|im_end|>")
+    ]
+    with torch.no_grad():
+        assert rm(torch.tensor([ids])).rewards.item() == pytest.approx(r["scores"][j], abs=1e-5)
+    assert (out / "best_of_n.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "best_of_n.md").read_text()
+    assert "| best-of-4 by RM |" in md and "Best-of-4 vs the mean sample" in md
+    assert result["policy"] == "../policy"  # relative to the report, no machine path
+    assert "Best-of-4 vs the mean sample" in capsys.readouterr().out
+
+
+def test_eval_best_of_n_refuses_bad_input_in_one_line(tmp_path, capsys):
+    code = _main()(["--policy", ".", "--reward-model", "no/such/rm", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "error: --reward-model no/such/rm: no such file or directory"
+    assert _main()(["--policy", ".", "--reward-model", ".", "--out", str(tmp_path), "--n", "0"]) == 2
+    assert "must be >= 1" in capsys.readouterr().err
