@@ -176,8 +176,9 @@ def test_full_run_wires_stages_and_writes_the_report(finished):
     # The evaluation compared each aligned policy with the SFT model, judged by the pipeline's RM.
     for policy in ("ppo", "dpo"):
         result = json.loads((root / "eval" / policy / "eval.json").read_text())
-        assert result["policy"] == str(root / policy / "final") and result["baseline"] == sft_final
-        assert result["reward_model"] == str(root / "rm" / "rm" / "final")
+        # Paths relative to the report's directory (eval/<policy>/): no machine paths in the record.
+        assert result["policy"] == f"../../{policy}/final" and result["baseline"] == "../../sft/final"
+        assert result["reward_model"] == "../../rm/rm/final"
         assert result["win_rate_gold"]["n"] == 4
     report = (root / "report.md").read_text()
     for heading in ("**sft**", "**rm**", "**ppo**", "**dpo**", "| ppo |", "| dpo |"):
