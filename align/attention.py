@@ -6,9 +6,12 @@ no flash kernel, K/V repeated per query group, T^2 work per layer. Here the row 
 document lengths (``cu_seq_lens_q/k``, ``max_length_q/k``, transformers' own names for the varlen kwargs)
 and attention runs per document:
 
-* CUDA, bf16/fp16, no attention dropout: torch's FlashAttention-2 varlen kernel
-  (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10), grouped K/V passed unrepeated.
-* otherwise (CPU, fp32, dropout): causal SDPA per document, which is also the reference the tests check.
+* CUDA (compute capability >= 8.0), bf16/fp16, head size <= 256 and a multiple of 8, no attention dropout:
+  torch's FlashAttention-2 varlen kernel (``torch.nn.attention.varlen.varlen_attn``, torch >= 2.10),
+  grouped K/V passed unrepeated. The gate is :func:`varlen_kernel_refusal`, a pure function.
+* otherwise (CPU, fp32, an older GPU, another head size, attention dropout in training): causal SDPA per
+  document, exact, which is also the reference the tests check. :func:`packed_attention_plan` says at a
+  run's setup which of the two its packed rows take, and why.
 
 Registered with transformers as :data:`DOC_ATTENTION` (the name must not contain "flash": transformers
 switches on flash-attn-only code for such names). Its mask function returns no mask when the call has no
@@ -21,9 +24,10 @@ them each layer re-derives the documents from ``position_ids`` (exact, but on CU
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -116,12 +120,14 @@ def check_no_mask_on_packed_rows(
 
 
 # Every layer of one forward pass gets the same position_ids tensor: derive its documents once.
-_derived: tuple[Any, int, dict[str, Any] | None] | None = None
+# Key: the tensor, its version and the batch size (a (1, T) tensor expanded to another batch is another row
+# layout); value: the kwargs, or None for rows of one document each.
+_derived: tuple[Any, int, int, dict[str, Any] | None] | None = None
 
 
 def _documents_of(position_ids: torch.Tensor, batch: int) -> dict[str, Any] | None:
-    """`document_kwargs_from_positions` of (1 or B, T) positions expanded to ``batch`` rows, or None when every
-    row is one document; cached per tensor."""
+    """`document_kwargs_from_positions` of (1 or B, T) positions expanded to ``batch`` rows, or None when
+    every row is one document; cached per tensor and batch size."""
     global _derived
     # Inference tensors (made under torch.inference_mode, as in evaluation) have no version counter to
     # tell an in-place change: derive theirs anew in every layer rather than trust a stale cache.
@@ -131,14 +137,33 @@ def _documents_of(position_ids: torch.Tensor, batch: int) -> dict[str, Any] | No
         and _derived is not None
         and _derived[0]() is position_ids
         and _derived[1] == position_ids._version
+        and _derived[2] == batch
     ):
-        return _derived[2]
+        return _derived[3]
     found: dict[str, Any] | None = document_kwargs_from_positions(position_ids.expand(batch, -1))
     if found["cu_seq_lens_q"].numel() == batch + 1:
         found = None
     if cacheable:
-        _derived = (weakref.ref(position_ids), position_ids._version, found)
+        _derived = (weakref.ref(position_ids), position_ids._version, batch, found)
     return found
+
+
+def _check_documents_cover(cu: torch.Tensor, tokens: int, *, sync: bool) -> None:
+    """The documents must end where the batch ends: tokens past ``cu[-1]`` would be left uninitialised.
+
+    ``sync`` (CPU tensors): checked on the host, a ValueError. Else (CUDA) without a host sync, by
+    ``torch._assert_async``: a mismatch stops the run at a later kernel launch instead of training on
+    garbage rows.
+    """
+    if sync:
+        if int(cu[-1]) != tokens:
+            raise ValueError(
+                f"{DOC_ATTENTION}: cu_seq_lens_q ends at {int(cu[-1])}, the batch has {tokens} tokens"
+            )
+    else:
+        torch._assert_async(
+            cu[-1] == tokens, f"{DOC_ATTENTION}: cu_seq_lens_q does not end at {tokens} tokens"
+        )
 
 
 def _kernel_dtype(query: torch.Tensor) -> torch.dtype:
@@ -148,20 +173,67 @@ def _kernel_dtype(query: torch.Tensor) -> torch.dtype:
     return query.dtype
 
 
+def varlen_kernel_refusal(
+    *,
+    device_type: str,
+    capability: tuple[int, int] | None,
+    dtype: torch.dtype,
+    head_dim: int,
+    dropout: float,
+    scaling: float | None = None,
+    params: Collection[str] | None = None,
+) -> str | None:
+    """Why FlashAttention-2 varlen cannot run a call described by these facts, or None when it can.
+
+    A pure function of the facts (no tensor, no GPU needed), so the gate is tested on the CPU. The kernel
+    needs CUDA with compute capability >= 8.0 (Ampere), bf16/fp16, a head size <= 256 and a multiple of 8,
+    no attention dropout (it has none), and an installed signature that can say "causal" and the scale
+    (``params``, read with inspect: the arguments changed between torch 2.10 and 2.12; default: the
+    installed kernel's). Where it says no, per-document SDPA runs: exact, slower.
+    """
+    params = _VARLEN_PARAMS if params is None else params
+    if not params:
+        return "torch has no varlen_attn (torch < 2.10)"
+    if device_type != "cuda":
+        return f"device {device_type}, not CUDA"
+    if capability is None or tuple(capability) < (8, 0):
+        return f"compute capability {capability}, FlashAttention-2 needs >= (8, 0)"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{dtype} compute, the kernel takes bf16/fp16 only"
+    if head_dim > 256 or head_dim % 8:
+        return f"head size {head_dim}, the kernel takes <= 256 and a multiple of 8"
+    if dropout != 0.0:
+        return f"attention dropout {dropout}, the kernel has none"
+    if "window_size" not in params and "is_causal" not in params:
+        return "this torch's varlen_attn cannot say causal"
+    if "scale" not in params and not (scaling is None or abs(scaling - head_dim**-0.5) < 1e-9):
+        return f"scale {scaling} is not 1/sqrt(head size), and this torch's varlen_attn takes no scale"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device, asked once (a per-layer call is then a dict look-up)."""
+    return torch.cuda.get_device_capability(device)
+
+
+def _device_facts(t: torch.Tensor) -> tuple[str, tuple[int, int] | None]:
+    """(device type, CUDA compute capability or None) of the tensor the kernel would get."""
+    return t.device.type, _capability(t.device) if t.is_cuda else None
+
+
 def _use_varlen_kernel(q: torch.Tensor, dtype: torch.dtype, dropout: float, scaling: float | None) -> bool:
-    """FlashAttention-2 varlen where it applies: CUDA, half precision, no attention dropout (it has none),
-    and an installed signature that can say "causal" and the scale (read with inspect: the arguments
-    changed between torch 2.10 and 2.12)."""
-    causal = "window_size" in _VARLEN_PARAMS or "is_causal" in _VARLEN_PARAMS
-    default_scale = scaling is None or abs(scaling - q.shape[-1] ** -0.5) < 1e-9
-    return (
-        _varlen_attn is not None
-        and q.is_cuda
-        and dtype in (torch.float16, torch.bfloat16)
-        and dropout == 0.0
-        and causal
-        and ("scale" in _VARLEN_PARAMS or default_scale)
+    """:func:`varlen_kernel_refusal` of this call: q (N, H, D) in the kernel's ``dtype``."""
+    device_type, capability = _device_facts(q)
+    refusal = varlen_kernel_refusal(
+        device_type=device_type,
+        capability=capability,
+        dtype=dtype,
+        head_dim=q.shape[-1],
+        dropout=dropout,
+        scaling=scaling,
     )
+    return _varlen_attn is not None and refusal is None
 
 
 def _varlen_cuda(q, k, v, cu_q, cu_k, max_q, max_k, scaling) -> torch.Tensor:
@@ -240,10 +312,7 @@ def document_attention_forward(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if cu[-1].device.type == "cpu" and int(cu[-1]) != batch * q_len:
-        raise ValueError(
-            f"{DOC_ATTENTION}: cu_seq_lens_q ends at {int(cu[-1])}, the batch has {batch * q_len} tokens"
-        )
+    _check_documents_cover(cu, batch * q_len, sync=cu.device.type == "cpu")
     dtype = _kernel_dtype(query)
     # (B, H, T, D) -> (B * T, H, D): the varlen layout, one token per row.
     q, k, v = (x.to(dtype).transpose(1, 2).reshape(-1, x.shape[1], head_dim) for x in (query, key, value))
@@ -303,6 +372,82 @@ def resolve_attn_implementation(name: str | None, config: Any) -> str:
         getattr(config, "layer_types", None) or []
     )
     return "sdpa" if sliding else DOC_ATTENTION
+
+
+# What packed rows run through under each implementation other than ours (see packed_attention_plan).
+_BLOCK_MASK = "with transformers' block-diagonal (T, T) mask from position_ids (exact without a KV cache)"
+_OTHER_PATHS = {
+    "sdpa": f"sdpa {_BLOCK_MASK}",
+    "eager": f"eager {_BLOCK_MASK}",
+    "flash_attention_2": "transformers' flash_attention_2 varlen with the row's cu_seq_lens",
+}
+
+
+def attention_dropout_of(config: Any) -> float:
+    """The dropout on attention probabilities a model config sets: ``attention_dropout`` (Llama, Qwen2,
+    Phi3), ``attn_pdrop`` (GPT-2), ...; 0.0 where it has none."""
+    for key, value in vars(config).items():
+        if isinstance(value, float) and "drop" in key and ("attn" in key or "attention" in key):
+            return value
+    return 0.0
+
+
+def packed_attention_plan(
+    config: Any,
+    *,
+    device_type: str,
+    compute_dtype: torch.dtype,
+    capability: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """Which attention a loaded model's packed rows take in training and in evaluation, and why.
+
+    Returns ``attn_implementation`` and, per phase (``training``: the config's attention dropout applies;
+    ``evaluation``: none), the path and, for :data:`DOC_ATTENTION`, the reason FlashAttention-2 varlen does
+    not run (``*_reason``, None where it does). ``capability``: the CUDA compute capability (default: the
+    current device's). For a run's setup line and summary: the kernel gate decides per call with the same
+    :func:`varlen_kernel_refusal`.
+    """
+    name = getattr(config, "_attn_implementation", None)
+    plan: dict[str, Any] = {"attn_implementation": name}
+    if name != DOC_ATTENTION:
+        path = _OTHER_PATHS.get(name, f"{name} (not checked to keep packed documents apart)")
+        return {
+            **plan,
+            "training": path,
+            "training_reason": None,
+            "evaluation": path,
+            "evaluation_reason": None,
+        }
+    if device_type == "cuda" and capability is None and torch.cuda.is_available():
+        capability = _capability(torch.device("cuda", torch.cuda.current_device()))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    facts = {
+        "device_type": device_type,
+        "capability": capability,
+        "dtype": compute_dtype,
+        "head_dim": head_dim,
+    }
+    for phase, dropout in (("training", attention_dropout_of(config)), ("evaluation", 0.0)):
+        why = varlen_kernel_refusal(**facts, dropout=dropout)
+        plan[phase] = "FlashAttention-2 varlen" if why is None else "per-document sdpa (exact)"
+        plan[f"{phase}_reason"] = why
+    return plan
+
+
+def describe_plan(plan: dict[str, Any]) -> str:
+    """One line for a run's log: the attention of packed rows in training and evaluation, and why."""
+
+    def phase(key: str) -> str:
+        why = plan[f"{key}_reason"]
+        return plan[key] + (f" ({why})" if why else "")
+
+    both = phase("training") if plan["training"] == plan["evaluation"] else None
+    where = (
+        f"through {both}"
+        if both
+        else f"train through {phase('training')}, evaluate through {phase('evaluation')}"
+    )
+    return f"attention: attn_implementation={plan['attn_implementation']}, packed rows {where}"
 
 
 register()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ from transformers import (
 
 import chatml
 from align.assets import resolve_model
-from align.attention import resolve_attn_implementation
+from align.attention import describe_plan, packed_attention_plan, resolve_attn_implementation
 from align.config import TrainConfig
 
 
@@ -37,7 +39,12 @@ def check_chatml_tokenizer(
 
 
 def set_dropout(config: Any, p: float) -> list[str]:
-    """Set every dropout probability the architecture's config exposes; return the names set."""
+    """Set every dropout probability the architecture's config exposes; return the names set.
+
+    Attention dropout included, deliberately: on Qwen2 and Llama it is the only dropout the config has,
+    so a `dropout` limited to hidden/residual dropout would make the Qwen recipe's 0.1 do nothing there.
+    Its cost: FlashAttention-2 varlen has no dropout, so packed rows train through per-document SDPA
+    (exact, slower); `announce_attention` says so at every run's setup."""
     names = [
         k
         for k, v in vars(config).items()
@@ -48,6 +55,36 @@ def set_dropout(config: Any, p: float) -> list[str]:
     if not names:
         raise ValueError(f"dropout={p}: the {type(config).__name__} has no dropout setting to change")
     return names
+
+
+def announce_attention(
+    model_config: Any,
+    cfg: Any,
+    *,
+    device: torch.device | str,
+    mixed_precision: str,
+    say: Callable[[str], Any] = print,
+    warn: bool = True,
+) -> dict[str, Any]:
+    """Say at a run's setup which attention its packed rows take in training and evaluation, and why
+    (`align.attention.packed_attention_plan`); return that plan for the run's summary.
+
+    Warns (once) where attention dropout alone keeps training off the FlashAttention-2 varlen kernel: a
+    config choice (`dropout`) that costs speed, not numbers. ``mixed_precision``: accelerate's ("bf16",
+    "fp16" or "no"), the dtype the kernel would see. ``warn``: False on all processes but the main one.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision), torch.float32)
+    plan = packed_attention_plan(model_config, device_type=torch.device(device).type, compute_dtype=dtype)
+    say(describe_plan(plan))
+    if warn and plan["training_reason"] is not None and plan["evaluation_reason"] is None:
+        warnings.warn(
+            f"dropout={getattr(cfg, 'dropout', None)} sets attention dropout, which the FlashAttention-2 "
+            f"varlen kernel of attn_implementation={cfg.attn_implementation} has not: packed rows train "
+            "through per-document SDPA (exact; slower: a host sync and one SDPA call per distinct document "
+            "length per layer). Set dropout: 0 to train through the kernel.",
+            stacklevel=2,
+        )
+    return plan
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -5,7 +5,8 @@ Passed to a transformers (>= 5) model *without* an attention mask, those positio
 (a new one starts wherever the position does not go up by one), so each example attends only to itself
 and its logits equal those it gets alone: the default attention (``align.attention``) runs attention per
 example with no mask at all; the sdpa and eager kernels get a dense block-diagonal (T, T) mask
-(``masking_utils.find_packed_sequence_indices``).
+(``masking_utils.find_packed_sequence_indices``). Any other attention is refused with packed rows
+(`check_packed_attention`, called by each stage's setup).
 
 The forward pass must get ``use_cache=False``: with a KV cache (``config.use_cache`` is True by
 default, in training mode too) transformers 5 skips that detection and silently applies one causal
@@ -21,6 +22,39 @@ from collections.abc import Sequence
 import torch
 
 IGNORE_INDEX = -100
+
+# Attention implementations whose packed rows are proven equal to each document run alone (logits and
+# gradients, tests/test_matrix_attention.py) when called as the stages call them: no attention mask and
+# use_cache=False. Ours separates the documents itself; sdpa/eager get transformers' block-diagonal mask.
+DOCUMENT_SEPARATING = ("auto", "align_varlen", "sdpa", "eager")
+
+
+def check_packed_attention(
+    attn_implementation: str | None, *, packs: bool, passes_document_kwargs: bool, what: str
+) -> None:
+    """Refuse, before any training, packed rows under an attention not known to keep their documents apart.
+
+    ``packs``: the stage puts several sequences in one row (``what`` says where, for the message);
+    ``passes_document_kwargs``: its forward passes the rows' ``cu_seq_lens_q/k`` and ``max_length_q/k``
+    (`align.attention.document_kwargs`). ``flash_attention_2`` is allowed only where they are passed (its
+    guess from ``position_ids`` is not checked here); any other name (flex_attention, a hub kernel, ...) is
+    unchecked and refused. Raises ValueError naming ``packing`` and ``attn_implementation``.
+    """
+    name = attn_implementation or "auto"
+    if not packs or name in DOCUMENT_SEPARATING:
+        return
+    if name == "flash_attention_2" and passes_document_kwargs:
+        return
+    why = (
+        "this stage's packed forward passes no cu_seq_lens (flash_attention_2 would guess them from "
+        "position_ids in every layer, a path not checked here)"
+        if name == "flash_attention_2"
+        else "not checked to keep packed documents apart"
+    )
+    raise ValueError(
+        f"packing ({what}) with attn_implementation={name}: {why}; use attn_implementation auto, sdpa "
+        "or eager"
+    )
 
 
 def pack_examples(

@@ -127,24 +127,34 @@ def test_padded_batches_and_greedy_generation_equal_sdpa():
 
 
 def test_varlen_kernel_call_on_the_cuda_path(monkeypatch):
-    """The CUDA branch, run on CPU with a stand-in kernel: it gets the flattened (N, H, D) query, the
-    *unrepeated* (N, Hkv, D) keys/values with enable_gqa, the causal window and the batch's cu_seq_lens;
-    fed an exact per-document attention, the model's output equals the per-document SDPA path."""
+    """The CUDA branch, run on CPU with a stand-in kernel behind the real gate (only the device facts are
+    faked: CUDA, capability 9.0): under bf16 autocast it gets the flattened (N, H, D) query and the
+    *unrepeated* (N, Hkv, D) keys/values in bf16 (the stand-in asserts the dtype, so a wrong gate or
+    `_kernel_dtype` fails here), with enable_gqa, the causal window and the batch's cu_seq_lens; fed an
+    exact per-document attention, the model's output equals the per-document SDPA path. In fp32 the gate
+    says no and the stand-in is never called."""
     calls = []
 
     def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16, (q.dtype, k.dtype, v.dtype)
         calls.append((q.shape, k.shape, cu_q.tolist(), max_q, window_size, enable_gqa))
         return attention._per_document_sdpa(q, k, v, cu_q.tolist(), scale, 0.0)
 
     model = _tiny_lm(DOC_ATTENTION).eval()
     row = packed_row(_docs(), torch.device("cpu"))
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
     with torch.no_grad():
-        want = packed_logprobs(model, row)
+        want_fp32 = packed_logprobs(model, row)
+        with bf16:
+            want = packed_logprobs(model, row)
         monkeypatch.setattr(attention, "_varlen_attn", fake_varlen)
         monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "enable_gqa", "scale"})
-        monkeypatch.setattr(attention, "_use_varlen_kernel", lambda *args: True)
-        got = packed_logprobs(model, row)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        monkeypatch.setattr(attention, "_device_facts", lambda t: ("cuda", (9, 0)))
+        torch.testing.assert_close(packed_logprobs(model, row), want_fp32, rtol=0, atol=0)
+        assert calls == []  # fp32: not the kernel's dtype
+        with bf16:
+            got = packed_logprobs(model, row)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
     total = sum(DOC_LENS)
     cu = [0, 7, 19, 24, 36, 39]
     assert calls == [((total, 4, 8), (total, 2, 8), cu, 12, (-1, 0), True)] * 2  # one per layer
@@ -152,14 +162,67 @@ def test_varlen_kernel_call_on_the_cuda_path(monkeypatch):
     calls.clear()
 
     def old_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False):
+        assert q.dtype == k.dtype == v.dtype == torch.bfloat16
         calls.append((k.shape, is_causal))
         return attention._per_document_sdpa(q, k, v, cu_q.tolist(), None, 0.0)
 
     monkeypatch.setattr(attention, "_varlen_attn", old_varlen)
     monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"is_causal"})
-    with torch.no_grad():
-        torch.testing.assert_close(packed_logprobs(model, row), want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad(), bf16:
+        torch.testing.assert_close(packed_logprobs(model, row), want, rtol=0, atol=0)
     assert calls == [((total, 4, 8), True)] * 2
+
+
+# The kernel gate as a pure function: each fact that keeps FlashAttention-2 varlen off, one at a time.
+_KERNEL_OK = dict(device_type="cuda", capability=(8, 0), dtype=torch.bfloat16, head_dim=64, dropout=0.0)
+
+
+@pytest.mark.parametrize(
+    "change, refusal",
+    [
+        ({}, None),
+        ({"dtype": torch.float16, "capability": (9, 0), "head_dim": 256}, None),
+        ({"head_dim": 8}, None),
+        ({"device_type": "cpu", "capability": None}, "not CUDA"),
+        ({"capability": (7, 5)}, "compute capability"),
+        ({"capability": None}, "compute capability"),
+        ({"dtype": torch.float32}, "bf16/fp16"),
+        ({"head_dim": 264}, "head size 264"),
+        ({"head_dim": 20}, "head size 20"),
+        ({"dropout": 0.1}, "attention dropout 0.1"),
+        ({"params": {"window_size"}, "scaling": 0.5}, "takes no scale"),
+        ({"params": {"window_size"}, "scaling": 64**-0.5}, None),
+        ({"params": {"scale"}}, "cannot say causal"),
+        ({"params": set()}, "torch < 2.10"),
+    ],
+    ids=[
+        "sm80-bf16-d64", "sm90-fp16-d256", "d8", "cpu", "sm75", "no-capability", "fp32", "d264", "d20",
+        "dropout", "scale-not-passable", "default-scale", "no-causal", "no-varlen",
+    ],
+)  # fmt: skip
+def test_varlen_kernel_gate(change, refusal):
+    facts = {"params": {"window_size", "enable_gqa", "scale"}, **_KERNEL_OK, **change}
+    got = attention.varlen_kernel_refusal(**facts)
+    if refusal is None:
+        assert got is None
+    else:
+        assert refusal in got
+
+
+def test_the_gate_decides_the_forward_pass(monkeypatch):
+    """`_use_varlen_kernel` asks the gate with the call's facts: head size 8 of the tiny model, its dtype,
+    the module's dropout (training only)."""
+    monkeypatch.setattr(attention, "_varlen_attn", lambda *a, **k: None)
+    monkeypatch.setattr(attention, "_VARLEN_PARAMS", {"window_size", "enable_gqa", "scale"})
+    q = torch.zeros(5, 4, 8)
+    assert not attention._use_varlen_kernel(q, torch.bfloat16, 0.0, None)  # a CPU tensor
+    monkeypatch.setattr(attention, "_device_facts", lambda t: ("cuda", (8, 6)))
+    assert attention._use_varlen_kernel(q, torch.bfloat16, 0.0, None)
+    assert not attention._use_varlen_kernel(q, torch.bfloat16, 0.1, None)
+    assert not attention._use_varlen_kernel(q, torch.float32, 0.0, None)
+    assert not attention._use_varlen_kernel(torch.zeros(5, 4, 12), torch.bfloat16, 0.0, None)
+    monkeypatch.setattr(attention, "_device_facts", lambda t: ("cuda", (7, 0)))
+    assert not attention._use_varlen_kernel(q, torch.bfloat16, 0.0, None)
 
 
 def test_document_kwargs_from_metadata_and_from_positions_agree():
@@ -199,6 +262,91 @@ def test_an_attention_mask_over_packed_rows_is_refused():
             attention_mask=torch.tensor([[1, 1, 1, 1, 0]]),
             use_cache=False,
             **document_kwargs([3, 2], "cpu"),
+        )
+
+
+@pytest.mark.parametrize(
+    "device, capability, dropout, training, evaluation, warns",
+    [
+        ("cuda", (9, 0), 0.1, "per-document", "FlashAttention-2", True),  # the Qwen SFT recipe on an H100
+        ("cuda", (9, 0), 0.0, "FlashAttention-2", "FlashAttention-2", False),
+        ("cuda", (7, 5), 0.1, "per-document", "per-document", False),  # a T4: dropout is not the reason
+        ("cpu", None, 0.1, "per-document", "per-document", False),
+    ],
+    ids=["h100-dropout", "h100-no-dropout", "t4-dropout", "cpu-dropout"],
+)
+def test_the_run_says_which_attention_packed_rows_take(
+    monkeypatch, device, capability, dropout, training, evaluation, warns
+):
+    """`announce_attention` at a run's setup: one line naming attn_implementation, the path of packed rows in
+    training and evaluation and why; a warning naming `dropout` and `attn_implementation` exactly where
+    attention dropout alone keeps training off the kernel."""
+    import warnings
+
+    import align.models as models
+    from align.config import SFTConfig
+
+    config = Qwen2Config(hidden_size=64, num_attention_heads=4, attention_dropout=dropout)
+    config._attn_implementation = DOC_ATTENTION
+    plan = attention.packed_attention_plan(
+        config, device_type=device, compute_dtype=torch.bfloat16, capability=capability
+    )
+    assert plan["training"].startswith(training) and plan["evaluation"].startswith(evaluation)
+    assert (plan["training_reason"] is None) == (training == "FlashAttention-2")
+    if dropout and device == "cuda" and capability >= (8, 0):
+        assert plan["training_reason"] == "attention dropout 0.1, the kernel has none"
+    real = models.packed_attention_plan  # the device is described, not needed
+    monkeypatch.setattr(
+        models,
+        "packed_attention_plan",
+        lambda c, **k: real(c, **{**k, "device_type": device, "capability": capability}),
+    )
+    lines: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        announced = models.announce_attention(
+            config, SFTConfig(dropout=dropout), device="cpu", mixed_precision="bf16", say=lines.append
+        )
+    assert announced == plan
+    assert len(lines) == 1 and "attn_implementation=align_varlen" in lines[0]
+    messages = [str(w.message) for w in caught if "sets attention dropout" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert "dropout=0.1" in messages[0] and "attn_implementation=auto" in messages[0]
+        assert "\n" not in messages[0]
+
+
+def test_the_document_cache_is_keyed_by_batch_size():
+    """One (1, T) position tensor shared by a batch of 1 and then of 3 rows: the second call must not
+    reuse the documents derived for the first (it raised on the CPU, and left rows uninitialised on CUDA)."""
+    model = _tiny_lm(DOC_ATTENTION).eval()
+    row = packed_row(_docs(), torch.device("cpu"))
+    positions, ids = row["position_ids"], row["input_ids"]
+    with torch.no_grad():
+        one = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        three = model(input_ids=ids.expand(3, -1), position_ids=positions, use_cache=False).logits
+    for b in range(3):
+        torch.testing.assert_close(three[b], one[0], rtol=1e-5, atol=1e-5)
+    width = positions.shape[1]
+    assert attention._documents_of(positions, 1)["cu_seq_lens_q"][-1] == width
+    assert attention._documents_of(positions, 3)["cu_seq_lens_q"][-1] == 3 * width
+    assert attention._documents_of(positions, 1)["cu_seq_lens_q"][-1] == width
+
+
+def test_documents_must_end_where_the_batch_ends():
+    """On the host a ValueError; on an accelerator (sync=False) torch._assert_async, whose CPU form raises
+    at once, so the condition it is given is checked here too."""
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    attention._check_documents_cover(cu, 5, sync=True)
+    attention._check_documents_cover(cu, 5, sync=False)
+    with pytest.raises(ValueError, match="ends at 5, the batch has 6 tokens"):
+        attention._check_documents_cover(cu, 6, sync=True)
+    with pytest.raises(RuntimeError, match="does not end at 6 tokens"):
+        attention._check_documents_cover(cu, 6, sync=False)
+    model = _tiny_lm(DOC_ATTENTION).eval()
+    with pytest.raises(ValueError, match="ends at 5, the batch has 6 tokens"):
+        model(
+            input_ids=torch.zeros(1, 6, dtype=torch.long), use_cache=False, **document_kwargs([3, 2], "cpu")
         )
 
 

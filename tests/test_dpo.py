@@ -162,9 +162,12 @@ def test_reference_cache_is_reused_and_invalidated(
         calls["compute"] += 1
         return real_compute(*a, **k)
 
+    loaded = []
+
     def counting_load(*a, **k):
         calls["load"] += 1
-        return real_load(*a, **k)
+        loaded.append(real_load(*a, **k))
+        return loaded[-1]
 
     monkeypatch.setattr(dpo_mod, "compute_reference_logps", counting_compute)
     monkeypatch.setattr(dpo_mod, "load_frozen_lm", counting_load)
@@ -172,6 +175,10 @@ def test_reference_cache_is_reused_and_invalidated(
     kw = dict(max_steps=1, ref_cache_dir=str(cache), save_steps=0)
     first = run_dpo(_cfg(tiny_byte_dir, pairs_file, tmp_path / "a", **kw))
     assert calls == {"compute": 1, "load": 1} and not first["reference_cache_hit"]
+    # The reference scores the packed rows through the policy's attention, not transformers' default (sdpa).
+    assert (
+        loaded[0].config._attn_implementation == first["attention"]["attn_implementation"] == "align_varlen"
+    )
     second = run_dpo(_cfg(tiny_byte_dir, pairs_file, tmp_path / "b", **kw))
     assert calls == {"compute": 1, "load": 1}, "the second run must not touch the reference model"
     assert second["reference_cache_hit"] and second["reference_cache"] == first["reference_cache"]
@@ -188,7 +195,10 @@ def test_reference_cache_is_reused_and_invalidated(
     # Another reference: recomputed.
     third = run_dpo(_cfg(tiny_byte_dir, pairs_file, tmp_path / "d", ref_model_path=str(other_byte_dir), **kw))
     assert calls == {"compute": 3, "load": 3} and third["reference_cache"] != first["reference_cache"]
-    assert len(list(cache.glob("ref-logps-*.pt"))) == 3
+    # Another attention: recomputed (another kernel rounds differently), through that attention.
+    run_dpo(_cfg(tiny_byte_dir, pairs_file, tmp_path / "e", attn_implementation="sdpa", **kw))
+    assert calls == {"compute": 4, "load": 4} and loaded[-1].config._attn_implementation == "sdpa"
+    assert len(list(cache.glob("ref-logps-*.pt"))) == 4
     # Same reference, first step: policy == reference, so every pair has margin 0 and the loss is log 2.
     assert read_metrics(tmp_path / "a")[0]["loss"] == pytest.approx(0.693147, abs=1e-5)
     assert read_metrics(tmp_path / "d")[0]["loss"] != pytest.approx(0.693147, abs=1e-3)

@@ -62,6 +62,7 @@ def _losses(out):
 def test_training_lowers_the_loss_and_raises_heldout_accuracy(tiny_qwen_dir, pair_files, tmp_path):
     out = tmp_path / "run"
     summary = run_reward(_cfg(tiny_qwen_dir, pair_files, out, max_steps=-1, num_epochs=2.0, dropout=None))
+    assert summary["attention"]["attn_implementation"] == "align_varlen"  # said at setup, kept here
     losses = _losses(out)
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1

@@ -100,6 +100,10 @@ def test_gradient_accumulation_1x8_equals_8x1(tiny_qwen_dir, sft_data, tmp_path)
 def test_loss_falls_and_outputs_follow_the_conventions(tiny_qwen_dir, sft_data, tmp_path):
     out = tmp_path / "run"
     summary = run_sft(_cfg(tiny_qwen_dir, sft_data, out, max_steps=12, packing=True, dropout=None))
+    # The attention of packed rows, said at setup and kept in the summary (CPU: per-document SDPA).
+    assert summary["attention"]["attn_implementation"] == "align_varlen"
+    assert summary["attention"]["training"] == "per-document sdpa (exact)"
+    assert summary["attention"]["training_reason"] == "device cpu, not CUDA"
     losses = _losses(out)
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5

@@ -29,13 +29,16 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 
 import chatml
 from align.assets import resolve_model, start_model
+from align.attention import resolve_attn_implementation
 from align.config import DPOConfig
 from align.data import DataError, DataReport, load_preference
 from align.losses import dpo_loss
-from align.models import load_causal_lm, save_final_model
+from align.models import announce_attention, load_causal_lm, save_final_model
+from align.packing import check_packed_attention
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
@@ -241,8 +244,21 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
     plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
     start_name = start_model(cfg.model_name_or_path)
     model_cfg = cfg if start_name == cfg.model_name_or_path else _replace(cfg, model_name_or_path=start_name)
+    try:  # every forward pass packs a micro-batch's chosen and rejected sequences into one row
+        check_packed_attention(
+            cfg.attn_implementation,
+            packs=True,
+            passes_document_kwargs=True,
+            what="DPO: one row per micro-batch",
+        )
+    except ValueError as err:
+        raise RunSetupError(str(err)) from err
     model, tokenizer = load_causal_lm(model_cfg)
     accelerator.print(f"policy: {start_name}")
+    attention = announce_attention(
+        model.config, cfg, device=device, mixed_precision=accelerator.mixed_precision,
+        say=accelerator.print, warn=is_main,
+    )  # fmt: skip
 
     pairs, report, source = load_dpo_pairs(cfg, out, is_main)
     examples, skipped = tokenize_dpo_pairs(
@@ -267,7 +283,14 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
     t0 = time.perf_counter()
     adapter_ref = cfg.use_lora and cfg.ref_model_path is None
     ref_path = resolve_model(start_name if cfg.ref_model_path is None else cfg.ref_model_path)
+    # The reference runs the policy's attention setting, not transformers' default: it scores the same
+    # packed rows, through a path the check allowed. In the key: another kernel rounds differently.
+    ref_attn = model.config._attn_implementation
+    if not adapter_ref:
+        ref_config = AutoConfig.from_pretrained(ref_path, trust_remote_code=cfg.trust_remote_code)
+        ref_attn = resolve_attn_implementation(cfg.attn_implementation, ref_config)
     ref_fp = model_fingerprint(ref_path, cfg.ref_dtype) + (":adapter-off" if adapter_ref else "")
+    ref_fp += f":{ref_attn}"
     cache_file = reference_cache_path(cfg.ref_cache_dir or out / "ref_cache", ref_fp, data_fp)
 
     def compute() -> dict[str, torch.Tensor]:
@@ -278,6 +301,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
                 return compute_reference_logps(model, examples, cfg.ref_batch_size, device)
         dtype = torch.bfloat16 if cfg.ref_dtype == "bfloat16" else torch.float32
         reference = load_frozen_lm(ref_path, dtype, cfg.trust_remote_code).to(device)
+        reference.set_attn_implementation(ref_attn)
         try:
             return compute_reference_logps(reference, examples, cfg.ref_batch_size, device)
         finally:
@@ -388,6 +412,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         "dataset": source,
         "reference_cache": str(cache_file),
         "reference_cache_hit": hit,
+        "attention": attention,
         "time_reference_s": round(t_ref, 2),
         "time_training_s": round(t_train, 2),
         "last": {k: v for k, v in last.items() if isinstance(v, int | float)},

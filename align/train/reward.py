@@ -29,7 +29,8 @@ from align.config import RMConfig
 from align.data import DataReport, end_token_id, load_preference, tokenize_preference
 from align.evaluate_rm import evaluate_pairs, format_result, write_report
 from align.losses import pairwise_reward_loss
-from align.models import load_tokenizer
+from align.models import announce_attention, load_tokenizer
+from align.packing import check_packed_attention
 from align.reward import RewardModel, pack_pairs, pad_sequences
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
@@ -225,6 +226,24 @@ def _forward_pairs(
     return out, (margin if use else None), tokens
 
 
+def check_rm_attention(cfg: RMConfig) -> None:
+    """Refuse, before loading, an attention that would let a packed row's sequences see each other.
+
+    Training packs with `packing`; held-out scoring (`align.evaluate_rm.score_pairs`) always packs each
+    micro-batch's pairs into one row, and there is held-out data with `eval_dataset`, `eval_fraction` or
+    the embedded data. The reward model's forward passes no varlen kwargs (`align.reward.RewardModel`)."""
+    held_out = cfg.eval_dataset is not None or cfg.dataset == "embedded" or cfg.eval_fraction > 0
+    try:
+        check_packed_attention(
+            cfg.attn_implementation,
+            packs=cfg.packing or held_out,
+            passes_document_kwargs=False,
+            what="packing: true" if cfg.packing else "held-out scoring packs each micro-batch into one row",
+        )
+    except ValueError as err:
+        raise RunSetupError(str(err)) from err
+
+
 def run_reward(cfg: RMConfig, *, stop_after_step: int | None = None) -> dict[str, Any]:
     """Run the configured stage (or both, for stage=pmp+rm); return the summary (also summary.json)."""
     if cfg.stage == "pmp+rm":
@@ -301,7 +320,12 @@ def train_reward_model(
     set_seed(cfg.seed)
     plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
 
+    check_rm_attention(cfg)
     model, tokenizer, model_source = load_reward_model_for_training(cfg)
+    attention = announce_attention(
+        model.backbone.config, cfg, device=accelerator.device, mixed_precision=accelerator.mixed_precision,
+        say=accelerator.print, warn=is_main,
+    )  # fmt: skip
     pairs, report, source, eval_pairs, eval_name = load_rm_data(cfg, out, is_main)
     tok_kwargs = {
         "max_length": cfg.max_length,
@@ -473,6 +497,7 @@ def train_reward_model(
         "skipped_nonfinite": state["skipped_nonfinite"],
         "train_seconds": round(train_seconds, 1),
         "eval_seconds": round(state["eval_seconds"], 1),
+        "attention": attention,
     }
     accelerator.wait_for_everyone()
     full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it

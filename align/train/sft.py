@@ -25,8 +25,8 @@ from align.config import SFTConfig
 from align.data import DataReport, load_sft, tokenize_sft
 from align.fused_logprobs import lm_logprobs
 from align.losses import sft_loss_from_logprobs
-from align.models import load_causal_lm, save_final_model
-from align.packing import pack_examples
+from align.models import announce_attention, load_causal_lm, save_final_model
+from align.packing import check_packed_attention, pack_examples
 from align.tracking import plot_metrics
 from align.train.batching import BatchPlan, global_batch_indices, total_steps
 from align.train.checkpointing import fingerprint_rows
@@ -88,6 +88,27 @@ def packed_logprobs(model: Any, row: dict[str, torch.Tensor]) -> torch.Tensor:
         use_cache=False,  # with a cache, transformers ignores the packed positions' boundaries
         **row.get("documents", {}),
     )
+
+
+def check_sft_attention(cfg: SFTConfig) -> None:
+    """Refuse an attention that would let a packed row's conversations see each other, before loading.
+
+    A row holds several conversations with `packing`, and also without it when micro_batch_size > 1 (a
+    micro-batch is one padding-free row); `packed_logprobs` passes the rows' varlen kwargs."""
+    what = (
+        "packing: true"
+        if cfg.packing
+        else f"micro_batch_size={cfg.micro_batch_size}: one row per micro-batch"
+    )
+    try:
+        check_packed_attention(
+            cfg.attn_implementation,
+            packs=cfg.packing or cfg.micro_batch_size > 1,
+            passes_document_kwargs=True,
+            what=what,
+        )
+    except ValueError as err:
+        raise RunSetupError(str(err)) from err
 
 
 def trained_tokens(sequence: dict[str, list[int]]) -> int:
@@ -187,7 +208,12 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
     set_seed(cfg.seed)
     plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
 
+    check_sft_attention(cfg)
     model, tokenizer = load_causal_lm(cfg)
+    attention = announce_attention(
+        model.config, cfg, device=accelerator.device, mixed_precision=accelerator.mixed_precision,
+        say=accelerator.print, warn=is_main,
+    )  # fmt: skip
     conversations, report, source = load_sft_data(cfg, out, is_main)
     examples = tokenize_sft(
         conversations,
@@ -286,6 +312,7 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
         "data": report.to_dict(),
         "dataset": source,
         "skipped_nonfinite": state["skipped_nonfinite"],
+        "attention": attention,
     }
     accelerator.wait_for_everyone()
     full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
