@@ -227,6 +227,90 @@ def pairwise_reward_loss(
     return loss, stats
 
 
+def grouped_pairwise_loss(
+    scores: torch.Tensor,
+    chosen_index: torch.Tensor,
+    rejected_index: torch.Tensor,
+    group_of_pair: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`pairwise_reward_loss` over groups of comparisons that share responses (InstructGPT's K-way batches).
+
+    The comparisons of one prompt form a group; each distinct response of the group is scored once and
+    every comparison reads its two scores by index, so K responses cost K scores, not K(K-1)/2 x 2.
+    Each group counts once: a comparison's term is weighted 1 / n_g, n_g the comparison count of its group
+    (InstructGPT divides by C(K, 2), the count when all K responses are ranked; here a group holds
+    whichever comparisons the data has), so a prompt with many pairs outweighs neither a prompt with one
+    nor, through its correlated comparisons, the rest of the batch.
+
+    Args:
+        scores: (R,) rewards of the distinct responses (with grad).
+        chosen_index: (P,) int64, the position in ``scores`` of each comparison's preferred response.
+        rejected_index: (P,) int64, the position of the other response of the same comparison.
+        group_of_pair: (P,) int64, each comparison's group (any ids: equal id = same group).
+        margin: (P,) or a scalar, m: how much the chosen should win by (0 for pairs without one); None: no
+            margin.
+        center_coef: c >= 0; adds c * (r_c + r_r)^2 per comparison, weighted like it (see
+            `pairwise_reward_loss`).
+        normalizer: the sum of the group means is divided by this: the group count of the whole global
+            batch under gradient accumulation or data parallelism; None: the number of groups G here.
+
+    Returns:
+        loss: scalar, sum_g (1 / n_g) sum_{p in g} [-log s(r_c - r_r - m) + c (r_c + r_r)^2] / normalizer.
+            With one comparison per group it is `pairwise_reward_loss` exactly (every weight is 1).
+        stats (detached, fp32): weighted sums (each comparison 1 / n_g, so sums over groups of group
+        means) `loss_sum` (pairwise terms, without centring), `center_sum`, `correct` (r_c > r_r), `ties`,
+        `margin_sum` (r_c - r_r), `chosen_sum`, `rejected_sum`; counts `pairs` (P), `correct_pairs`
+        (unweighted), `groups` (G), `responses` (R); and the means over groups `accuracy`, `margin`.
+    """
+    if scores.ndim != 1:
+        raise ValueError(f"grouped_pairwise_loss: expected scores of shape (R,), got {tuple(scores.shape)}")
+    shapes = {tuple(t.shape) for t in (chosen_index, rejected_index, group_of_pair)}
+    if len(shapes) != 1 or chosen_index.ndim != 1:
+        raise ValueError(
+            "grouped_pairwise_loss: expected chosen_index, rejected_index and group_of_pair of one shape "
+            f"(P,), got {tuple(chosen_index.shape)}, {tuple(rejected_index.shape)}, "
+            f"{tuple(group_of_pair.shape)}"
+        )
+    if center_coef < 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    r = scores.float()
+    chosen, rejected = r[chosen_index], r[rejected_index]
+    _, group, counts = torch.unique(group_of_pair, return_inverse=True, return_counts=True)
+    weight = 1.0 / counts.to(r.dtype)[group]  # 1 / n_g; exactly 1 for a group of one comparison
+    diff = chosen - rejected
+    logits = diff if margin is None else diff - torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+    per_pair = -F.logsigmoid(logits)
+    center = (chosen + rejected) ** 2
+    # Same order of operations as pairwise_reward_loss, so unit weights give its loss bit for bit.
+    total = (weight * per_pair).sum() + (center_coef * (weight * center).sum() if center_coef else 0.0)
+    n_groups = counts.numel()
+    loss = total / (n_groups if normalizer is None else normalizer)
+    with torch.no_grad():
+        w = weight.detach()
+        count = max(n_groups, 1)
+        correct = (w * (diff > 0)).sum()
+        margin_sum = (w * diff).sum().detach()
+        stats = {
+            "loss_sum": (w * per_pair).sum().detach(),
+            "center_sum": (w * center).sum().detach(),
+            "correct": correct,
+            "ties": (w * (diff == 0)).sum(),
+            "margin_sum": margin_sum,
+            "chosen_sum": (w * chosen).sum().detach(),
+            "rejected_sum": (w * rejected).sum().detach(),
+            "pairs": torch.tensor(float(diff.numel()), device=r.device),
+            "correct_pairs": (diff > 0).sum().float(),
+            "groups": torch.tensor(float(n_groups), device=r.device),
+            "responses": torch.tensor(float(r.numel()), device=r.device),
+            "accuracy": correct / count,
+            "margin": margin_sum / count,
+        }
+    return loss, stats
+
+
 def sft_loss_from_logprobs(
     token_logprobs: torch.Tensor, normalizer: float | torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

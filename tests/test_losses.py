@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from align.losses import dpo_loss, ppo_policy_loss, ppo_value_loss, sft_loss
+from align.losses import (
+    dpo_loss,
+    grouped_pairwise_loss,
+    pairwise_reward_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    sft_loss,
+)
 
 
 def test_sft_loss_sums_then_divides_by_the_global_count():
@@ -80,3 +87,109 @@ def test_dpo_losses_on_worked_numbers():
     assert _dpo("ipo")[0].item() == pytest.approx((2 - 1 / (2 * 0.5)) ** 2)  # (2 - 1)^2
     with pytest.raises(ValueError, match="unknown DPO loss_type"):
         _dpo("kto")
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def _grouped_example():
+    # Group 7: responses a, b, c scored 2, 0, 1; comparisons a>b (diff 2), a>c (1), c>b (1).
+    # Group 9: responses d, e scored 0, 1; comparison d>e (diff -1, wrong).
+    scores = torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0], requires_grad=True)
+    chosen = torch.tensor([0, 0, 2, 3])
+    rejected = torch.tensor([1, 2, 1, 4])
+    group = torch.tensor([7, 7, 7, 9])
+    return scores, chosen, rejected, group
+
+
+def test_grouped_pairwise_loss_worked_example():
+    scores, chosen, rejected, group = _grouped_example()
+    loss, stats = grouped_pairwise_loss(scores, chosen, rejected, group)
+    nls = lambda d: math.log1p(math.exp(-d))  # noqa: E731  -log sigmoid(d)
+    group_7 = (nls(2) + 2 * nls(1)) / 3  # (0.126928 + 2 x 0.313262) / 3 = 0.251151
+    group_9 = nls(-1)  # 1.313262
+    assert loss.item() == pytest.approx((group_7 + group_9) / 2)  # each prompt counts once: 0.782206
+    assert loss.item() == pytest.approx(0.782206, abs=1e-6)
+    assert stats["accuracy"].item() == pytest.approx(0.5)  # group 7 all right, group 9 wrong
+    assert (stats["pairs"].item(), stats["correct_pairs"].item()) == (4, 3)
+    assert (stats["groups"].item(), stats["responses"].item()) == (2, 5)
+    assert stats["margin"].item() == pytest.approx((4 / 3 - 1) / 2)
+    loss.backward()
+    # d/dr_c of -log s(r_c - r_r) = -s(-(r_c - r_r)); group 7 terms weigh 1/3, group 9's 1, then / 2 groups.
+    a = -(_sig(-2) + _sig(-1)) / 6  # a is chosen twice
+    assert scores.grad.tolist() == pytest.approx([a, -a, 0.0, -_sig(1) / 2, _sig(1) / 2])
+    # c: chosen once and rejected once at the same difference, so its gradients cancel.
+
+
+def test_grouped_loss_with_one_pair_per_group_is_the_pairwise_loss_exactly():
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    margin = torch.tensor([0.0, 0.5, 0.0, 1.0, 0.0, 0.25])
+    scores = torch.stack([chosen, rejected], dim=1).reshape(-1)  # c1, r1, c2, r2, ...
+    idx = torch.arange(6)
+    for kw in (dict(), dict(margin=margin, center_coef=0.01, normalizer=16)):
+        got, got_stats = grouped_pairwise_loss(scores, 2 * idx, 2 * idx + 1, idx * 3 + 1, **kw)
+        want, want_stats = pairwise_reward_loss(chosen, rejected, **kw)
+        assert torch.equal(got, want)
+        for key in ("loss_sum", "center_sum", "correct", "ties", "margin_sum", "pairs", "accuracy", "margin"):
+            assert torch.equal(got_stats[key], want_stats[key]), key
+
+
+def _scorer() -> torch.nn.Linear:
+    model = torch.nn.Linear(5, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -0.5, 0.1, 0.1, 0.1]]))
+        model.bias.zero_()
+    return model
+
+
+def test_scoring_each_distinct_response_once_gives_the_per_pair_loss_and_gradients():
+    # Three prompts with 4, 2 and 3 distinct responses; every score comes from one small model.
+    features = torch.randn(9, 5, generator=torch.Generator().manual_seed(0))
+    group_of_response = [0, 0, 0, 0, 1, 1, 2, 2, 2]
+    comparisons = [(0, 1), (0, 2), (3, 1), (3, 2), (0, 3), (4, 5), (6, 7), (6, 8), (8, 7)]
+    group = torch.tensor([group_of_response[c] for c, _ in comparisons])
+    margin = torch.linspace(0, 0.8, len(comparisons))
+    n = len(comparisons)
+
+    def loss_and_grads(per_pair: bool):
+        model = _scorer()
+        if per_pair:  # every pair scores both of its responses again, duplicates included
+            x = torch.stack([features[i] for pair in comparisons for i in pair])
+            ci, ri = torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)
+        else:  # 9 scores instead of 18
+            x = features
+            ci, ri = torch.tensor([c for c, _ in comparisons]), torch.tensor([r for _, r in comparisons])
+        loss, _ = grouped_pairwise_loss(model(x).squeeze(-1), ci, ri, group, margin, center_coef=0.1)
+        loss.backward()
+        return loss.detach(), model.weight.grad, model.bias.grad
+
+    once, again = loss_and_grads(per_pair=False), loss_and_grads(per_pair=True)
+    for a, b in zip(once, again, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # ... and it is the mean over prompts of the existing pairwise loss of each prompt's pairs.
+    with torch.no_grad():
+        scores = _scorer()(features).squeeze(-1)
+    per_prompt = []
+    for g in range(3):
+        sel = [k for k in range(n) if group[k] == g]
+        c, r = scores[[comparisons[k][0] for k in sel]], scores[[comparisons[k][1] for k in sel]]
+        per_prompt.append(pairwise_reward_loss(c, r, margin[sel], center_coef=0.1)[0])
+    assert once[0].item() == pytest.approx(torch.stack(per_prompt).mean().item(), abs=1e-6)
+
+
+def test_grouped_loss_splits_over_micro_batches_by_group_and_ignores_repeated_comparisons():
+    scores, chosen, rejected, group = _grouped_example()
+    whole, _ = grouped_pairwise_loss(scores, chosen, rejected, group)
+    # The two groups in two micro-batches, each divided by the global group count (2): the same sum.
+    first, _ = grouped_pairwise_loss(scores, chosen[:3], rejected[:3], group[:3], normalizer=2)
+    second, _ = grouped_pairwise_loss(scores, chosen[3:], rejected[3:], group[3:], normalizer=2)
+    assert (first + second).item() == pytest.approx(whole.item(), abs=1e-7)
+    # Listing group 7's comparisons twice changes nothing: a prompt counts once, whatever its pair count.
+    twice = [0, 1, 2, 0, 1, 2, 3]
+    again, stats = grouped_pairwise_loss(scores, chosen[twice], rejected[twice], group[twice])
+    assert again.item() == pytest.approx(whole.item(), abs=1e-7)
+    assert stats["pairs"].item() == 7 and stats["accuracy"].item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"of one shape \(P,\)"):
+        grouped_pairwise_loss(scores, chosen, rejected[:2], group)
