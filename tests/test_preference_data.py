@@ -346,3 +346,49 @@ def test_real_preference_files_parse():
     assert report.used == 100 and len(oasst) == 754
     lf, report = load_preference(SHARED / "llama-factory" / "dpo_en_demo.json")
     assert report.formats == {"sharegpt": 300} and len(lf) == 300
+
+
+def test_group_is_kept_and_pairs_are_grouped_by_prompt(tmp_path):
+    from align.data.preference import prompt_groups
+
+    records = [
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5", "group": 0},
+        {"prompt": "3+3?", "chosen": "6", "rejected": "7", "group": 1},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "22", "group": 0},
+        {"prompt": "1+1?", "chosen": "2", "rejected": "3"},  # no group: a group of its own
+        {"chosen": [U("3+3?"), A("6")], "rejected": [U("3+3?"), A("9")], "group": 1},  # hh, same prompt
+        {"prompt": "2+2?", "chosen": "4", "rejected": "3", "group": "0"},  # a string id is another id
+    ]
+    pairs, _ = _load(tmp_path, records)
+    assert [p.get("group") for p in pairs] == [0, 1, 0, None, 1, "0"]
+    assert "group" not in pairs[3]  # records without one load exactly as before
+    assert prompt_groups(pairs, tmp_path / "pairs.jsonl") == [[0, 2], [1, 4], [3], [5]]
+
+
+def test_bad_groups_are_reported_with_line_numbers(tmp_path):
+    from align.data.preference import prompt_groups
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "group": 1.5}) + "\n"
+        + json.dumps({"prompt": "q", "chosen": "a", "rejected": "b", "group": True}) + "\n"
+    )  # fmt: skip
+    with pytest.raises(DataError) as err:
+        load_preference(path)
+    assert {b.line for b in err.value.bad} == {1, 2}
+    assert f"{path}:1: 'group' must be an integer or a string, found number" in str(err.value)
+    assert f"{path}:2: 'group' must be an integer or a string, found boolean" in str(err.value)
+
+    lines = [
+        {"prompt": "q1", "chosen": "a", "rejected": "b", "group": 4},  # 1
+        {"prompt": "q2", "chosen": "a", "rejected": "b", "group": 5},  # 2
+        {"prompt": "q1", "chosen": "a", "rejected": "c", "group": 4},  # 3: same prompt, fine
+        {"prompt": "q2", "chosen": "a", "rejected": "b", "group": 4},  # 4: another prompt in group 4
+    ]
+    path.write_text(json.dumps(lines[0]) + "\n\n" + "".join(json.dumps(r) + "\n" for r in lines[1:]))
+    pairs, _ = load_preference(path)
+    with pytest.raises(DataError) as err:
+        prompt_groups(pairs, path)
+    assert [b.line for b in err.value.bad] == [5]  # the blank line 2 is layout
+    assert f"{path}:5: group 4 mixes prompts" in str(err.value)
+    assert f"the group's first pair ({path} line 1)" in str(err.value)
