@@ -304,6 +304,20 @@ class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
     )
     eval_before: bool = doc(True, "Also score the held-out pairs before training.")
     eval_micro_batch_size: int = doc(16, "Pairs per forward pass when scoring held-out pairs.")
+    pair_grouping: Literal["pairs", "prompt"] = doc(
+        "pairs",
+        "pairs: each pair is a batch item, both responses scored. prompt: InstructGPT's grouped comparisons: "
+        "the pairs with one `group` id (sample_pairs writes one per prompt; a pair without one is its own "
+        "group) are one batch item whose distinct responses are scored once each, loss = mean over its "
+        "comparisons, so each prompt counts once (align.losses.grouped_pairwise_loss); batch_size and "
+        "micro_batch_size then count groups (never split), and eval_fraction holds out whole groups.",
+    )
+    eval_datasets: list[str] = doc(
+        [],
+        "More held-out pair sets, each `name=path` or a path (named by its file name), scored with the "
+        "held-out pairs (before training, each epoch, the end) and reported by name in eval/report.json "
+        "and eval/accuracy.png; e.g. onpolicy=<recipes/sample_pairs.py output on held-out prompts>/pairs.jsonl.",
+    )
     embedded_pmp_pairs: int = doc(256, "With dataset=embedded, stage pmp: generated comparisons.")
     embedded_rm_pairs: int = doc(96, "With dataset=embedded, stage rm: generated comparisons.")
     embedded_eval_pairs: int = doc(128, "With eval_dataset=embedded: generated held-out comparisons.")
