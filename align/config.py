@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from align.config_loader import ConfigError
+
 
 def doc(default: Any, help: str) -> Any:
     """A dataclass field with a default and a one-line description."""
@@ -196,6 +198,107 @@ class RolloutKeys:
 
 
 @dataclasses.dataclass
+class QueryKeys:
+    """The embedded query set an RL stage trains on: `generate_tasks(query_count, seed=query_seed,
+    split="train")` (align/tasks.py). A problem's split is a hash of its key (`split_of_key`), so no
+    held-out problem (split `heldout`, where the gold evaluations draw from) is ever in it, whatever the
+    count or seed. Qwen2.5 makes the reward model's query set the RL query set: sample the RM's on-policy
+    pairs (recipes/sample_pairs.py) with the same query_count and query_seed."""
+
+    query_count: int | None = doc(
+        None,
+        "With dataset=embedded: how many generated training queries; None: max(16 x batch_size, 64).",
+    )
+    query_seed: int | None = doc(
+        None,
+        "With dataset=embedded: the generate_tasks seed of the queries; None: seed + 1. Sample the RM's "
+        "on-policy pairs on the same count and seed (the RM's query set is the RL query set).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.query_count is not None and self.query_count < 1:
+            raise ConfigError(f"query_count: must be >= 1 (or none), got {self.query_count}")
+        _next_post_init(self, QueryKeys)
+
+
+@dataclasses.dataclass
+class RewardGuardKeys:
+    """Over-optimisation guards on the reward (align/rl_math.py; ../shared/research/rm_overopt.md), each off
+    by default (Qwen used none). The score phase applies them in this order: ensemble -> clip -> anchor,
+    then the stage's own normalisation and unclosed-response penalty. A response the scorer could not read
+    (an RM's placeholder score) is left out of every guard and keeps the stage's treatment of it."""
+
+    rm_ensemble_objective: Literal["mean", "min", "uncertainty"] = doc(
+        "mean",
+        "With a reward model of K > 1 heads (num_heads in its reward_config.json), the one score taken from "
+        "the K: mean; min (worst case); uncertainty = mean - rm_ensemble_penalty x std over the heads. min "
+        "and uncertainty need such a reward model (refused otherwise).",
+    )
+    rm_ensemble_penalty: float = doc(
+        0.0, "lambda of rm_ensemble_objective=uncertainty (>= 0; only read there)."
+    )
+    reward_clip: float | None = doc(
+        None, "Clamp scores to [-reward_clip, reward_clip] (DeepSpeed-Chat: 5, OpenRLHF: 10); None: off."
+    )
+    reward_anchor: Literal["none", "reference"] = doc(
+        "none",
+        "reference: PAR, each score becomes sigmoid(score - the score of the prompt's reference answer), the "
+        "reference answer being the starting policy's greedy answer, generated and scored (ensemble and "
+        "clip applied) once per query before training (one the scorer cannot read takes the readable ones' "
+        "mean); kept in checkpoints (resume reads it, never regenerates it) and written to "
+        "reference_answers.jsonl.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.reward_clip is not None and self.reward_clip <= 0:
+            raise ConfigError(f"reward_clip: must be positive (or none), got {self.reward_clip}")
+        if self.rm_ensemble_penalty < 0:
+            raise ConfigError(f"rm_ensemble_penalty: must be >= 0, got {self.rm_ensemble_penalty}")
+        # (A penalty without objective=uncertainty is refused when the run starts, not here: the loader
+        # checks each key=value override on its own, against the other keys' defaults.)
+        _next_post_init(self, RewardGuardKeys)
+
+
+@dataclasses.dataclass
+class AdaptiveKLKeys:
+    """The adaptive KL controller (Ziegler et al. 2019; TRL's adap_kl_ctrl) of the stages with a KL
+    coefficient to the reference (PPO, GRPO)."""
+
+    kl_target: float | None = doc(
+        None,
+        "Steer the KL coefficient (starting at kl_coef) so that the iteration's `kl` metric (PPO: summed "
+        "over a response's tokens; GRPO: the k3 token mean) approaches this; the coefficient used is logged "
+        "as kl_coef and checkpointed. None: kl_coef fixed.",
+    )
+    kl_horizon: int = doc(
+        10000,
+        "With kl_target: after each iteration coef *= 1 + clip(kl / kl_target - 1, -0.2, 0.2) x responses / "
+        "kl_horizon, responses = batch_size x samples_per_query (TRL: 10000). Not during PPO's value warm-up.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.kl_target is not None:
+            if self.kl_target <= 0:
+                raise ConfigError(f"kl_target: must be positive (or none), got {self.kl_target}")
+            if getattr(self, "kl_coef", 0.0) <= 0:
+                raise ConfigError(
+                    f"kl_target={self.kl_target} needs kl_coef > 0: the controller scales kl_coef, and 0 "
+                    "stays 0"
+                )
+        if self.kl_horizon < 1:
+            raise ConfigError(f"kl_horizon: must be >= 1, got {self.kl_horizon}")
+        _next_post_init(self, AdaptiveKLKeys)
+
+
+def _next_post_init(obj: Any, part: type) -> None:
+    """Run the `__post_init__` of the part after `part` in the MRO: each part checks its own keys, and a
+    stage composed of several parts runs them all."""
+    after = getattr(super(part, obj), "__post_init__", None)
+    if after is not None:
+        after()
+
+
+@dataclasses.dataclass
 class SFTConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
     """Supervised fine-tuning on ChatML conversations. Defaults = the embedded default job."""
 
@@ -349,7 +452,7 @@ RL_LORA_DROPOUT_HELP = (
 
 
 @dataclasses.dataclass
-class PPOConfig(RolloutKeys, TrainConfig):
+class PPOConfig(AdaptiveKLKeys, RewardGuardKeys, QueryKeys, RolloutKeys, TrainConfig):
     """PPO with four models (policy, reference, reward, value), the Qwen way. Defaults = the embedded job.
 
     `batch_size` counts queries per PPO iteration (each gets `samples_per_query` responses);
@@ -481,7 +584,7 @@ class DPOConfig(GoldEvalKeys, RecordFileKeys, DropoutKeys, TrainConfig):
 
 
 @dataclasses.dataclass
-class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
+class OnlineConfig(RewardGuardKeys, QueryKeys, GoldEvalKeys, RolloutKeys, TrainConfig):
     """What online DPO and GRPO share: prompts, sampling, reward, reference. `batch_size` counts queries
     per iteration (each gets `samples_per_query` responses); `micro_batch_size` counts responses per
     forward pass and device."""
@@ -503,7 +606,9 @@ class OnlineConfig(GoldEvalKeys, RolloutKeys, TrainConfig):
         "embedded",
         "Prompts: JSONL of {messages} (a trailing assistant turn is dropped) or {prompt}; embedded.",
     )
-    embedded_prompts: int = doc(24, "With dataset=embedded: how many generated training prompts.")
+    query_count: int | None = doc(
+        24, "With dataset=embedded: how many generated training queries; None: max(16 x batch_size, 64)."
+    )
     missing_eos_penalty: float | None = doc(
         None, "Score given to a response that never emitted <|im_end|> (None: score it as it is)."
     )
@@ -537,7 +642,7 @@ class OnlineDPOConfig(OnlineConfig):
 
 
 @dataclasses.dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(AdaptiveKLKeys, OnlineConfig):
     """GRPO (Qwen2.5): G samples per query, advantages normalised within each group, PPO's clipped
     objective, optional k3 KL to the reference, and queries with larger reward variance trained first.
     Defaults = the embedded default job."""
@@ -547,7 +652,9 @@ class GRPOConfig(OnlineConfig):
     batch_size: int = doc(
         2, "Global batch per iteration, in queries (each gets samples_per_query responses)."
     )
-    embedded_prompts: int = doc(8, "With dataset=embedded: how many generated training prompts.")
+    query_count: int | None = doc(
+        8, "With dataset=embedded: how many generated training queries; None: max(16 x batch_size, 64)."
+    )
     max_steps: int = doc(4, "Iterations (sample + update); -1 derives them from num_epochs over the prompts.")
     learning_rate: float = doc(1e-5, "Peak learning rate.")
     clip_eps: float = doc(0.2, "Ratio clip range of the surrogate objective.")

@@ -10,6 +10,12 @@ and gets ``unclosed_reward`` instead of a score read at whatever token happens t
 The same class is the PPO value model: ``forward(..., return_all=True)`` also returns the head applied
 at every position (per-token values).
 
+An ensemble reward model (``num_heads`` = K > 1) has K scalar heads on one backbone, one (hidden -> K)
+linear layer: ``member_rewards`` (N, K) are the heads' scores, ``rewards`` (N,) their mean (what every
+reader of one score sees: evaluation, best-of-n, pair sampling); the RL stages combine the K with
+``rm_ensemble_objective`` (mean, min, or mean - lambda x std; `align.rl_math.ensemble_reward`). The heads
+are only an ensemble if training made them differ (each its own seed/data order), which the trainer must do.
+
 On disk a reward model is an ordinary transformers base-model directory (``config.json``,
 ``model.safetensors``, tokenizer files) plus ``reward_head.safetensors`` and ``reward_config.json``;
 `RewardModel.from_pretrained` reloads it on its own.
@@ -32,7 +38,7 @@ from torch import nn
 REWARD_CONFIG = "reward_config.json"
 REWARD_HEAD = "reward_head.safetensors"
 FORMAT_NAME = "align.reward_model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: num_heads (written only when K > 1, so a one-head model stays readable by version 1)
 
 
 def end_token_index(
@@ -103,16 +109,20 @@ def packed_end_index(
 class RewardOutput:
     """What `RewardModel.forward` returns.
 
-    rewards: (N,) fp32 scores; ``unclosed_reward`` where ``found`` is False.
+    rewards: (N,) fp32 scores (K > 1 heads: their mean); ``unclosed_reward`` where ``found`` is False.
     found: (N,) bool, whether the end token was there.
     index: (N,) the positions read (per row, or in the packed row).
-    values: (B, T) fp32 head output at every position (``return_all=True`` only), for PPO's value model.
+    values: (B, T) fp32 head output at every position (``return_all=True`` only; K > 1: the heads' mean),
+        for PPO's value model.
+    member_rewards: (N, K) fp32, each head's score (``unclosed_reward`` where ``found`` is False); (N, 1)
+        for a one-head model.
     """
 
     rewards: torch.Tensor
     found: torch.Tensor
     index: torch.Tensor
     values: torch.Tensor | None = None
+    member_rewards: torch.Tensor | None = None
 
 
 @dataclass
@@ -126,10 +136,13 @@ class RewardConfig:
     default_system: str | None = None
     max_length: int | None = None
     base_model: str = ""
+    num_heads: int = 1  # K scalar heads (an ensemble when K > 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        return json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **asdict(self)}, indent=2) + "\n"
+        # Version 1 for one head: a reader that predates num_heads loads it as before.
+        version = 1 if self.num_heads == 1 else FORMAT_VERSION
+        return json.dumps({"format": FORMAT_NAME, "version": version, **asdict(self)}, indent=2) + "\n"
 
     @classmethod
     def from_file(cls, path: Path) -> RewardConfig:
@@ -182,7 +195,8 @@ def load_backbone(
 
 
 class RewardModel(nn.Module):
-    """A base transformer (``backbone``) and a linear head to one scalar (``head``).
+    """A base transformer (``backbone``) and a linear head to one scalar (``head``), or to K scalars
+    (``config.num_heads``, an ensemble sharing the backbone).
 
     Build one with `from_backbone` (a new head on any causal LM) or `from_pretrained` (a saved reward
     model, head included). Call it on padded batches (``input_ids``, ``attention_mask``) or on one
@@ -195,11 +209,16 @@ class RewardModel(nn.Module):
         hidden = backbone.config.hidden_size
         if config.end_token_id < 0:
             raise ValueError("RewardConfig.end_token_id must be set (see align.data.end_token_id)")
+        if config.num_heads < 1:
+            raise ValueError(f"RewardConfig.num_heads must be >= 1, got {config.num_heads}")
+        if head is not None and head.out_features != config.num_heads:
+            raise ValueError(f"the head has {head.out_features} outputs, the config {config.num_heads} heads")
         self.backbone = backbone
         self.config = RewardConfig(**{**asdict(config), "hidden_size": hidden})
-        self.head = head if head is not None else nn.Linear(hidden, 1)
+        self.head = head if head is not None else nn.Linear(hidden, config.num_heads)
         if head is None:
             # Small random weights (std 1/sqrt(d + 1), as in Stiennon et al. 2020): initial rewards near 0.
+            # K heads draw K independent rows; for K = 1 the draw is the one-head model's, unchanged.
             nn.init.normal_(self.head.weight, std=1.0 / math.sqrt(hidden + 1))
             nn.init.zeros_(self.head.bias)
         self.head.to(dtype=next(backbone.parameters()).dtype)
@@ -218,10 +237,11 @@ class RewardModel(nn.Module):
         default_system: str | None = None,
         max_length: int | None = None,
         seed: int | None = None,
+        num_heads: int = 1,
         **load_kwargs: Any,
     ) -> RewardModel:
         """A new reward model on the backbone of the causal LM at ``path`` (its LM head is dropped); the
-        head is initialised from ``seed`` (None: the current torch RNG)."""
+        head (``num_heads`` scalar outputs) is initialised from ``seed`` (None: the current torch RNG)."""
         backbone = load_backbone(path, **load_kwargs)
         config = RewardConfig(
             end_token=end_token,
@@ -230,6 +250,7 @@ class RewardModel(nn.Module):
             default_system=default_system,
             max_length=max_length,
             base_model=str(path),
+            num_heads=num_heads,
         )
         if seed is None:
             return cls(backbone, config)
@@ -249,7 +270,7 @@ class RewardModel(nn.Module):
         config = RewardConfig.from_file(path / REWARD_CONFIG)
         backbone = load_backbone(path, **load_kwargs)
         head_state = load_file(path / REWARD_HEAD)
-        head = nn.Linear(config.hidden_size, 1)
+        head = nn.Linear(config.hidden_size, config.num_heads)
         head.load_state_dict(head_state)
         return cls(backbone, config, head=head)
 
@@ -310,6 +331,8 @@ class RewardModel(nn.Module):
         sequence (attention stays inside each), and ``end_index`` (N,) the positions to read (each
         sequence's last token, see `packed_end_index`); rewards (N,).
         ``return_all``: also the head at every position, ``values`` (B, T).
+        With K > 1 heads ``rewards`` and ``values`` are the heads' mean and ``member_rewards`` (N, K) each
+        head's score (always set; (N, 1) for one head).
         """
         if attention_mask is not None and position_ids is not None:
             from align.attention import check_no_mask_on_packed_rows
@@ -333,12 +356,15 @@ class RewardModel(nn.Module):
             index = end_index
             found = input_ids[0, index] == self.end_token_id
             pooled = hidden[0, index]
-        raw = self.head(pooled.to(self.head.weight.dtype)).squeeze(-1).float()
-        rewards = torch.where(found, raw, torch.full_like(raw, self.config.unclosed_reward))
+        members = self.head(pooled.to(self.head.weight.dtype)).float()  # (N, K)
+        placeholder = torch.full_like(members, self.config.unclosed_reward)
+        members = torch.where(found[:, None], members, placeholder)
+        # One head: the column itself (bit-identical to the one-head model); K heads: their mean.
+        rewards = members[:, 0] if members.shape[1] == 1 else members.mean(dim=1)
         values = None
         if return_all:
-            values = self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
-        return RewardOutput(rewards=rewards, found=found, index=index, values=values)
+            values = self.head(hidden.to(self.head.weight.dtype)).float().mean(dim=-1)
+        return RewardOutput(rewards=rewards, found=found, index=index, values=values, member_rewards=members)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -448,3 +448,61 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.coef = float(state["coef"])
+
+
+def ensemble_and_clip(
+    member_scores: torch.Tensor,
+    objective: Literal["mean", "min", "uncertainty"],
+    penalty: float,
+    clip: float | None,
+) -> torch.Tensor:
+    """The first two guards, which also turn a reference answer's scores into its PAR anchor: the K heads'
+    `ensemble_reward`, then `clip_rewards`. Shapes: (B, K) (K = 1 for one score) -> (B,) fp32."""
+    return clip_rewards(ensemble_reward(member_scores, objective, penalty), clip)
+
+
+def guarded_scores(
+    member_scores: torch.Tensor,
+    readable: torch.Tensor,
+    *,
+    objective: Literal["mean", "min", "uncertainty"] = "mean",
+    penalty: float = 0.0,
+    clip: float | None = None,
+    reference: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The score phase's guards, in order: ensemble -> clip -> anchor (PAR). The stage's own shaping
+    (`shape_scores`, `group_scores`) comes after.
+
+    Args:
+        member_scores: (B, K) scores of K reward heads (K = 1: one score per response).
+        readable: (B,) bool, the score is a judgement; unreadable rows (an RM's placeholder) pass through
+            as their members' mean, untouched by any guard and left out of the statistics.
+        objective, penalty: `ensemble_reward`'s; clip: `clip_rewards`' limit (None: off).
+        reference: (B,) each row's prompt's reference score, already ensembled and clipped
+            (`ensemble_and_clip`); None: no anchoring.
+    Returns:
+        (B,) fp32 guarded scores and what each guard did, over readable rows: ``reward_clipped_frac`` (the
+        share clipped; with clip), ``rm_ensemble_std`` (the heads' mean population std; K > 1),
+        ``reward_anchor_mean`` and ``reward_reference_mean`` (the anchored scores' and the anchors' means;
+        with reference).
+    """
+    members = member_scores.float()
+    readable = readable.bool()
+    placeholder = members.mean(dim=1)
+    base = ensemble_reward(members, objective, penalty)
+    clipped = clip_rewards(base, clip)
+    guarded = reference_anchored_reward(clipped, reference) if reference is not None else clipped
+    stats: dict[str, float] = {}
+    n = int(readable.sum())
+
+    def readable_mean(values: torch.Tensor) -> float:
+        return values[readable].float().mean().item() if n else float("nan")
+
+    if clip is not None:
+        stats["reward_clipped_frac"] = (clipped != base)[readable].float().sum().item() / max(n, 1)
+    if members.shape[1] > 1:
+        stats["rm_ensemble_std"] = readable_mean(members.std(dim=1, unbiased=False))
+    if reference is not None:
+        stats["reward_anchor_mean"] = readable_mean(guarded)
+        stats["reward_reference_mean"] = readable_mean(reference)
+    return torch.where(readable, guarded, placeholder), stats

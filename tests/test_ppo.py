@@ -143,19 +143,37 @@ def test_rule_based_reward_rises(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_p
     assert sum(scores[-3:]) / 3 > 0.85, scores
 
 
-def test_resume_reproduces_the_uninterrupted_run(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path):
-    kw = dict(max_steps=4, value_warmup_steps=1, ptx_coef=0.5, ptx_max_length=32, ppo_epochs=2)
+# The over-optimisation guards keep run state (PAR anchors, the KL controller): a resume must restore it.
+GUARDS = dict(kl_target=0.5, kl_horizon=8, reward_anchor="reference", reward_clip=0.6)
+
+
+@pytest.mark.parametrize("guards", [{}, GUARDS], ids=["plain", "guards"])
+def test_resume_reproduces_the_uninterrupted_run(tiny_byte_dir, tiny_rm_dir, prompts_file, tmp_path, guards):
+    kw = dict(max_steps=4, value_warmup_steps=1, ptx_coef=0.5, ptx_max_length=32, ppo_epochs=2, **guards)
+    # The random policy's greedy answers never close, so the RM could read no reference answer (refused):
+    # the guarded run is scored by a rule, which reads any text.
+    scorer = ascii_reward if guards else None
     full = tmp_path / "full"
-    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, full, **kw))
+    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, full, **kw), reward_fn=scorer)
     part = tmp_path / "part"
-    assert run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, part, **kw), stop_after_step=2) == {
-        "stopped_at": 2
-    }
-    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, part, **kw))
+    assert run_ppo(
+        _cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, part, **kw), stop_after_step=2, reward_fn=scorer
+    ) == {"stopped_at": 2}
+    run_ppo(_cfg(tiny_byte_dir, tiny_rm_dir, prompts_file, part, **kw), reward_fn=scorer)
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for key in ("rm_score", "value_loss", "kl", "ptx_loss", "reward_running_mean"):
+    keys = ["rm_score", "value_loss", "kl", "ptx_loss", "reward_running_mean", "kl_coef", "score_normalised"]
+    for key in keys + (["reward_anchor_mean", "reward_clipped_frac"] if guards else []):
         assert [r.get(key) for r in b] == pytest.approx([r.get(key) for r in a], abs=1e-6), key
+    coefs = [r["kl_coef"] for r in a]
+    if guards:
+        # The warm-up iteration does not move the coefficient; each later one does, by the controller's rule.
+        assert coefs[:2] == [0.04, 0.04] and len(set(coefs[1:])) == 3
+        for before, after, r in zip(coefs[1:], coefs[2:], a[1:], strict=False):
+            assert after == pytest.approx(before * (1 + min(max(r["kl"] / 0.5 - 1, -0.2), 0.2) * 8 / 8))
+        assert all(0.0 < r["reward_anchor_mean"] < 1.0 for r in a)
+    else:
+        assert coefs == [0.04] * 4 and "reward_anchor_mean" not in a[0]
 
 
 def test_ptx_gradient_only_when_its_coefficient_is_positive(

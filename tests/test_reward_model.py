@@ -272,3 +272,48 @@ def test_save_and_reload_gives_identical_scores(tiny_rm, qwen_tokenizer, tmp_pat
 def test_a_causal_lm_directory_is_not_a_reward_model(tiny_qwen_dir):
     with pytest.raises(FileNotFoundError, match="not a reward model directory"):
         RewardModel.from_pretrained(tiny_qwen_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# an ensemble: K scalar heads on one backbone (issue 21)
+
+
+def test_k_heads_score_k_members_and_reload_identically(tiny_qwen_dir, qwen_tokenizer, tmp_path):
+    seqs = _seqs(qwen_tokenizer)
+    ids, mask = pad_sequences(seqs, qwen_tokenizer.pad_token_id, side="left")
+    end = end_token_id(qwen_tokenizer, "<|im_end|>")
+    rm = RewardModel.from_backbone(tiny_qwen_dir, end_token_id=end, seed=0, num_heads=3).eval()
+    with torch.no_grad():
+        out = rm(input_ids=ids, attention_mask=mask, return_all=True)
+        unclosed = rm(input_ids=torch.tensor([[11, 12, 13]]))
+    assert out.member_rewards.shape == (4, 3) and out.rewards.shape == (4,)
+    torch.testing.assert_close(out.rewards, out.member_rewards.mean(dim=1))
+    # Each head is its own row of the (hidden -> 3) layer, read at the end token.
+    torch.testing.assert_close(out.values[torch.arange(4), out.index], out.rewards)
+    assert out.values.shape == ids.shape  # the value model reads one value per token: the heads' mean
+    assert unclosed.member_rewards.tolist() == [[-10.0] * 3] and unclosed.rewards.tolist() == [-10.0]
+    rm.save_pretrained(tmp_path / "k3", tokenizer=qwen_tokenizer)
+    config = json.loads((tmp_path / "k3" / REWARD_CONFIG).read_text())
+    assert (config["num_heads"], config["version"]) == (3, 2)
+    reloaded = RewardModel.from_pretrained(tmp_path / "k3").eval()
+    with torch.no_grad():
+        again = reloaded(input_ids=ids, attention_mask=mask)
+    assert torch.equal(again.member_rewards, out.member_rewards)
+
+
+def test_one_head_keeps_format_version_1_and_an_old_config_loads(tiny_rm, qwen_tokenizer, tmp_path):
+    seqs = _seqs(qwen_tokenizer)
+    ids, mask = pad_sequences(seqs, qwen_tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = tiny_rm(input_ids=ids, attention_mask=mask)
+    assert out.member_rewards.shape == (4, 1) and torch.equal(out.member_rewards[:, 0], out.rewards)
+    tiny_rm.save_pretrained(tmp_path / "one", tokenizer=qwen_tokenizer)
+    path = tmp_path / "one" / REWARD_CONFIG
+    config = json.loads(path.read_text())
+    assert (config["num_heads"], config["version"]) == (1, 1)  # an align without num_heads still reads it
+    del config["num_heads"]  # as written before num_heads existed
+    path.write_text(json.dumps(config))
+    reloaded = RewardModel.from_pretrained(tmp_path / "one").eval()
+    assert reloaded.config.num_heads == 1
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids, attention_mask=mask).rewards, out.rewards)

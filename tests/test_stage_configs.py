@@ -94,6 +94,20 @@ def test_the_rl_stages_default_to_lora_dropout_off():
     assert (SFTConfig().lora_dropout, RMConfig().lora_dropout, DPOConfig().lora_dropout) == (0.05, 0.05, 0.05)
 
 
+def test_the_shipped_rl_configs_keep_the_over_optimisation_guards_off():
+    """Qwen used none of them (issue 21): every shipped RL config leaves them at their off defaults, and
+    the embedded query set at the count and seed it had before they were keys."""
+    directory = {cls: name for name, cls in RECIPES.items()}
+    for cls in (PPOConfig, OnlineDPOConfig, GRPOConfig):
+        for path in sorted(CONFIGS.joinpath(directory[cls]).glob("*.yaml")):
+            cfg = load_config(cls, path)
+            guards = (cfg.reward_clip, cfg.reward_anchor, cfg.rm_ensemble_objective, cfg.rm_ensemble_penalty)
+            assert guards == (None, "none", "mean", 0.0), path
+            assert getattr(cfg, "kl_target", None) is None and cfg.query_seed is None, path
+    assert load_config(GRPOConfig, CONFIGS / "grpo" / "verifier.yaml").query_count == 1200
+    assert load_config(PPOConfig, CONFIGS / "ppo" / "embedded.yaml").query_count is None  # 16 x batch_size
+
+
 def test_ppo_with_skip_bad_is_refused_naming_the_key(tmp_path):
     path = tmp_path / "ppo.yaml"
     path.write_text("kl_coef: 0.05\nskip_bad: true\n")

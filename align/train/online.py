@@ -3,14 +3,17 @@
 One iteration, both methods:
   1. rollout     the current policy samples `samples_per_query` responses per query (the rollout engine);
   2. score       the reward model scores each response at its closing <|im_end|> (or the gold verifier of
-                 the embedded tasks, or a caller's `reward_fn` for rule-based rewards);
+                 the embedded tasks, or a caller's `reward_fn` for rule-based rewards), through the
+                 over-optimisation guards (ensemble -> clip -> anchor; off by default);
   3. advantages  online DPO: in every query's group the best and the worst response form a DPO pair
                  (groups whose scores all tie are skipped and counted).
                  GRPO: the rewards normalised within each query's group.
   4. update      online DPO: one DPO step against the initial policy as reference.
                  GRPO: the token-level clipped objective of PPO (`ppo_policy_loss`), plus kl_coef x the k3
-                 KL to the reference. Before training, a scoring pass samples every query once and the
-                 queries with the larger reward variance are trained first (the Qwen2.5 ordering; switchable).
+                 KL to the reference (`grpo_kl_term`; with kl_target the adaptive controller's coefficient,
+                 moved after each iteration). Before training, a scoring pass samples every query once and
+                 the queries with the larger reward variance are trained first (the Qwen2.5 ordering;
+                 switchable).
 
 The maths lives in pure functions (`align.rl_math.best_worst_pairs`, `group_advantages`,
 `variance_order`, `kl_estimate`; `align.losses.dpo_loss`, `ppo_policy_loss`); the run around the loop
@@ -39,7 +42,7 @@ from align.rl_math import (
     best_worst_pairs,
     group_advantages,
     group_scores,
-    kl_estimate,
+    grpo_kl_term,
     masked_mean,
     variance_order,
 )
@@ -49,15 +52,19 @@ from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError
 from align.train.rl_common import (
     PolicyTrainer,
+    RewardGuards,
+    adapt_kl,
     add_stats,
+    guard_scores,
     load_prompts,
     load_reference,
     load_reward_model,
     micro_slices,
+    reference_anchors,
     rl_default_system,
     rollout_logprobs,
     scatter_rows,
-    score_rollouts,
+    score_members,
 )
 from align.train.rl_run import PhaseTimer, RLRun, encode_rl_prompts, open_rl_run, start_rl_run
 from align.train.sft import record_accuracy_after, record_accuracy_before
@@ -96,12 +103,14 @@ def run_online(
             batch = run.rollout(queries, step)
         texts = batch.texts(run.tokenizer)
         with timer("scoring"):
-            scores = score_phase(online, batch, texts, queries)
+            scores, guard_stats = score_phase(online, batch, texts, queries)
             grouped = batch.grouped(scores)
         with timer("training"):
             advantages = advantages_phase(online, grouped)
             metrics = update_phase(online, batch, grouped, advantages, step)
-        metrics.update(online_metrics(online, scores, grouped))
+        metrics.update({**online_metrics(online, scores, grouped), **guard_stats})
+        if method == "grpo":  # the adaptive KL controller (kl_target) moves the next iteration's coefficient
+            metrics.update(adapt_kl(online, metrics.get("kl"), cfg.batch_size * cfg.samples_per_query))
         if run.end_step(
             step, metrics, batch, texts, queries, scores, timer, online.trainer_state, stop_after_step
         ):
@@ -127,16 +136,6 @@ def run_online(
 
 # ---------------------------------------------------------------------------------------------------
 # Set-up
-
-
-def load_online_prompts(cfg: OnlineConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
-    """Prompt conversations and, for embedded data, their verifiable tasks."""
-    if cfg.dataset == "embedded":
-        from align.tasks import generate_tasks
-
-        tasks = generate_tasks(cfg.embedded_prompts, seed=cfg.seed + 1, split="train")
-        return [t.messages for t in tasks], tasks
-    return load_prompts(cfg)  # the PPO prompt reader: JSONL of {messages} or {prompt}
 
 
 def verifier_reward(tasks: list[Any], queries: list[int]) -> Any:
@@ -198,6 +197,7 @@ def setup_online(cfg: OnlineConfig, method: Method, reward_fn: Any) -> tuple[RLR
     optimiser and schedule, the run (engine, resume, logger), the held-out accuracy before training and,
     for GRPO, the variance ordering of the queries."""
     grpo = method == "grpo"
+    guards = RewardGuards.from_config(cfg)  # refuses settings that do nothing before any model loads
     accelerator, out = start_rl_run(cfg, method, min_samples=2, split_mini_batches=grpo)
     device = accelerator.device
     # Dropout off (the config has no dropout key): the scored log-probs must be those the update
@@ -206,9 +206,10 @@ def setup_online(cfg: OnlineConfig, method: Method, reward_fn: Any) -> tuple[RLR
     policy, tokenizer = load_causal_lm(dataclasses.replace(cfg, model_name_or_path=start_name))
     needs_reference = not grpo or cfg.kl_coef > 0
     reference = load_reference(cfg, resolve_model(start_name), device) if needs_reference else None
-    prompts, tasks = load_online_prompts(cfg)
+    prompts, tasks = load_prompts(cfg)  # PPO's: the query set of query_count and query_seed, or a file
     source = reward_source(cfg, reward_fn, tasks)
     reward_model = load_reward_model(cfg, tokenizer, device) if source == "model" else None
+    guards.check_scorer(reward_model)
     accelerator.print(f"{method}: policy {start_name}; reward: {describe_reward(cfg, source)}")
     prompt_ids = encode_rl_prompts(cfg, prompts, tokenizer, rl_default_system(cfg, reward_model, tokenizer))
     steps = total_steps(cfg, len(prompt_ids))
@@ -221,12 +222,17 @@ def setup_online(cfg: OnlineConfig, method: Method, reward_fn: Any) -> tuple[RLR
         optimizers={"policy": optimizer}, schedulers={"policy": scheduler}, postfix={"reward": "reward_mean"},
     )  # fmt: skip
     state: dict[str, Any] = dict(run.saved or {})
+    if run.saved is not None:
+        guards.load_state_dict(run.saved)
     online = OnlineTrainer(
         cfg, accelerator, policy, run.policy_u, reference, optimizer, run.checkpointer, state,
-        METHODS[method], scheduler, reward_model, reward_fn, tasks, start_name, source,
+        METHODS[method], scheduler, reward_model, reward_fn, tasks, start_name, source, guards=guards,
     )  # fmt: skip
     if online.embedded_eval and run.is_main:
         record_accuracy_before(state, run.policy_u, tokenizer, cfg, accelerator.print)
+    if guards.anchor and guards.anchors is None:  # a fresh run: the policy is still the starting one
+        policy.eval()
+        guards.anchors = reference_anchors(run, guards, partial(raw_scores, online))
     if grpo and cfg.variance_order:
         policy.eval()
         run.order, online.time_variance_pass_s = variance_pass(
@@ -239,25 +245,44 @@ def setup_online(cfg: OnlineConfig, method: Method, reward_fn: Any) -> tuple[RLR
 # The phases of one iteration
 
 
+def scorer(online: OnlineTrainer, queries: list[int]) -> Any:
+    """The rule-based reward of a batch of `queries`: the caller's reward_fn, the gold verifier when there
+    is no reward model, else None (the reward model scores)."""
+    if online.reward_fn is None and online.reward_model is None:
+        return verifier_reward(online.tasks, queries)
+    return online.reward_fn
+
+
+def raw_scores(
+    online: OnlineTrainer, batch: RolloutBatch, texts: list[str], queries: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scorer's (B, K) scores, closed and readable (`score_members`): what the PAR anchors are made of."""
+    return score_members(
+        batch, texts, reward_model=online.reward_model, reward_fn=scorer(online, queries),
+        micro_batch_size=online.cfg.micro_batch_size, autocast=online.accelerator.autocast,
+    )  # fmt: skip
+
+
 def score_phase(
     online: OnlineTrainer, batch: RolloutBatch, texts: list[str], queries: list[int]
-) -> torch.Tensor:
-    """(B,) scores of a rollout batch whose prompt i is query `queries[i]`; unclosed (or unreadable)
-    responses rank below every closed one when missing_eos_penalty is set (`group_scores`)."""
-    cfg, rule = online.cfg, online.reward_fn
-    if rule is None and online.reward_model is None:
-        rule = verifier_reward(online.tasks, queries)
-    raw, closed, _ = score_rollouts(
-        batch, texts, reward_model=online.reward_model, reward_fn=rule,
-        micro_batch_size=cfg.micro_batch_size, autocast=online.accelerator.autocast,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """(B,) scores of a rollout batch whose prompt i is query `queries[i]`, through the guards; unclosed
+    (or unreadable) responses rank below every closed one when missing_eos_penalty is set
+    (`group_scores`). Also what each guard did."""
+    cfg = online.cfg
+    s = guard_scores(
+        online.guards, batch, texts, queries, reward_model=online.reward_model,
+        reward_fn=scorer(online, queries), micro_batch_size=cfg.micro_batch_size,
+        autocast=online.accelerator.autocast,
     )  # fmt: skip
-    return group_scores(raw, closed, cfg.missing_eos_penalty)
+    return group_scores(s.scores, s.closed, cfg.missing_eos_penalty), s.stats
 
 
 def sample_scores(run: RLRun, online: OnlineTrainer, queries: list[int], seed: int) -> torch.Tensor:
     """(Q, G) scores of fresh samples for `queries`, drawn with `seed` (the variance pass), on the CPU."""
     batch = run.sample(queries, seed=seed)
-    return batch.grouped(score_phase(online, batch, batch.texts(run.tokenizer), queries)).cpu()
+    scores, _ = score_phase(online, batch, batch.texts(run.tokenizer), queries)
+    return batch.grouped(scores).cpu()
 
 
 def advantages_phase(online: OnlineTrainer, grouped: torch.Tensor) -> Any:
@@ -362,11 +387,12 @@ def grpo_update(
                     loss, p_stats = ppo_policy_loss(
                         logprobs, old, adv, sub_mask, cfg.clip_eps, tokens / world
                     )
-                    if cfg.kl_coef > 0:
-                        kl = kl_estimate(logprobs, ref_logprobs[idx, :w], "k3")
-                        kl_loss = (kl * sub_mask).sum() / (tokens / world)
-                        loss = loss + cfg.kl_coef * kl_loss
-                        p_stats["kl"] = masked_mean(kl.detach(), sub_mask)
+                    if cfg.kl_coef > 0:  # the adaptive controller's coefficient with kl_target
+                        kl_loss, kl = grpo_kl_term(
+                            logprobs, ref_logprobs[idx, :w], sub_mask, t.kl_coef, tokens / world
+                        )
+                        loss = loss + kl_loss
+                        p_stats["kl"] = masked_mean(kl, sub_mask)
                     accelerator.backward(loss)
                 add_stats(
                     stats_acc,

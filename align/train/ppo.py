@@ -3,12 +3,14 @@
 One iteration:
   1. rollout     the policy samples `samples_per_query` responses for each query (top-p 0.9);
   2. score       no-grad passes give the policy's and the reference's log-probs, the value model's
-                 per-token values, and the reward model's score at the closing <|im_end|>;
+                 per-token values, and the reward model's score at the closing <|im_end|>, through the
+                 over-optimisation guards (ensemble -> clip -> anchor; off by default);
   3. advantages  the score is normalised by a running mean; every token is charged -kl_coef * KL and the
                  last token gets the score (a response that never closed gets `missing_eos_penalty`);
                  GAE turns them into advantages and returns;
   4. update      `ppo_epochs` passes of the clipped policy loss (+ ptx_coef x LM loss on pre-training
                  text) and the clipped value loss. During the value warm-up only the value model learns.
+                 With kl_target, the adaptive controller then moves kl_coef for the next iteration.
 
 The maths is in pure functions (`align.rl_math`, `align.losses`); the run around the loop (output
 directory, engine, resume, logging, summary) is `align.train.rl_run`; this file only moves tensors.
@@ -17,7 +19,9 @@ directory, engine, resume, logging, summary) is `align.train.rl_run`; this file 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +49,19 @@ from align.train.optim_step import optimizer_step
 from align.train.optimization import build_optimizer, build_scheduler
 from align.train.rl_common import (
     PolicyTrainer,
+    RewardGuards,
+    adapt_kl,
     add_stats,
+    guard_scores,
     load_prompts,
     load_reference,
     load_reward_model,
     micro_slices,
+    reference_anchors,
     rl_default_system,
     rollout_logprobs,
     scatter_rows,
-    score_rollouts,
+    score_members,
 )
 from align.train.rl_run import PhaseTimer, RLRun, encode_rl_prompts, open_rl_run, start_rl_run
 
@@ -74,13 +82,16 @@ def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: An
             batch = run.rollout(queries, step)
         texts = batch.texts(run.tokenizer)
         with timer("scoring"):
-            scored = score_phase(ppo, batch, texts)
+            scored = score_phase(ppo, batch, texts, queries)
         advantages_phase(ppo, scored)
         with timer("training"):
             stats = update_phase(ppo, batch, scored, warmup, step)
         metrics = ppo_metrics(ppo, batch, scored, stats, warmup)
+        # The value warm-up leaves the policy at the reference: its KL of 0 says nothing about the coefficient.
+        responses = cfg.batch_size * cfg.samples_per_query
+        metrics.update(adapt_kl(ppo, None if warmup else metrics["kl"], responses))
         if run.end_step(
-            step, metrics, batch, texts, queries, scored.raw_scores, timer, ppo.trainer_state, stop_after_step
+            step, metrics, batch, texts, queries, scored.rm_scores, timer, ppo.trainer_state, stop_after_step
         ):
             return {"stopped_at": step + 1}
     return run.finish(
@@ -139,6 +150,7 @@ class PPOTrainer(PolicyTrainer):
         state = {
             "reward_moments": self.moments.state_dict(),
             **({"ptx": self.ptx.state_dict()} if self.ptx else {}),
+            **self.guards.state_dict(),
         }
         return {**state, **self.counts}
 
@@ -146,6 +158,7 @@ class PPOTrainer(PolicyTrainer):
 def setup_ppo(cfg: PPOConfig, reward_fn: Any) -> tuple[RLRun, PPOTrainer]:
     """Set up: the four models (policy, reference, reward, value), the prompts, the pre-training stream,
     optimisers and schedules, then the run (engine, resume, logger) and the restored PPO state."""
+    guards = RewardGuards.from_config(cfg)  # refuses settings that do nothing before any model loads
     accelerator, out = start_rl_run(cfg, "ppo")
     device = accelerator.device
     # Dropout is off in the trained models, so the first PPO epoch sees ratio 1 exactly (PPOConfig has no
@@ -185,14 +198,21 @@ def setup_ppo(cfg: PPOConfig, reward_fn: Any) -> tuple[RLRun, PPOTrainer]:
     saved = run.saved or {}
     counts: dict[str, Any] = {"skipped_nonfinite": saved.get("skipped_nonfinite", 0)}
     moments = RunningMoments()
+    guards.check_scorer(reward_model)
     if run.saved is not None:
         moments.load_state_dict(saved["reward_moments"])
         if ptx is not None and "ptx" in saved:
             ptx.load_state_dict(saved["ptx"])
+        guards.load_state_dict(saved)
     ppo = PPOTrainer(
         cfg, accelerator, policy, run.policy_u, reference, policy_opt, run.checkpointer, counts,
         value_model, value_opt, policy_sched, value_sched, reward_model, reward_fn, frozen_home, moments, ptx,
+        guards=guards,
     )  # fmt: skip
+    if guards.anchor and guards.anchors is None:  # a fresh run: the policy is still the starting one
+        ppo.policy.eval()
+        with frozen_on_device(ppo):
+            guards.anchors = reference_anchors(run, guards, partial(raw_scores, ppo))
     return run, ppo
 
 
@@ -217,41 +237,63 @@ def ptx_stream(cfg: PPOConfig, tokenizer: Any, accelerator: Any) -> PtxStream:
 @dataclasses.dataclass
 class PPOTensors:
     """One iteration's tensors over its B responses of at most T tokens: the score phase fills the first
-    eight, the advantages phase the last four."""
+    ten, the advantages phase the last four."""
 
     mask: torch.Tensor  # (B, T) 1.0 on response tokens
     old_logprobs: torch.Tensor  # (B, T) the policy's, at rollout time
     ref_logprobs: torch.Tensor  # (B, T) the reference's
     old_values: torch.Tensor  # (B, T) the value model's, at rollout time
     entropy: torch.Tensor  # (B, T) the policy's
-    raw_scores: torch.Tensor  # (B,) the reward model's (or reward_fn's)
+    raw_scores: torch.Tensor  # (B,) after the guards (the reward model's or reward_fn's when they are off)
+    rm_scores: torch.Tensor  # (B,) the reward model's (or reward_fn's); an ensemble's: its heads' mean
     closed: torch.Tensor  # (B,) bool: stopped and readable to the scorer
     readable: torch.Tensor  # (B,) bool: the raw score is a judgement
+    guard_stats: dict[str, float]  # what each guard did (`align.rl_math.guarded_scores`)
     scores: torch.Tensor | None = None  # (B,) normalised and shaped
     kl: torch.Tensor | None = None  # (B, T) the per-token KL charged in the rewards
     advantages: torch.Tensor | None = None  # (B, T)
     returns: torch.Tensor | None = None  # (B, T)
 
 
-def score_phase(ppo: PPOTrainer, batch: RolloutBatch, texts: list[str]) -> PPOTensors:
-    """No grad: the (B, T) old and reference log-probs, values and entropy, and the (B,) scores, with the
-    frozen models brought to the device only for this phase."""
+@contextmanager
+def frozen_on_device(ppo: PPOTrainer) -> Iterator[None]:
+    """The frozen models (reference, reward model) on the device inside the block, at home after it."""
+    frozen = [m for m in (ppo.reference, ppo.reward_model) if m is not None]
+    for model in frozen:
+        model.to(ppo.device)
+    try:
+        yield
+    finally:
+        for model in frozen:
+            model.to(ppo.frozen_home)
+
+
+def raw_scores(
+    ppo: PPOTrainer, batch: RolloutBatch, texts: list[str], queries: list[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The scorer's (B, K) scores, closed and readable (`score_members`): what the PAR anchors are made of."""
+    return score_members(
+        batch, texts, reward_model=ppo.reward_model, reward_fn=ppo.reward_fn,
+        micro_batch_size=ppo.cfg.micro_batch_size, autocast=ppo.accelerator.autocast,
+    )  # fmt: skip
+
+
+def score_phase(ppo: PPOTrainer, batch: RolloutBatch, texts: list[str], queries: list[int]) -> PPOTensors:
+    """No grad: the (B, T) old and reference log-probs, values and entropy, and the (B,) scores through the
+    guards (prompt i of `batch` is query `queries[i]`), with the frozen models brought to the device only
+    for this phase."""
     cfg = ppo.cfg
     mask = batch.response_mask.float()
     ppo.policy.eval()
     ppo.value_model.eval()
-    frozen = [m for m in (ppo.reference, ppo.reward_model) if m is not None]
-    for model in frozen:
-        model.to(ppo.device)
-    old_logprobs, ref_logprobs, old_values, entropy = rollout_passes(ppo, batch)
-    raw_scores, closed, readable = score_rollouts(
-        batch, texts, reward_model=ppo.reward_model, reward_fn=ppo.reward_fn,
-        micro_batch_size=cfg.micro_batch_size, autocast=ppo.accelerator.autocast,
-    )  # fmt: skip
-    for model in frozen:
-        model.to(ppo.frozen_home)
+    with frozen_on_device(ppo):
+        old_logprobs, ref_logprobs, old_values, entropy = rollout_passes(ppo, batch)
+        s = guard_scores(
+            ppo.guards, batch, texts, queries, reward_model=ppo.reward_model, reward_fn=ppo.reward_fn,
+            micro_batch_size=cfg.micro_batch_size, autocast=ppo.accelerator.autocast,
+        )  # fmt: skip
     masked = (old_logprobs * mask, ref_logprobs * mask, old_values * mask)
-    return PPOTensors(mask, *masked, entropy, raw_scores, closed, readable)
+    return PPOTensors(mask, *masked, entropy, s.scores, s.rm_scores, s.closed, s.readable, s.stats)
 
 
 def advantages_phase(ppo: PPOTrainer, tensors: PPOTensors) -> None:
@@ -260,7 +302,7 @@ def advantages_phase(ppo: PPOTrainer, tensors: PPOTensors) -> None:
     cfg, accelerator, t = ppo.cfg, ppo.accelerator, tensors
     t.scores = ppo_scores(cfg, ppo.moments, t.raw_scores, t.closed, t.readable, accelerator)
     rewards, t.kl = token_rewards(
-        t.scores, t.old_logprobs, t.ref_logprobs, t.mask, cfg.kl_coef, cfg.kl_estimator
+        t.scores, t.old_logprobs, t.ref_logprobs, t.mask, ppo.kl_coef, cfg.kl_estimator
     )
     t.advantages, t.returns = gae(rewards, t.old_values, t.mask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
@@ -292,7 +334,7 @@ def ppo_metrics(
     metrics.update({k: sum(v) / len(v) for k, v in stats.items()})
     metrics.update(
         {
-            "rm_score": t.raw_scores[t.closed].mean().item() if t.closed.any() else float("nan"),
+            "rm_score": t.rm_scores[t.closed].mean().item() if t.closed.any() else float("nan"),
             "closed_frac": t.closed.float().mean().item(),
             "score_normalised": t.scores.mean().item(),
             "reward_running_mean": ppo.moments.mean,
@@ -303,6 +345,7 @@ def ppo_metrics(
             "score_std_within_query": batch.grouped(t.raw_scores).std(dim=1).mean().item()
             if ppo.cfg.samples_per_query > 1
             else 0.0,
+            **t.guard_stats,
         }
     )
     return metrics

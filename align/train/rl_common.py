@@ -6,9 +6,14 @@ The phases of one RL iteration, named the same in both loops (`score_phase`, `ad
 `update_phase` in align/train/ppo.py and align/train/online.py):
   rollout      the policy samples responses (`RLRun.rollout`, over `align.rollout_engines`);
   score        `score_rollouts`: reward-model scores (or a rule-based reward) and which responses closed;
+               then `guard_scores`, the over-optimisation guards both loops share (`RewardGuards`:
+               ensemble -> clip -> anchor, all off by default);
   advantages   pure shaping in `align.rl_math` (PPO: `shape_scores` + `token_rewards` + `gae`;
                GRPO: `group_scores` + `group_advantages`; online DPO: `group_scores` + `best_worst_pairs`);
-  update       the method's loss, then `align.train.optim_step.optimizer_step`.
+  update       the method's loss, then `align.train.optim_step.optimizer_step`; the adaptive KL controller
+               (`adapt_kl`) moves the KL coefficient for the next iteration.
+
+The embedded query set both loops train on is `load_prompts` (`query_count`, `query_seed`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -23,22 +29,44 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import chatml
-from align.config import PPOConfig
+from align.config import OnlineConfig, PPOConfig
+from align.config_loader import ConfigError
 from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
 from align.reward import RewardModel
+from align.rl_math import AdaptiveKLController, ensemble_and_clip, guarded_scores
 from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
 from align.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
 
 
-def load_prompts(cfg: PPOConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
-    """Prompt conversations (ending with a user turn) and, for embedded data, their verifiable tasks."""
-    if cfg.dataset == "embedded":
-        from align.tasks import generate_tasks
+def query_count(cfg: PPOConfig | OnlineConfig) -> int:
+    """How many embedded queries: `query_count`, or (None) max(16 x batch_size, 64), PPO's count before it
+    was a key."""
+    return cfg.query_count if cfg.query_count is not None else max(cfg.batch_size * 16, 64)
 
-        tasks = generate_tasks(max(cfg.batch_size * 16, 64), seed=cfg.seed + 1, split="train")
+
+def query_seed(cfg: PPOConfig | OnlineConfig) -> int:
+    """The embedded queries' generate_tasks seed: `query_seed`, or (None) seed + 1, as before it was a key."""
+    return cfg.query_seed if cfg.query_seed is not None else cfg.seed + 1
+
+
+def query_set(count: int, seed: int) -> list[Any]:
+    """The embedded query set: `count` generated tasks of the train split with `seed`. The one definition
+    PPO and the online loops train on, and the one the RM's on-policy pairs should be sampled on
+    (recipes/sample_pairs.py with the same count and seed) so the RM's queries are the RL queries
+    (Qwen2.5). Held-out problems (`align.tasks.split_of_key`) are never in it, whatever the seed."""
+    from align.tasks import generate_tasks
+
+    return generate_tasks(count, seed=seed, split="train")
+
+
+def load_prompts(cfg: PPOConfig | OnlineConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
+    """Prompt conversations (ending with a user turn) and, for embedded data, their verifiable tasks (the
+    query set of `query_count` and `query_seed`)."""
+    if cfg.dataset == "embedded":
+        tasks = query_set(query_count(cfg), query_seed(cfg))
         return [t.messages for t in tasks], tasks
     path = Path(cfg.dataset)
     if not path.is_file():
@@ -264,15 +292,35 @@ def score_rollouts(
     With a reward model, a response the RM could not read (its end token missing: cut by the budget, or
     stopped on another stop id) is not closed; its raw score is the RM's placeholder and must not be used
     as a judgement (`align.rl_math.shape_scores`, `group_scores`). A rule-based `reward_fn` reads any text,
-    so closed = finished.
+    so closed = finished. An ensemble RM's raw score is its heads' mean (`score_members` gives each head's).
     """
+    members, closed, readable = score_members(
+        batch, texts, reward_model=reward_model, reward_fn=reward_fn, micro_batch_size=micro_batch_size,
+        autocast=autocast,
+    )  # fmt: skip
+    raw = members[:, 0] if members.shape[1] == 1 else members.mean(dim=1)
+    return raw, closed, readable
+
+
+def score_members(
+    batch: RolloutBatch,
+    texts: list[str],
+    *,
+    reward_model: Any = None,
+    reward_fn: Callable[[RolloutBatch, list[str]], Any] | None = None,
+    micro_batch_size: int = 8,
+    autocast: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`score_rollouts` with every reward head's score: (B, K) fp32 (K = the RM's `num_heads`; 1 for a
+    one-head RM or a rule-based reward), (B,) bool closed and (B,) bool readable."""
     device = batch.response_ids.device
     if reward_model is None:
         if reward_fn is None:
             raise ValueError("score_rollouts needs a reward_model or a reward_fn")
         raw = torch.as_tensor(reward_fn(batch, texts), dtype=torch.float32, device=device)
-        return raw, batch.finished.bool().clone(), torch.ones_like(batch.finished, dtype=torch.bool)
-    raw = torch.zeros(len(texts), device=device)
+        readable = torch.ones_like(batch.finished, dtype=torch.bool)
+        return raw.reshape(-1, 1), batch.finished.bool().clone(), readable
+    members = torch.zeros(len(texts), reward_model.config.num_heads, device=device)
     found = torch.zeros(len(texts), dtype=torch.bool, device=device)
     with torch.no_grad():
         for rows in micro_slices(list(range(len(texts))), micro_batch_size):
@@ -281,9 +329,192 @@ def score_rollouts(
             with ctx:
                 out = reward_model(seq.input_ids.to(device), seq.attention_mask.to(device))
             index = torch.tensor(rows, device=device)
-            raw[index] = out.rewards.float().to(device)
+            members[index] = out.member_rewards.float().to(device)
             found[index] = out.found.to(device)
-    return raw, batch.finished.bool() & found, found
+    return members, batch.finished.bool() & found, found
+
+
+# ---------------------------------------------------------------------------------------------------
+# Over-optimisation guards (`RewardGuardKeys`, `AdaptiveKLKeys` in align/config.py): the run state they
+# keep, applied in the score phase of PPO and the online loops alike.
+
+
+@dataclasses.dataclass
+class Scored:
+    """The score phase over B responses: `scores` are what the stage's shaping reads (after the guards;
+    the raw scores when every guard is off), `rm_scores` the scorer's own (an ensemble RM's heads' mean)."""
+
+    scores: torch.Tensor  # (B,) fp32, guarded
+    rm_scores: torch.Tensor  # (B,) fp32, as scored
+    closed: torch.Tensor  # (B,) bool: stopped and readable to the scorer
+    readable: torch.Tensor  # (B,) bool: the score is a judgement
+    stats: dict[str, float]  # what each guard did (`guarded_scores`)
+
+
+@dataclasses.dataclass
+class RewardGuards:
+    """One run's over-optimisation guards: the settings read from its config once, the PAR anchors (each
+    query's reference answer's score, `reference_anchors`) and the adaptive KL controller. The anchors and
+    the controller are run state, checkpointed with the trainer state (`state_dict`)."""
+
+    objective: str = "mean"
+    penalty: float = 0.0
+    clip: float | None = None
+    anchor: bool = False
+    anchors: list[float] | None = None  # per query (an index into the run's prompts); set before training
+    kl: AdaptiveKLController | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> RewardGuards:
+        """The guards of `cfg`; refuses a penalty that would do nothing (ConfigError, naming the key)."""
+        if cfg.rm_ensemble_penalty and cfg.rm_ensemble_objective != "uncertainty":
+            raise ConfigError(
+                f"rm_ensemble_penalty={cfg.rm_ensemble_penalty} is only read with "
+                f"rm_ensemble_objective=uncertainty (it is {cfg.rm_ensemble_objective})"
+            )
+        target = getattr(cfg, "kl_target", None)  # online DPO has no KL coefficient to adapt
+        return cls(
+            objective=cfg.rm_ensemble_objective,
+            penalty=cfg.rm_ensemble_penalty,
+            clip=cfg.reward_clip,
+            anchor=cfg.reward_anchor == "reference",
+            kl=AdaptiveKLController(cfg.kl_coef, target, cfg.kl_horizon) if target is not None else None,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {}
+        if self.anchor:
+            state["reward_anchors"] = self.anchors
+        if self.kl is not None:
+            state["kl_controller"] = self.kl.state_dict()
+        return state
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore from a checkpoint's trainer state. A checkpoint without anchors (the run started with
+        reward_anchor=none) is refused: the starting policy that must answer is gone. One without a
+        controller state starts the controller at kl_coef."""
+        if self.anchor:
+            if saved.get("reward_anchors") is None:
+                raise RunSetupError(
+                    "reward_anchor=reference, but the checkpoint has no reference scores (the run started "
+                    "without it) and the starting policy is no longer there to answer; use a new output_dir"
+                )
+            self.anchors = [float(x) for x in saved["reward_anchors"]]
+        if self.kl is not None and "kl_controller" in saved:
+            self.kl.load_state_dict(saved["kl_controller"])
+
+    def check_scorer(self, reward_model: Any) -> None:
+        """Refuse an ensemble objective that would do nothing: min and uncertainty need K > 1 heads."""
+        heads = reward_model.config.num_heads if reward_model is not None else 1
+        if self.objective != "mean" and heads < 2:
+            what = f"a reward model with {heads} head" if reward_model is not None else "a rule-based reward"
+            raise RunSetupError(
+                f"rm_ensemble_objective={self.objective} needs a reward model of several heads (num_heads in "
+                f"reward_config.json); the run is scored by {what}"
+            )
+
+    def kl_coef(self, fixed: float) -> float:
+        """The KL coefficient of this iteration: the controller's, else the config's `fixed` one."""
+        return self.kl.coef if self.kl is not None else fixed
+
+    def apply(
+        self, members: torch.Tensor, readable: torch.Tensor, queries: list[int], batch: RolloutBatch
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """`guarded_scores` of a batch whose prompt i is query `queries[i]`: (B,) scores and statistics."""
+        reference = None
+        if self.anchor:
+            if self.anchors is None:
+                raise RuntimeError("reward_anchor=reference: reference_anchors must run before scoring")
+            rows = [queries[int(p)] for p in batch.prompt_index.tolist()]
+            reference = torch.tensor([self.anchors[q] for q in rows], device=members.device)
+        return guarded_scores(
+            members, readable, objective=self.objective, penalty=self.penalty, clip=self.clip,
+            reference=reference,
+        )  # fmt: skip
+
+
+def guard_scores(
+    guards: RewardGuards,
+    batch: RolloutBatch,
+    texts: list[str],
+    queries: list[int],
+    *,
+    reward_model: Any = None,
+    reward_fn: Callable[[RolloutBatch, list[str]], Any] | None = None,
+    micro_batch_size: int = 8,
+    autocast: Any = None,
+) -> Scored:
+    """The score phase PPO and the online loops share: `score_members`, then the guards (ensemble -> clip
+    -> anchor) on readable rows; prompt i of `batch` is query `queries[i]`."""
+    members, closed, readable = score_members(
+        batch, texts, reward_model=reward_model, reward_fn=reward_fn, micro_batch_size=micro_batch_size,
+        autocast=autocast,
+    )  # fmt: skip
+    scores, stats = guards.apply(members, readable, queries, batch)
+    rm_scores = members[:, 0] if members.shape[1] == 1 else members.mean(dim=1)
+    return Scored(scores, rm_scores, closed, readable, stats)
+
+
+def reference_anchors(
+    run: Any,
+    guards: RewardGuards,
+    score: Callable[[RolloutBatch, list[str], list[int]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> list[float]:
+    """PAR's anchors: the policy's greedy answer to every query of `run` (call it before any update, so the
+    policy is the starting one), scored once by `score(batch, texts, queries) -> score_members' triple`,
+    then ensembled and clipped like every score. A reference answer the scorer could not read (it never
+    closed) gets the mean of the readable ones' scores. Every process computes all of them (greedy
+    decoding: the same on each). The main process writes them to reference_answers.jsonl."""
+    cfg, accelerator = run.cfg, run.accelerator
+    # vLLM decodes its own bf16 copy of the weights: no autocast of ours there (as RLRun.sample).
+    autocast = nullcontext if cfg.rollout_engine == "vllm" else accelerator.autocast
+    n = len(run.prompt_ids)
+    anchors: list[float | None] = []
+    records = []
+    for start in range(0, n, cfg.batch_size):
+        queries = list(range(start, min(start + cfg.batch_size, n)))
+        with autocast():
+            batch = run.engine.generate(
+                [run.prompt_ids[q] for q in queries], n=1, max_new_tokens=cfg.max_new_tokens,
+                temperature=0.0, top_p=1.0, seed=cfg.seed,
+            ).to(accelerator.device)  # fmt: skip
+        texts = batch.texts(run.tokenizer)
+        members, _, readable = score(batch, texts, queries)
+        base = ensemble_and_clip(members, guards.objective, guards.penalty, guards.clip)
+        for q, text, value, ok in zip(queries, texts, base.tolist(), readable.tolist(), strict=True):
+            anchors.append(value if ok else None)
+            records.append({"query": q, "response": text, "score": value if ok else None})
+    known = [a for a in anchors if a is not None]
+    if not known:
+        raise RunSetupError(
+            f"reward_anchor=reference: no greedy reference answer closed within max_new_tokens="
+            f"{cfg.max_new_tokens}, so none could be scored"
+        )
+    fill = sum(known) / len(known)
+    if run.is_main:
+        with (run.out / "reference_answers.jsonl").open("w") as fh:
+            for record in records:
+                fh.write(json.dumps(record) + "\n")
+    accelerator.print(
+        f"reward_anchor: {n} greedy reference answers scored, mean {fill:.3f}; {n - len(known)} unreadable "
+        "take that mean"
+    )
+    return [a if a is not None else fill for a in anchors]
+
+
+def adapt_kl(trainer: PolicyTrainer, kl: float | None, responses: int) -> dict[str, float]:
+    """After an iteration that used `trainer.kl_coef`: that coefficient (the `kl_coef` metric), then the
+    adaptive controller's move for the next iteration from the iteration's `kl` (averaged over processes,
+    so every process keeps the same coefficient) over the global batch's `responses`. `kl` None: no KL
+    was measured (nothing trained), the coefficient stays."""
+    used = trainer.kl_coef
+    controller = trainer.guards.kl
+    if controller is not None and kl is not None:
+        accelerator = trainer.accelerator
+        if accelerator.num_processes > 1:
+            kl = accelerator.reduce(torch.tensor(kl, device=trainer.device), reduction="mean").item()
+        controller.update(kl, responses)
+    return {"kl_coef": used}
 
 
 @dataclasses.dataclass
@@ -299,10 +530,18 @@ class PolicyTrainer:
     optimizer: Any
     checkpointer: Any
     counts: dict[str, Any]
+    # keyword-only, so the subclasses' own fields keep their positions
+    guards: RewardGuards = dataclasses.field(default_factory=RewardGuards, kw_only=True)
 
     @property
     def device(self) -> torch.device:
         return self.accelerator.device
+
+    @property
+    def kl_coef(self) -> float:
+        """The KL coefficient this iteration's loss uses: the adaptive controller's (kl_target), else
+        the config's kl_coef."""
+        return self.guards.kl_coef(self.cfg.kl_coef)
 
     @property
     def world(self) -> int:
@@ -317,8 +556,9 @@ class PolicyTrainer:
                 return rollout_logprobs(self.policy_u, sub, self.cfg.temperature)
 
     def trainer_state(self) -> dict[str, Any]:
-        """What a checkpoint keeps besides the weights, optimisers and schedules (the loop's counters)."""
-        return self.counts
+        """What a checkpoint keeps besides the weights, optimisers and schedules: the loop's counters and
+        the guards' state (PAR anchors, the KL controller)."""
+        return {**self.counts, **self.guards.state_dict()}
 
     def optimizer_step(self, step: int, what: str = "gradient") -> float:
         """`optimizer_step` on the policy (the schedule is stepped once per iteration by the loop)."""
