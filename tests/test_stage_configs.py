@@ -32,6 +32,7 @@ from align.pipeline import (
     stage_configs,
 )
 from align.pipeline_layout import final_model, stage_dir
+from align.sample_pairs import SamplePairsConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 # The one thing `batch_size` counts in each stage.
@@ -44,6 +45,8 @@ BATCH_UNIT = {
     GRPOConfig: "queries",
 }
 UNITS = ("sequences", "pairs", "queries")
+# Recipes that make data rather than train (recipes/sample_pairs.py), with their config classes.
+DATA_TOOLS = {"sample_pairs": SamplePairsConfig}
 
 
 def _shipped_configs() -> list[Path]:
@@ -58,6 +61,8 @@ def test_every_shipped_config_loads(path: Path):
         stage_configs(load_config(PipelineConfig, path))  # each stage's section against its class
     elif kind == "ablate":
         load_sweep(path)  # builds every run's config of the sweep's recipe
+    elif kind in DATA_TOOLS:
+        load_config(DATA_TOOLS[kind], path)  # a data tool, not a sweepable training stage
     else:
         # recipes/configs/<recipe>/*.yaml: loaded with that recipe's config class
         assert kind in RECIPES, f"{path}: no recipe named {kind} for recipes/configs/{kind}/"
@@ -66,7 +71,7 @@ def test_every_shipped_config_loads(path: Path):
 
 def test_the_shipped_configs_cover_every_directory():
     directories = {p.name for p in CONFIGS.iterdir() if p.is_dir()}
-    assert directories == set(RECIPES) | {"pipeline", "ablate"}
+    assert directories == set(RECIPES) | set(DATA_TOOLS) | {"pipeline", "ablate"}
     assert all(any(CONFIGS.joinpath(d).glob("*.yaml")) for d in directories)
 
 
