@@ -127,6 +127,11 @@ class RunKeys:
     logging_steps: int = doc(1, "Log metrics every N optimiser steps.")
     report_to: list[str] = doc(["tensorboard"], "Metric sinks besides metrics.jsonl: tensorboard, wandb.")
     progress: bool = doc(True, "Show a progress bar.")
+    sharding: Literal["none", "fsdp"] = doc(
+        "none",
+        "fsdp: shard weights, gradients and AdamW state over the processes (FSDP2, one unit per decoder "
+        "layer); SFT and DPO so far. Launching with accelerate_configs/fsdp.yaml implies it.",
+    )
 
 
 @dataclasses.dataclass
