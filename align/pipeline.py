@@ -165,17 +165,29 @@ def signature_hash(sig: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(sig, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _same_signature(record: dict[str, Any], sig: dict[str, Any], digest: str) -> bool:
+def _same_signature(
+    record: dict[str, Any], sig: dict[str, Any], digest: str, defaults: dict[str, Any] | None = None
+) -> bool:
     """Whether a stage's recorded run had this signature. A key recorded then that the stage's config no
     longer has is left out of the comparison: keys are removed from a stage only when its loop never
-    read them (e.g. PPO's skip_bad), so they cannot have changed its output."""
+    read them (e.g. PPO's skip_bad), so they cannot have changed its output. A key the config has gained
+    since counts as unchanged while it holds its default (`defaults`): new keys arrive off by default
+    (e.g. the RL guards), so the recorded run behaved as the default does."""
     if record.get("hash") == digest:
         return True
     recorded = record.get("signature")
     if not isinstance(recorded, dict) or not isinstance(recorded.get("config"), dict):
         return False
     kept = {k: v for k, v in recorded["config"].items() if k in sig["config"]}
+    for key, value in sig["config"].items():
+        if key not in recorded["config"] and defaults is not None and defaults.get(key, object()) == value:
+            kept[key] = value
     return signature_hash({**recorded, "config": kept}) == digest
+
+
+def config_defaults(stage_cfg: Any) -> dict[str, Any]:
+    """The stage config class's defaults, as `signature` records values."""
+    return dataclasses.asdict(type(stage_cfg)())
 
 
 def _changes(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -245,7 +257,9 @@ def plan_pipeline(cfg: PipelineConfig, configs: dict[str, Any], state: dict[str,
         sig = signature(configs[stage], {up: hashes[up] for up in UPSTREAM[stage]})
         digest = hashes[stage] = signature_hash(sig)
         record = state["stages"].get(stage)
-        same = record is not None and _same_signature(record, sig, digest)
+        same = record is not None and _same_signature(record, sig, digest, config_defaults(configs[stage]))
+        if same and isinstance(record.get("hash"), str):
+            hashes[stage] = record["hash"]  # later stages recorded this run's hash as their input
         complete = is_complete(root, stage)
         directory = stage_dir(root, stage)
         has_files = directory.is_dir() and any(directory.iterdir())

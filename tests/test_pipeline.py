@@ -318,3 +318,21 @@ def test_lora_settings_leave_a_full_weight_stage_signature_alone():
     assert not _same_signature(
         {"hash": signature_hash(lora_old), "signature": lora_old}, lora, signature_hash(lora)
     )
+
+
+def test_a_key_added_since_a_stage_ran_is_unchanged_at_its_default():
+    """A PPO stage recorded before the RL guards existed (no reward_clip in its record) is the same stage
+    while reward_clip stays at its default, and a changed one when it is set."""
+    import dataclasses
+
+    from align.config import PPOConfig
+    from align.pipeline import _same_signature, config_defaults, signature, signature_hash
+
+    cfg = PPOConfig()
+    sig = signature(cfg, {"rm": "abc"})
+    old = {**sig, "config": {k: v for k, v in sig["config"].items() if k != "reward_clip"}}
+    record = {"hash": signature_hash(old), "signature": old}
+    assert _same_signature(record, sig, signature_hash(sig), config_defaults(cfg))
+    assert not _same_signature(record, sig, signature_hash(sig))  # without the defaults: a change
+    clipped = signature(dataclasses.replace(cfg, reward_clip=5.0), {"rm": "abc"})
+    assert not _same_signature(record, clipped, signature_hash(clipped), config_defaults(cfg))
