@@ -45,6 +45,10 @@ Sampling semantics, shared by every engine:
 
   ``logprobs="generate"`` takes them from the decoding logits instead (HF: ``output_logits``; manual
   engine: streamed per step at no memory cost); ``"none"`` skips them (evaluation).
+* **Precision**: engines decode in the caller's precision. The RL loops call them under the training
+  autocast (:func:`align.train.rl_run.sample_rollouts`: bf16 over the fp32 master weights on GPU, plain
+  fp32 on CPU), so rollouts run in the dtype the training forward does, and the static engine allocates its
+  KV cache in that dtype; log-probs are float32 in every case.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@
 other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngine`:
 
 * **Static KV cache** (:class:`SlotKVCache`): per layer one (slots, kv_heads, capacity, head_dim) buffer,
-  allocated once per ``generate`` call (kept per bucket when compiled). A decoding step writes each slot's new key/value in place at the
-  slot's own column and attends over the whole buffer through a 4D mask: no allocation, no concatenation,
-  no re-indexing of the cache when rows finish, and every step has the same shapes (the precondition for
-  CUDA graphs / ``torch.compile``). Each slot holds its prompt from column 0, unpadded, so a token's
-  column is its position id.
+  allocated once per ``generate`` call (kept per shape bucket when compiled). A decoding step writes each
+  slot's new key/value in place at the slot's own column and attends over the whole buffer through a 4D
+  mask: no allocation, no concatenation, no re-indexing of the cache when rows finish, and every step has
+  the same shapes (the precondition for CUDA graphs / ``torch.compile``). Each slot holds its prompt from
+  column 0, unpadded, so a token's column is its position id.
 * **Continuous refilling**: with more rows (prompts x ``n``) than ``batch_size`` slots, a slot whose row
   emitted a stop token (or hit ``max_new_tokens``) is refilled with the next row (one prefill of the new
   prompts into their slots, once ``refill_fraction`` of the slots are idle) instead of idling until the
@@ -22,11 +22,26 @@ other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngi
   the two agree token for token only when greedy.
 * **CUDA-graph decoding** (``compile``, the RL configs' ``rollout_compile``; default on for CUDA): the
   whole step (forward, top-p by one full sort, counter-based sampling, stop test:
-  :meth:`StaticRolloutEngine._decode_step`) works in place on fixed device buffers marked static (``torch._dynamo.mark_static_address``) and is
-  compiled with ``mode="reduce-overhead"``, ``fullgraph=True``: one graph per (slots, capacity) bucket (powers
-  of two). The host looks at which slots finished only every ``check_every`` steps (no ``tolist()`` per step).
-  If inductor skips the graphs the engine raises instead of running eager. **Not yet measured on a GPU**; on
-  CPU the same step function runs eager (tests), or compiled without graphs (``compile="on"``, a slow test).
+  :meth:`StaticRolloutEngine._decode_step`) works in place on fixed device buffers marked static
+  (``torch._dynamo.mark_static_address``) and is compiled with ``mode="reduce-overhead"``,
+  ``fullgraph=True``. **Recompile guard**: the call's scalars (seed, temperature, top-p, max_new_tokens)
+  are 0-d tensors in the decoding state, so changing them compiles nothing; a compilation happens once per
+  *shape*: (slots, cache columns, max_new_tokens, stop ids) each rounded up to a power of two, greedy or
+  sampled, cache dtype. Each engine counts its own compilations (``isolate_recompiles``) against torch's
+  ``recompile_limit`` (8); an RL run keeps its slots and sampling fixed, so it meets one shape per cache
+  bucket its prompts reach. Past the limit the engine raises a ``RuntimeError`` naming the shapes it
+  compiled and the two ways out (raise the limit, or ``rollout_compile=off``) instead of torch's
+  ``FailOnRecompileLimitHit`` (it does not fall back to eager on its own: that would silently slow the
+  run). Every compiled call reads inductor's CUDA-graph skip counter before and after (any call may
+  compile: a failed guard recompiles within a shape), and the engine raises instead of running eager. The
+  eager engine runs the very same step and sampler (:func:`~align.sampling.sample_tokens_graph`), so
+  ``compile`` changes no token beyond the compiled kernels' float rounding. **Not yet measured on a GPU**;
+  on CPU the same step function runs eager (tests), or compiled without graphs (``compile="on"``, a slow
+  test).
+* **Compute dtype**: the KV cache takes the dtype the model computes in (:func:`compute_dtype`): the
+  autocast dtype when autocast is on for the model's device (the RL loops sample under the training
+  precision, bf16 on GPU), else the weights'. Log-probs are float32 either way. Under autocast a compiled
+  step casts the fp32 master weights to bf16 inside the graph, every step (not yet measured on a GPU).
 
 Log-probs, stop handling, the returned :class:`~align.rollout.RolloutBatch` and the constructor are those of
 the other engines. A slot whose row finished while no prompt is waiting still runs in the fixed-shape step
@@ -40,6 +55,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -48,7 +64,7 @@ import torch
 
 from align.hf_compat import cache_kwargs
 from align.rollout import _BatchedEngine, _device_of
-from align.sampling import counter_token_keys, counter_uniforms, sample_tokens
+from align.sampling import counter_token_keys, counter_uniforms, sample_tokens_graph
 
 
 class SlotKVCache:
@@ -60,7 +76,8 @@ class SlotKVCache:
     """
 
     def __init__(self, config: Any, slots: int, capacity: int, dtype: torch.dtype, device: torch.device):
-        kv_heads = config.num_key_value_heads
+        # GPT-2's config has no num_key_value_heads: one K/V head per attention head.
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         shape = (slots, kv_heads, capacity, head_dim)
         # Zeros, not empty: masked columns must hold finite numbers (0 x NaN would poison the attention).
@@ -78,6 +95,9 @@ class SlotKVCache:
         """Write ``key``/``value`` (k, kv_heads, q, head_dim) at (``rows``, ``cols``); return the rows' whole
         buffers (k, kv_heads, capacity, head_dim): the buffers themselves on a decoding step (no copy)."""
         kb, vb = self.keys[layer_idx], self.values[layer_idx]
+        # Under autocast rotary leaves the keys in float32 (cos/sin follow the fp32 residual stream): the
+        # cache stores the compute dtype, which is what autocast's attention would cast them to anyway.
+        key, value = key.to(kb.dtype), value.to(vb.dtype)
         if self.rows is None:  # decoding: one new column per slot, each at its own position
             kb[self.all_slots, :, self.cols[:, 0]] = key[:, :, 0]
             vb[self.all_slots, :, self.cols[:, 0]] = value[:, :, 0]
@@ -102,16 +122,19 @@ def _bucket(n: int, least: int = 1) -> int:
 
 
 class _DecodeState:
-    """Per-slot decoding state, device tensors of fixed shape (S slots, M = max_new_tokens), written in place
-    (by the eager refill and by the captured step alike) so that a CUDA graph can read and write them.
+    """Per-slot decoding state, device tensors of fixed shape (S slots, W = ``max_new_tokens`` rounded up
+    to a power of two), written in place (by the eager refill and by the captured step alike) so that a
+    CUDA graph can read and write them.
 
     ``tok`` (S,) the last sampled token (fed to the next step); ``lengths`` (S,) the cache column it goes to;
     ``steps`` (S,) tokens sampled so far; ``live`` (S,) bool; ``row_ids`` (S,) the row each slot decodes;
-    ``out_tok``/``out_lp`` (S, M + 1) the sampled tokens and their log-probs (column M takes the writes
-    of finished or idle slots); ``seed`` () long; ``stop_ids`` (K,) long.
+    ``out_tok``/``out_lp`` (S, W + 1) the sampled tokens and their log-probs (column W takes the writes
+    of finished or idle slots); ``stop_ids`` (K,) long, the stop set padded with -1 (no token) to a power of
+    two. The call's scalars are 0-d tensors, so that a compiled step does not recompile when they change:
+    ``seed`` long, ``max_new`` long, ``temperature`` and ``top_p`` float32.
     """
 
-    def __init__(self, slots: int, max_new: int, device: torch.device) -> None:
+    def __init__(self, slots: int, width: int, stop_width: int, device: torch.device) -> None:
         def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
             return torch.zeros(shape, dtype=dtype, device=device)
 
@@ -122,11 +145,22 @@ class _DecodeState:
             zeros(slots),
         )
         self.live = zeros(slots, dtype=torch.bool)
-        self.out_tok = zeros(slots, max_new + 1)
-        self.out_lp = zeros(slots, max_new + 1, dtype=torch.float32)
-        self.seed = zeros()
-        self.stop_ids = zeros(0)
-        self.max_new = max_new
+        self.out_tok = zeros(slots, width + 1)
+        self.out_lp = zeros(slots, width + 1, dtype=torch.float32)
+        self.stop_ids = zeros(stop_width)
+        self.seed, self.max_new = zeros(), zeros()
+        self.temperature, self.top_p = zeros(dtype=torch.float32), zeros(dtype=torch.float32)
+
+    def set_call(self, seed: int, max_new: int, temperature: float, top_p: float, stop: list[int]) -> None:
+        """One ``generate`` call's scalars and stop set, written in place."""
+        self.seed.fill_(seed)
+        self.max_new.fill_(max_new)
+        # Greedy ignores the temperature; its log-probs are at T = 1 (see align.rollout).
+        self.temperature.fill_(temperature if temperature > 0 else 1.0)
+        self.top_p.fill_(top_p)
+        stops = sorted(set(stop))
+        self.stop_ids.fill_(-1)
+        self.stop_ids[: len(stops)] = torch.tensor(stops, dtype=torch.long)
 
     def tensors(self) -> list[torch.Tensor]:
         return [
@@ -137,33 +171,41 @@ class _DecodeState:
             self.live,
             self.out_tok,
             self.out_lp,
+            self.stop_ids,
             self.seed,
+            self.max_new,
+            self.temperature,
+            self.top_p,
         ]
 
 
 def sample_into(
-    state: _DecodeState,
-    logits: torch.Tensor,
-    idx: torch.Tensor,
-    token_keys: torch.Tensor | None,
-    temperature: float,
-    top_p: float,
-    initial_k: int = 64,
+    state: _DecodeState, logits: torch.Tensor, idx: torch.Tensor, token_keys: torch.Tensor | None
 ) -> None:
     """Sample the next token of slots ``idx`` (k,) from ``logits`` (k, V), record it, and test for stop.
 
-    The noise of a slot is ``counter_uniforms(seed, row, step)``, so a row draws the same tokens in any slot.
-    Only live slots advance; a token that is a stop id, or the ``max_new``-th, ends its slot. No host sync.
+    ``token_keys`` ``None`` is greedy. The noise of a slot is ``counter_uniforms(seed, row, step)``, so a
+    row draws the same tokens in any slot. Eager refills and the compiled step run this very function
+    (:func:`~align.sampling.sample_tokens_graph`: full sort, tensor knobs), so compile on or off samples
+    alike. Only live slots advance; a stop id, or the ``max_new``-th token, ends its slot. No host sync.
     """
     rows, t, live = state.row_ids[idx], state.steps[idx], state.live[idx]
-    uniforms = counter_uniforms(state.seed, rows, t, token_keys) if temperature > 0 else None
-    tok, lp = sample_tokens(logits, temperature, top_p, uniforms=uniforms, initial_k=initial_k)
-    col = torch.where(live, t, state.max_new)
+    uniforms = counter_uniforms(state.seed, rows, t, token_keys) if token_keys is not None else None
+    tok, lp = sample_tokens_graph(logits, state.temperature, state.top_p, uniforms)
+    col = torch.where(live, t, state.out_tok.shape[1] - 1)
     state.out_tok[idx, col] = tok
     state.out_lp[idx, col] = lp
     state.tok[idx] = tok
     state.steps[idx] = t + live.long()
     state.live[idx] = live & ~torch.isin(tok, state.stop_ids) & (t + 1 < state.max_new)
+
+
+def _recompile_limit_hit() -> Any:
+    """What torch raises past the recompile limit under fullgraph=True (looked up when needed: importing
+    torch._dynamo costs a second)."""
+    from torch._dynamo import exc
+
+    return getattr(exc, "FailOnRecompileLimitHit", ())  # the name of torch >= 2.6
 
 
 def cudagraph_skips() -> int:
@@ -183,14 +225,23 @@ def require_graphs(skips_before: int) -> None:
         )
 
 
+def compute_dtype(model: Any, device: torch.device) -> torch.dtype:
+    """The dtype the model's activations (hence its keys and values) come out in: autocast's where it is
+    enabled on ``device`` (the RL loops' bf16 on GPU), else the weights'."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
+
+
 class StaticRolloutEngine(_BatchedEngine):
     """Fixed-shape decoding with a static KV cache and continuous refilling (see the module docstring).
 
     Same constructor as :class:`~align.rollout.HFRolloutEngine` (``batch_size`` = decoding slots), plus
     ``compile``: ``auto`` (default: on for CUDA, off elsewhere), ``on`` or ``off`` (bools accepted). On CUDA,
     ``on`` captures the whole decoding step (forward, top-p, sampling, stop test; :meth:`_decode_step`) in
-    CUDA graphs through ``torch.compile(mode="reduce-overhead")``, one graph per (slots, capacity) bucket,
-    and raises if inductor skips the graphs (instead of running eager silently). Elsewhere ``on`` compiles
+    CUDA graphs through ``torch.compile(mode="reduce-overhead")``, one graph per shape bucket (see the
+    module docstring's recompile guard), and raises if inductor skips the graphs or torch's recompile limit
+    is reached (instead of running eager silently). Elsewhere ``on`` compiles
     without graphs (a check of the traced step). ``refill_fraction``: refill once this share of the slots
     (at least one) is idle and prompts are waiting. Each refill is one prefill call, so refilling slot by
     slot costs more calls than it saves steps (CPU smoke bench, 6 slots: 0.25 was 3-5% faster than 1/6 or
@@ -228,7 +279,9 @@ class StaticRolloutEngine(_BatchedEngine):
         self.check_every = check_every
         self.refill_min = max(1, math.ceil(refill_fraction * self.batch_size))
         self._compiled: Callable | None = None
-        self._graphs_checked: set[tuple[int, ...]] = set()
+        # The shapes this engine's compiled step has run (each one compilation), for the limit's message.
+        self.compiled_shapes: set[tuple[Any, ...]] = set()
+        self.cache_dtype: torch.dtype | None = None  # the KV cache's dtype in the last call
         self._buffers: dict[tuple[Any, ...], tuple[SlotKVCache, _DecodeState]] = {}
 
     def _compiling(self, device: torch.device) -> bool:
@@ -268,21 +321,14 @@ class StaticRolloutEngine(_BatchedEngine):
         mask = _additive_mask((columns[None, :] <= lengths[:, None])[:, None, None, :], cache.keys[0].dtype)
         return self._forward(cache, tokens[:, None], lengths[:, None], mask, 1)
 
-    def _decode_step(
-        self,
-        cache: SlotKVCache,
-        state: _DecodeState,
-        token_keys: torch.Tensor | None,
-        temperature: float,
-        top_p: float,
-        initial_k: int,
-    ) -> None:
+    def _decode_step(self, cache: SlotKVCache, state: _DecodeState, token_keys: torch.Tensor | None) -> None:
         """The whole decoding step, in place on ``cache`` and ``state``: forward every slot's last token,
-        then sample, record and stop-test (:func:`sample_into`). Fixed shapes, no host sync: the function
-        that is CUDA-graphed; eager runs the very same function."""
+        then sample (``token_keys`` None: greedy), record and stop-test (:func:`sample_into`). Fixed
+        shapes, no host sync: the function that is CUDA-graphed; eager runs the very same function. Greedy
+        or not is its only Python-level choice: the call's scalars are tensors in ``state``."""
         logits = self._step(cache, state.tok, state.lengths)
         state.lengths.add_(state.live.long())
-        sample_into(state, logits, cache.all_slots, token_keys, temperature, top_p, initial_k)
+        sample_into(state, logits, cache.all_slots, token_keys)
 
     def _prefill(self, cache: SlotKVCache, slots: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Write ``prompts`` into ``slots`` from column 0 (right-padded batch, causal mask); return each
@@ -304,18 +350,23 @@ class StaticRolloutEngine(_BatchedEngine):
         return self._forward(cache, ids, cache.cols, mask, last[:, None])
 
     def _buffers_for(
-        self, slots: int, capacity: int, max_new: int, dtype: torch.dtype, device: torch.device
+        self,
+        slots: int,
+        capacity: int,
+        width: int,
+        stop_width: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> tuple[SlotKVCache, _DecodeState]:
-        """The cache and state of one (slots, capacity, max_new) bucket, allocated once and reused, so a
-        captured graph keeps reading and writing the same addresses."""
+        """The cache and state of one shape bucket, allocated once and reused, so a captured graph keeps
+        reading and writing the same addresses."""
         if not self._compiling(device):  # eager: nothing to keep between calls
-            return SlotKVCache(self.model.config, slots, capacity, dtype, device), _DecodeState(
-                slots, max_new, device
-            )
-        key = (slots, capacity, max_new, dtype, device)
+            cache = SlotKVCache(self.model.config, slots, capacity, dtype, device)
+            return cache, _DecodeState(slots, width, stop_width, device)
+        key = (slots, capacity, width, stop_width, dtype, device)
         if key not in self._buffers:
             cache = SlotKVCache(self.model.config, slots, capacity, dtype, device)
-            state = _DecodeState(slots, max_new, device)
+            state = _DecodeState(slots, width, stop_width, device)
             for t in [*cache.keys, *cache.values, cache.all_slots, *state.tensors()]:
                 torch._dynamo.mark_static_address(t)
             self._buffers[key] = (cache, state)
@@ -324,20 +375,50 @@ class StaticRolloutEngine(_BatchedEngine):
     def _compiled_step(self, device: torch.device) -> Callable:
         if self._compiled is None:
             mode = "reduce-overhead" if device.type == "cuda" else None
-            self._compiled = torch.compile(self._decode_step, mode=mode, dynamic=False, fullgraph=True)
+            # isolate_recompiles: the step's code object is shared by every engine in the process; each
+            # engine counts only its own compilations against torch's recompile_limit (torch >= 2.13;
+            # older ones share the count, which changes when the limit is met, not what is sampled).
+            isolate = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+            self._compiled = torch.compile(
+                self._decode_step,
+                mode=mode,
+                dynamic=False,
+                fullgraph=True,
+                **({"isolate_recompiles": True} if isolate else {}),
+            )
         return self._compiled
 
-    def _run_step(self, step: Callable, cache: SlotKVCache, state: _DecodeState, *args: Any) -> None:
-        if not self._compiled or cache.all_slots.device.type != "cuda":
-            step(cache, state, *args)
+    def _run_step(
+        self, step: Callable, cache: SlotKVCache, state: _DecodeState, token_keys: torch.Tensor | None
+    ) -> None:
+        if step is not self._compiled:  # eager
+            step(cache, state, token_keys)
             return
-        torch.compiler.cudagraph_mark_step_begin()
+        shape = (cache.all_slots.numel(), cache.keys[0].shape[2], state.out_tok.shape[1] - 1)
+        shape += (state.stop_ids.numel(), "greedy" if token_keys is None else "sampled", cache.keys[0].dtype)
+        if cache.all_slots.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        # Read around every call, not only a shape's first: any call may compile (a guard that fails
+        # recompiles within a shape), and every compilation may skip the graphs.
         skips = cudagraph_skips()
-        step(cache, state, *args)
-        bucket = (cache.all_slots.numel(), cache.keys[0].shape[2], state.max_new)
-        if bucket not in self._graphs_checked:  # the first call of a bucket compiles and records
-            require_graphs(skips)
-            self._graphs_checked.add(bucket)
+        try:
+            step(cache, state, token_keys)
+        except _recompile_limit_hit() as error:
+            raise RuntimeError(self._recompile_limit_message(shape)) from error
+        require_graphs(skips)
+        self.compiled_shapes.add(shape)
+
+    def _recompile_limit_message(self, shape: tuple[Any, ...]) -> str:
+        limit = torch._dynamo.config.recompile_limit
+        seen = ", ".join(map(str, sorted(self.compiled_shapes, key=str))) or "none"
+        return (
+            f"StaticRolloutEngine: torch.compile hit its recompile limit (torch._dynamo.config."
+            f"recompile_limit = {limit}) on decoding shape {shape} (slots, cache columns, max_new_tokens "
+            f"bucket, stop ids, greedy/sampled, dtype); shapes compiled so far: {seen}. Temperature, top-p, "
+            "seed and max_new_tokens are tensors and never recompile; each new shape (power-of-two buckets "
+            "of rows, prompt + response length) does. Raise torch._dynamo.config.recompile_limit, or set "
+            "rollout_compile=off to decode eager (the same step function, slower)."
+        )
 
     def _decode_rows(self, rows, order, max_new_tokens, temperature, top_p, stop, generator, done) -> None:
         """Decode every row through the slots, refilling slots whose rows ended; looks at the device state
@@ -351,17 +432,15 @@ class StaticRolloutEngine(_BatchedEngine):
         n_slots = min(self.batch_size, _bucket(len(order))) if compiling else min(self.batch_size, len(order))
         need = max(len(rows[i]) for i in order) + max_new_tokens
         capacity = _bucket(need, 64) if compiling else need
-        dtype = next(model.parameters()).dtype
+        width = _bucket(max_new_tokens) if compiling else max_new_tokens
+        dtype = self.cache_dtype = compute_dtype(model, device)
         want_logps = self.logprobs == "generate"
         check_every = self.check_every or (8 if device.type == "cuda" else 1)
         step = self._compiled_step(device) if compiling else self._decode_step
-        # Compiled: top-p by one full sort (k = V), since the top-k search picks its k on the host.
-        initial_k = 1 << 62 if compiling else 64
 
-        cache, state = self._buffers_for(n_slots, capacity, max_new_tokens, dtype, device)
+        cache, state = self._buffers_for(n_slots, capacity, width, _bucket(len(set(stop)), 4), dtype, device)
         state.live.zero_()
-        state.seed.fill_(int(generator))
-        state.stop_ids = torch.tensor(sorted(set(stop)), dtype=torch.long, device=device)
+        state.set_call(int(generator), max_new_tokens, temperature, top_p, stop)
         token_keys = None
         queue = collections.deque(order)
         slot_row = [-1] * n_slots  # row decoded in each slot, -1: idle
@@ -380,7 +459,7 @@ class StaticRolloutEngine(_BatchedEngine):
             state.row_ids[idx] = torch.tensor(take, dtype=torch.long, device=device)
             state.steps[idx] = 0
             state.live[idx] = True
-            sample_into(state, logits, idx, token_keys, temperature, top_p)
+            sample_into(state, logits, idx, token_keys)
             for s, i in zip(use, take, strict=True):
                 slot_row[s] = i
 
@@ -409,4 +488,4 @@ class StaticRolloutEngine(_BatchedEngine):
                 if queue and (len(idle) >= self.refill_min or len(idle) == n_slots):
                     refill(idle)
                 for _ in range(check_every):
-                    self._run_step(step, cache, state, token_keys, temperature, top_p, initial_k)
+                    self._run_step(step, cache, state, token_keys)

@@ -1,5 +1,6 @@
 """Token sampling for the rollout engines: the nucleus (top-p) filter without a full-vocabulary sort,
-the exponential-race draw with its log-prob, and batch-invariant counter-based noise.
+the exponential-race draw with its log-prob (:func:`sample_tokens`; its graph-safe twin for the static
+engine, :func:`sample_tokens_graph`), and batch-invariant counter-based noise.
 
 What is sampled and which log-prob is returned is specified in :mod:`align.rollout`'s module docstring.
 """
@@ -111,7 +112,7 @@ def sample_tokens(
     :func:`counter_uniforms`), else drawn with ``generator`` (reproducible without the global RNG).
     ``-log U`` rather than ``exponential_``: the same distribution, 6x cheaper on CPU (0.14 vs 0.81 ms for
     6 x 8,192; measured with one thread). ``initial_k``: see :func:`nucleus_cutoff` (the vocabulary size
-    sorts at once: no host sync, as a CUDA graph needs).
+    sorts at once: no host sync). A compiled step uses :func:`sample_tokens_graph` (tensor knobs).
     """
     scaled = logits.float() / (temperature if temperature > 0 else 1.0)
     logp = scaled.log_softmax(dim=-1)
@@ -129,6 +130,35 @@ def sample_tokens(
         tokens = (probs / race).argmax(dim=-1)
     else:
         tokens = scaled.argmax(dim=-1)
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
+def sample_tokens_graph(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniforms: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_tokens` for a compiled graph: the same tokens and log-probs, with no host sync and
+    with the knobs as tensors, so one graph serves every temperature and top-p.
+
+    ``temperature``, ``top_p``: 0-d float32 tensors (``temperature`` > 0; ignored when greedy).
+    ``uniforms`` (B, V): the race noise; ``None`` is greedy (argmax, log-probs at T = 1). The nucleus comes
+    from one full sort of the vocabulary (what :func:`nucleus_cutoff` does on CPU up to 16,384 words, and
+    for flat rows anywhere); ``top_p >= 1`` keeps every token, as :func:`sample_tokens` skips the filter.
+    """
+    if uniforms is None:
+        scaled = logits.float()  # sample_tokens divides by 1.0 here: exact, so nothing to do
+        logp = scaled.log_softmax(dim=-1)
+        tokens = scaled.argmax(dim=-1)
+        return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+    # float32 knobs: sample_tokens' Python floats meet float32 tensors as float32 too, so same numbers.
+    scaled = logits.float() / temperature
+    logp = scaled.log_softmax(dim=-1)
+    probs = scaled.softmax(dim=-1)
+    head = _sort_descending(probs)
+    cutoff = _nucleus_cutoff(head, head.cumsum(dim=-1), top_p)
+    cutoff = torch.where(top_p >= 1.0, torch.zeros_like(cutoff), cutoff)
+    probs = probs.masked_fill(probs < cutoff, 0.0)
+    race = uniforms.clamp(min=1e-12).log_().neg_().clamp_(min=torch.finfo(torch.float32).tiny)
+    tokens = (probs / race).argmax(dim=-1)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 

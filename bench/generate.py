@@ -3,8 +3,12 @@
     python bench/generate.py --mode real --model qwen2.5-0.5b --device cuda
     python bench/generate.py --mode smoke --device cpu
 
-The same randomly initialised model (bf16 weights on GPU, fp32 on CPU) samples continuations of the
-same length-varied prompts at temperature 1, top-p 0.9, no top-k (the peer's default top-k 50 is
+What the RL loops run is what is timed: fp32 master weights under the training precision (bf16 autocast
+on GPU, plain fp32 on CPU), and our engines called through ``align.train.rl_run.sample_rollouts``, the call
+``RLRun.sample`` makes (so the static engine's KV cache and CUDA graphs are bf16 on GPU); the record says
+which weights, compute precision, engine and KV-cache dtype were measured. The peer runs the same model
+under the same autocast. The same randomly initialised model samples continuations of the same
+length-varied prompts at temperature 1, top-p 0.9, no top-k (the peer's default top-k 50 is
 turned off so both sample the same distribution), in one batch of ``batch`` rows, stopping at
 ``<|im_end|>``/EOS or ``new_tokens``. Peer: `model.generate(do_sample=True, top_p=0.9, top_k=0)` on
 the left-padded batch. Ours: `align.rollout_static.StaticRolloutEngine` (pre-allocated KV slots, fixed-shape
@@ -64,16 +68,22 @@ def _generated(rows: list[list[int]], stops: set[int]) -> int:
 def engine_call(
     args, model, tokenizer, prompts: list[list[int]], engine_cls, stops: list[int] | None = None
 ) -> Callable[[int], float]:
-    """All prompts through an align rollout engine (``batch`` rows at a time); returns the tokens generated."""
+    """All prompts through an align rollout engine (``batch`` rows at a time), called as the RL loops call
+    it (``sample_rollouts`` under the training autocast); returns the tokens generated. The engine is the
+    returned function's ``engine`` attribute (its ``cache_dtype`` says what the static engine allocated)."""
+    from align.train.rl_run import sample_rollouts
+
     s = SETTINGS[args.mode]
     engine = engine_cls(model, tokenizer, batch_size=s["batch"], logprobs="none")
 
     def call(seed: int) -> float:
-        batch = engine.generate(
-            prompts, n=1, max_new_tokens=s["new_tokens"], top_p=0.9, stop=stops, seed=seed
-        )
+        batch = sample_rollouts(
+            engine, prompts, n=1, max_new_tokens=s["new_tokens"], temperature=1.0, top_p=0.9,
+            seed=seed, autocast=lambda: common.autocast(args.device), stop=stops,
+        )  # fmt: skip
         return float(batch.response_mask.sum())
 
+    call.engine = engine  # type: ignore[attr-defined]
     return call
 
 
@@ -97,7 +107,7 @@ def generate_call(
     def call(seed: int) -> float:
         torch.manual_seed(seed)
         total = 0.0
-        with torch.inference_mode():
+        with torch.inference_mode(), common.autocast(args.device):  # the precision ours decodes in
             for ids, mask in chunks:
                 out = model.generate(
                     input_ids=ids,
@@ -153,9 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
     from align.rollout_manual import ManualRolloutEngine
     from align.rollout_static import StaticRolloutEngine
 
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    # fp32 master weights on every device, as the RL loops hold them; bf16 comes from autocast on GPU.
     # One model for every side: the peer's attention (sdpa; the engines switch to it for decoding anyway).
-    model = common.build_lm(args.shape, args.device, args.seed, dtype=dtype, side="peer").eval()
+    model = common.build_lm(args.shape, args.device, args.seed, dtype=torch.float32, side="peer").eval()
     model.generation_config.use_cache = True
     tokenizer = common.synthetic_tokenizer(common.MODELS[args.shape]["vocab_size"])
     vocab = common.MODELS[args.shape]["vocab_size"]
@@ -166,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 268 s (2026-11-28) and are not what PPO uses on a GPU.
     extra = args.mode == "smoke"
     calls = {static: engine_call(args, model, tokenizer, prompts, StaticRolloutEngine)}
+    measured = calls[static].engine  # type: ignore[attr-defined]
     if extra:
         calls[manual] = engine_call(args, model, tokenizer, prompts, ManualRolloutEngine)
         calls[hf] = engine_call(args, model, tokenizer, prompts, HFRolloutEngine)
@@ -186,7 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
         "temperature": 1.0,
         "top_p": 0.9,
         "top_k": "off",
-        "weights": str(dtype).replace("torch.", ""),
+        "weights": "float32",
+        "precision": common.precision(args.device),
+        "measured": {
+            "call": "align.train.rl_run.sample_rollouts under the training autocast, as RLRun.sample",
+            "engine": "StaticRolloutEngine, logprobs=none",
+            "kv_cache_dtype": str(measured.cache_dtype).replace("torch.", ""),
+        },
     }
     setting["static_engine_compile"] = "auto: CUDA graphs on CUDA, eager on CPU"
     setting["refill"] = {

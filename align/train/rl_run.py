@@ -1,7 +1,7 @@
 """The run scaffolding PPO and the online loops (online DPO, GRPO) share, so each loop file holds only its
 method: the output directory, seed and batch split, the encoded prompts, the rollout engine, resume, the
-metrics logger and rollouts.jsonl, the step's queries and seeded rollout, the end-of-step bookkeeping
-(metrics line, progress bar, checkpoint) and the final save and summary.json.
+metrics logger and rollouts.jsonl, the step's queries and seeded rollout (in the training precision), the
+end-of-step bookkeeping (metrics line, progress bar, checkpoint) and the final save and summary.json.
 
 A loop reads:
     accelerator, out = start_rl_run(cfg, stage)          # set up
@@ -22,7 +22,7 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +92,35 @@ def encode_rl_prompts(
             f"{len(too_long)} prompts exceed max_length={cfg.max_length} tokens (first: #{too_long[0]})"
         )
     return prompt_ids
+
+
+def sample_rollouts(
+    engine: Any,
+    prompts: list[list[int]],
+    *,
+    n: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    autocast: Callable[[], AbstractContextManager[Any]],
+    stop: list[int] | None = None,
+) -> RolloutBatch:
+    """The RL loops' rollout call (and what bench/generate.py times): `engine.generate` inside
+    `autocast()`, the training forward's precision (`accelerator.autocast`: bf16 autocast over the fp32
+    master weights on GPU, nothing on CPU). Without it a GPU rollout would decode in fp32, and the static
+    engine would allocate its KV cache, and capture its CUDA graphs, in fp32 (see
+    `align.rollout_static.compute_dtype`). Log-probs come back float32 either way."""
+    with autocast():
+        return engine.generate(
+            prompts,
+            n=n,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+        )
 
 
 class PhaseTimer:
@@ -171,15 +200,20 @@ class RLRun:
         return indices[rank * per_process : (rank + 1) * per_process]
 
     def sample(self, queries: list[int], seed: int) -> RolloutBatch:
-        """`samples_per_query` responses to each query, sampled with `seed`, on the training device."""
+        """`samples_per_query` responses to each query, sampled with `seed` in the training precision
+        (`sample_rollouts`), on the training device."""
         cfg = self.cfg
-        return self.engine.generate(
+        # vLLM decodes its own bf16 copy of the weights with its own kernels: no autocast of ours there.
+        autocast = nullcontext if cfg.rollout_engine == "vllm" else self.accelerator.autocast
+        return sample_rollouts(
+            self.engine,
             [self.prompt_ids[i] for i in queries],
             n=cfg.samples_per_query,
             max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             seed=seed,
+            autocast=autocast,
         ).to(self.accelerator.device)
 
     def rollout(self, queries: list[int], step: int) -> RolloutBatch:
