@@ -181,11 +181,54 @@ def plot_margins(results: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def plot_accuracy_history(history: Sequence[dict[str, Any]], path: Path) -> Path:
+    """Held-out accuracy against optimiser step, one line per data set, from step 0 (before training)
+    when it is known. ``history``: the training loop's ``eval_history`` (``step``, ``accuracies``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(dict.fromkeys(n for h in history for n in h.get("accuracies") or {}))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name in names:
+        points = [(h["step"], h["accuracies"][name]) for h in history if name in (h.get("accuracies") or {})]
+        ax.plot(*zip(*points, strict=True), marker="o", linewidth=1.2, label=name)
+    if any(h["step"] == 0 for h in history):
+        ax.axvline(0, color="grey", linewidth=0.8, linestyle=":")
+        ax.annotate(
+            "before training", (0, 0.02), xycoords=("data", "axes fraction"), fontsize=8, color="grey"
+        )
+    ax.axhline(0.5, color="black", linewidth=0.8, linestyle="--", alpha=0.5)  # chance
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("pairwise accuracy")
+    ax.set_title("Held-out accuracy (a tie counts as not correct; dashed: chance)", fontsize=10)
+    ax.grid(alpha=0.3)
+    if names:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(
-    results: dict[str, dict[str, Any]], out_dir: str | Path, *, model: str = "", extra: dict | None = None
+    results: dict[str, dict[str, Any]],
+    out_dir: str | Path,
+    *,
+    model: str = "",
+    extra: dict | None = None,
+    before: dict[str, float] | None = None,
+    history: Sequence[dict[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write ``report.json`` (``accuracy`` per data set at the top, and every number per data set),
-    ``report.md`` and ``margins.png`` into ``out_dir``."""
+    ``report.md`` and ``margins.png`` into ``out_dir``.
+
+    From a training run: ``before`` (accuracy per data set before training) adds ``accuracy_before`` and a
+    column, and ``history`` (the eval curve, `plot_accuracy_history`) adds ``history`` and ``accuracy.png``.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = {
@@ -194,21 +237,31 @@ def write_report(
         "datasets": {name: {k: v for k, v in r.items() if k != "margins"} for name, r in results.items()},
         **(extra or {}),
     }
+    if before is not None:
+        report["accuracy_before"] = {name: before.get(name) for name in results}
+    if history is not None:
+        report["history"] = list(history)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     lines = [f"# Reward model accuracy: {model}" if model else "# Reward model accuracy", ""]
+    before_head, before_rule = ("before training | ", "---|") if before is not None else ("", "")
     lines += [
-        "| data set | pairs | accuracy | ties | mean margin | median margin | unclosed |",
-        "|---|---|---|---|---|---|---|",
+        f"| data set | pairs | {before_head}accuracy | ties | mean margin | median margin | unclosed |",
+        f"|---|---|{before_rule}---|---|---|---|---|",
     ]
     for name, r in results.items():
+        was = f"{_fmt((before or {}).get(name), '.4f')} | " if before is not None else ""
         lines.append(
-            f"| {name} | {r['pairs']} | {r['accuracy']:.4f} | {r['ties']} | {_fmt(r['mean_margin'])} | "
+            f"| {name} | {r['pairs']} | {was}{r['accuracy']:.4f} | {r['ties']} | {_fmt(r['mean_margin'])} | "
             f"{_fmt(r['median_margin'])} | {r['unclosed']} |"
         )
     lines.append("")
     for name, r in results.items():
         lines.append(f"- **{name}** length bias: {length_bias_line(r)}")
-    lines += ["", "Margins: `margins.png`. A tie counts as not correct.", ""]
+    curve = "; accuracy per step from before training: `accuracy.png`" if history is not None else ""
+    lines += ["", f"Margins: `margins.png`{curve}. A tie counts as not correct.", ""]
+    paths = {"json": out / "report.json", "md": out / "report.md"}
+    if history is not None:
+        paths["curve"] = plot_accuracy_history(history, out / "accuracy.png")
     (out / "report.md").write_text("\n".join(lines))
-    png = plot_margins(results, out / "margins.png")
-    return {"json": out / "report.json", "md": out / "report.md", "png": png}
+    paths["png"] = plot_margins(results, out / "margins.png")
+    return paths

@@ -1,6 +1,7 @@
 """The reward-model loop on a tiny Qwen2 with the real Qwen tokenizer: learning, exact resume, the PMP head
 carried into RM, batch-split invariance, the recipe, its configs and the evaluation CLI."""
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -17,6 +18,7 @@ from align.config_loader import load_config
 from align.recipe import run_recipe
 from align.reward import REWARD_HEAD, RewardModel
 from align.tracking import read_metrics
+from align.train.process import RunSetupError
 from align.train.reward import embedded_pairs, load_reward_model_for_training, run_reward, train_reward_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,7 +58,7 @@ def _cfg(model_dir, data, out, **kw):
 
 
 def _losses(out):
-    return [r["loss"] for r in read_metrics(out)]
+    return [r["loss"] for r in read_metrics(out) if "loss" in r]  # step 0 holds only the eval point
 
 
 def test_training_lowers_the_loss_and_raises_heldout_accuracy(tiny_qwen_dir, pair_files, tmp_path):
@@ -67,12 +69,18 @@ def test_training_lowers_the_loss_and_raises_heldout_accuracy(tiny_qwen_dir, pai
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
     assert summary["accuracy_after"] > summary["accuracy_before"]
-    # evaluated before training, and after each of the two epochs (6 steps each)
-    assert [h["step"] for h in summary["eval_history"]] == [6, 12]
-    assert [r["step"] for r in read_metrics(out) if "eval_accuracy" in r] == [6, 12]
+    # evaluated before training (step 0, the curve's first point), and after each of the two epochs (6 steps)
+    assert [h["step"] for h in summary["eval_history"]] == [0, 6, 12]
+    assert summary["eval_history"][0]["accuracy"] == summary["accuracy_before"]
+    evals = [r for r in read_metrics(out) if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert evals[0]["eval_accuracy"] == summary["accuracy_before"] and "loss" not in evals[0]
     report = json.loads((out / "eval" / "report.json").read_text())
     assert report["accuracy"] == {"heldout": summary["accuracy_after"]}
-    assert (out / "eval" / "margins.png").is_file() and (out / "curves.png").is_file()
+    assert report["accuracy_before"] == {"heldout": summary["accuracy_before"]}
+    assert [h["step"] for h in report["history"]] == [0, 6, 12]
+    for png in ("eval/margins.png", "eval/accuracy.png", "curves.png"):
+        assert (out / png).stat().st_size > 1000, png
     assert json.loads((out / "summary.json").read_text())["train_pairs"] == 48
 
 
@@ -125,6 +133,13 @@ def test_pmp_head_is_carried_into_rm(tiny_qwen_dir, pair_files, tmp_path):
     pmp_final = out / "pmp" / "final"
     assert summary["rm"]["model_from"] == str(pmp_final)
     assert summary["accuracy_after_pmp"] == summary["rm"]["accuracy_before"]
+    # The RM stage's eval curve starts at the PMP model's accuracy (not scored again: the same model).
+    assert summary["rm"]["eval_history"][0] == {
+        "step": 0,
+        "epoch": 0.0,
+        "accuracy": summary["accuracy_after_pmp"],
+        "accuracies": {"heldout": summary["accuracy_after_pmp"]},
+    }
     # The RM stage starts from the PMP weights, head included ...
     rm_cfg = _cfg(tiny_qwen_dir, pair_files, tmp_path / "x", init_from=str(pmp_final))
     model, _, source = load_reward_model_for_training(rm_cfg)
@@ -226,6 +241,20 @@ def test_configs_carry_the_qwen_numbers():
     assert rm.init_from == "outputs/rm-qwen/pmp/final"
 
 
+def test_onpolicy_config_reads_what_sample_pairs_and_the_default_rm_run_write():
+    from align.sample_pairs import SamplePairsConfig
+    from align.train.reward import eval_set_specs
+
+    cfg = load_config(RMConfig, ROOT / "recipes" / "configs" / "rm" / "onpolicy.yaml")
+    assert (cfg.stage, cfg.pair_grouping, cfg.eval_dataset) == ("rm", "prompt", "embedded")
+    assert cfg.init_from == f"{RMConfig().output_dir}/pmp/final"  # the default pmp+rm run's PMP model
+    sampled = load_config(SamplePairsConfig, ROOT / "recipes" / "configs" / "sample_pairs" / "embedded.yaml")
+    assert cfg.dataset == f"{sampled.output_dir}/pairs.jsonl"
+    assert sampled.embedded_split == "train"
+    (name, path), *rest = eval_set_specs(cfg.eval_datasets, taken="heldout")
+    assert (name, rest) == ("onpolicy", []) and path.endswith("-heldout/pairs.jsonl")
+
+
 def test_eval_fraction_holds_out_pairs_never_trained(pair_files, tmp_path):
     from align.train.reward import load_rm_data
 
@@ -236,3 +265,177 @@ def test_eval_fraction_holds_out_pairs_never_trained(pair_files, tmp_path):
     assert not {key(p) for p in train} & {key(p) for p in held}
     again = load_rm_data(cfg, tmp_path / "o", is_main=True)
     assert again[3] == held  # seeded: the same split every time
+
+
+# --------------------------------------------------------------------------------------------------
+# Grouped comparisons (pair_grouping=prompt) and the extra held-out sets
+
+
+def _grouped_records(n_prompts: int, offset: int = 0) -> list[dict]:
+    """sample_pairs-like records: prompt k has 1-2 right and 1-3 wrong replies, every right-wrong pair
+    (so 1 to 6 pairs over 2 to 5 distinct replies per prompt), and one pair without a group at the end."""
+    records = []
+    for k in range(offset, offset + n_prompts):
+        a, b = 3 + k, 11 + 2 * k
+        prompt = [{"role": "user", "content": f"What is {a}+{b}? Answer with the number only."}]
+        right = [str(a + b), f"The answer is {a + b}."][: 1 + k % 2]
+        wrong = [str(a + b + 1), str(a * b), f"{a}{b}"][: 1 + k % 3]
+        for r in right:
+            for w in wrong:
+                records.append(
+                    {
+                        "prompt": prompt,
+                        "chosen": [{"role": "assistant", "content": r}],
+                        "rejected": [{"role": "assistant", "content": w}],
+                        "group": k,
+                        "source": f"prompts.jsonl:{k + 1}",
+                        "chosen_is_reference": False,
+                    }
+                )
+    records.append({"prompt": "Say yes.", "chosen": "yes", "rejected": "no"})  # no group: its own
+    return records
+
+
+@pytest.fixture(scope="module")
+def grouped_files(tmp_path_factory):
+    from align.tasks import write_jsonl
+
+    d = tmp_path_factory.mktemp("grouped")
+    train = write_jsonl(d / "train.jsonl", _grouped_records(7))  # 8 groups
+    held = write_jsonl(d / "heldout.jsonl", _grouped_records(3, offset=20))
+    onpolicy = d / "onpolicy-heldout" / "pairs.jsonl"
+    onpolicy.parent.mkdir()
+    write_jsonl(onpolicy, _grouped_records(2, offset=40))
+    return train, held, onpolicy
+
+
+def _grouped_cfg(model_dir, files, out, **kw):
+    train, held, onpolicy = files
+    base = dict(
+        pair_grouping="prompt",
+        eval_dataset=str(held),
+        eval_datasets=[f"onpolicy={onpolicy}"],
+        batch_size=8,  # groups: all 8 in each step
+        micro_batch_size=4,
+        max_steps=2,
+        save_steps=0,
+        dropout=None,
+    )
+    base.update(kw)
+    return _cfg(model_dir, (train, held), out, **base)
+
+
+def test_grouped_comparisons_score_each_distinct_response_once(
+    tiny_qwen_dir, grouped_files, tmp_path, monkeypatch
+):
+    import align.train.reward as reward_train
+    from align.data import load_preference, tokenize_preference
+    from align.data.preference import prompt_groups
+    from align.reward import pack_pairs
+
+    cfg = _grouped_cfg(tiny_qwen_dir, grouped_files, tmp_path / "grouped")
+    rows_scored: list[int] = []  # sequences read by the head, per training forward pass
+    load = reward_train.load_reward_model_for_training
+
+    def load_and_count(c):
+        model, tokenizer, source = load(c)
+        model.head.register_forward_hook(
+            lambda mod, args, _: rows_scored.append(args[0].shape[0]) if mod.training else None
+        )
+        return model, tokenizer, source
+
+    monkeypatch.setattr(reward_train, "load_reward_model_for_training", load_and_count)
+    summary = train_reward_model(cfg)
+
+    pairs, _ = load_preference(grouped_files[0])
+    groups = prompt_groups(pairs)
+    replies = [{json.dumps(pairs[i][s]) for i in g for s in ("chosen", "rejected")} for g in groups]
+    distinct = sum(len(r) for r in replies)
+    assert (len(pairs), len(groups), distinct) == (20, 8, 25)  # per pair: 40 sequences
+    assert (summary["train_pairs"], summary["train_groups"], summary["train_responses"]) == (20, 8, 25)
+    # 2 steps x 2 micro-batches of 4 groups; each step scores every distinct response once.
+    assert len(rows_scored) == 4 and sum(rows_scored[:2]) == sum(rows_scored[2:]) == distinct
+    metrics = [r for r in read_metrics(tmp_path / "grouped") if "loss" in r]
+    assert [(r["pairs"], r["responses"]) for r in metrics] == [(20, 25), (20, 25)]
+
+    # Step 1's loss is the per-pair loss, computed independently: each pair's two replies scored again
+    # (duplicates included) by the untrained model, -log sigmoid(r_c - r_r) averaged per prompt, then
+    # over the prompts.
+    model, tokenizer, _ = load(cfg)
+    model.train()
+    examples = tokenize_preference(
+        pairs,
+        tokenizer,
+        max_length=cfg.max_length,
+        default_system=cfg.default_system,
+        end_token=cfg.end_token,
+    )
+    with torch.no_grad():
+        rewards = [
+            model(**{k: v for k, v in pack_pairs([ex]).items() if "margin" not in k}).rewards
+            for ex in examples
+        ]
+    per_pair = [-torch.nn.functional.logsigmoid(r[0] - r[1]).item() for r in rewards]
+    expected = sum(sum(per_pair[i] for i in g) / len(g) for g in groups) / len(groups)
+    assert metrics[0]["loss"] == pytest.approx(expected, abs=1e-5)
+    assert metrics[1]["loss"] != pytest.approx(expected, abs=1e-4)  # and the model did train
+
+    # The eval curve starts before training, for each held-out set by name; the report names both.
+    assert [h["step"] for h in summary["eval_history"]] == [0, 1, 2]
+    assert set(summary["eval_history"][0]["accuracies"]) == {"heldout", "onpolicy"}
+    evals = {r["step"]: r for r in read_metrics(tmp_path / "grouped") if "eval_accuracy" in r}
+    assert sorted(evals) == [0, 1, 2] and all("eval_accuracy/onpolicy" in r for r in evals.values())
+    report = json.loads((tmp_path / "grouped" / "eval" / "report.json").read_text())
+    assert set(report["accuracy"]) == {"heldout", "onpolicy"}
+    # prompts 40 and 41 (1 x 2 and 2 x 3 right-wrong pairs) and the ungrouped pair
+    assert report["datasets"]["onpolicy"]["pairs"] == 1 * 2 + 2 * 3 + 1
+    assert report["accuracy_before"] == summary["accuracies_before"]
+    assert "| onpolicy | 9 |" in (tmp_path / "grouped" / "eval" / "report.md").read_text()
+
+
+def test_grouped_update_does_not_depend_on_the_micro_batch_split(tiny_qwen_dir, grouped_files, tmp_path):
+    # 8 groups (1 to 6 pairs each) per forward pass, packed, vs one group per pass (8-step accumulation),
+    # padded: the same losses and weights, so each group's weight is its own, not its micro-batch's.
+    runs = {}
+    for name, kw in {
+        "8x1": dict(micro_batch_size=8),
+        "1x8 padded": dict(micro_batch_size=1, packing=False),
+    }.items():
+        out = tmp_path / name
+        train_reward_model(
+            _grouped_cfg(tiny_qwen_dir, grouped_files, out, eval_dataset=None, eval_datasets=[], **kw)
+        )
+        runs[name] = (_losses(out), load_file(out / "final" / REWARD_HEAD))
+    assert runs["1x8 padded"][0] == pytest.approx(runs["8x1"][0], abs=1e-5)
+    torch.testing.assert_close(
+        runs["1x8 padded"][1]["weight"], runs["8x1"][1]["weight"], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_grouped_data_checks_and_split(grouped_files, tmp_path):
+    from align.data import DataError
+    from align.data.preference import prompt_groups
+    from align.train.reward import eval_set_specs, load_rm_data
+
+    # eval_fraction under grouping holds out whole prompts: no held-out prompt is trained on.
+    cfg = _grouped_cfg("unused", grouped_files, tmp_path / "o", eval_dataset=None, eval_fraction=0.25)
+    train, _, _, held, _ = load_rm_data(cfg, tmp_path / "o", is_main=True)
+    prompt = lambda p: json.dumps(p["prompt"])  # noqa: E731
+    assert len(prompt_groups(held)) == 2 and len(train) + len(held) == 20
+    assert not {prompt(p) for p in train} & {prompt(p) for p in held}
+    # A group that mixes prompts stops the stage at the pair's file:line.
+    bad = tmp_path / "bad.jsonl"
+    records = _grouped_records(2)
+    records[-2]["group"] = 0  # prompt 1's last pair claims prompt 0's group
+    bad.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=rf"{bad}:{len(records) - 1}: group 0 mixes prompts"):
+        load_rm_data(dataclasses.replace(cfg, dataset=str(bad)), tmp_path / "o", is_main=True)
+    # Held-out sets are named `name=path`, or by their file name; two of one name are refused.
+    assert eval_set_specs(["a=x/pairs.jsonl", "y/other.jsonl.gz"]) == [
+        ("a", "x/pairs.jsonl"),
+        ("other", "y/other.jsonl.gz"),
+    ]
+    with pytest.raises(RunSetupError, match="2 held-out sets are named 'pairs'"):
+        eval_set_specs(["x/pairs.jsonl", "y/pairs.jsonl"])
+    with pytest.raises(RunSetupError, match="and the main held-out set"):
+        eval_set_specs(["heldout=x.jsonl"], taken="heldout")

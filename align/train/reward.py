@@ -5,8 +5,18 @@ and rejected sequences are packed back to back into one padding-free row (positi
 each sequence, so attention stays inside it, as in the SFT loop), and the reward of each sequence is
 read at its last token, its end token. Pairs whose end token was truncated away are counted and left
 out. The loss is the mean over the pairs of the whole global batch, whatever the split into
-micro-batches and processes. Held-out pairs are scored before training, after every epoch and at the
-end, with the same code as ``eval/rm_accuracy.py``.
+micro-batches and processes.
+
+With ``pair_grouping: prompt`` (InstructGPT's grouped comparisons) the batch item is a prompt's group of
+pairs instead (the pairs sharing a ``group`` id, `align.data.preference.prompt_groups`): the group's
+distinct responses are packed and scored once each, so K responses cost K sequences, not two per pair,
+and the loss is `align.losses.grouped_pairwise_loss`, the mean over the batch's groups of each group's
+mean comparison loss. A group is never split over micro-batches, so the update does not depend on the
+split there either.
+
+Held-out pairs (``eval_dataset`` or ``eval_fraction``, and each of ``eval_datasets`` by name) are scored
+before training, after every epoch and at the end, with the same code as ``eval/rm_accuracy.py``; the
+eval curves (``curves.png``, ``eval/accuracy.png``) start at step 0, the model before training.
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from tqdm.auto import tqdm
 from align.assets import resolve_model, start_model
 from align.config import RMConfig
 from align.data import DataReport, end_token_id, load_preference, tokenize_preference
+from align.data.preference import prompt_groups
 from align.evaluate_rm import evaluate_pairs, format_result, write_report
-from align.losses import pairwise_reward_loss
+from align.losses import grouped_pairwise_loss, pairwise_reward_loss
 from align.models import announce_attention, load_tokenizer
 from align.packing import check_packed_attention
 from align.reward import RewardModel, pack_pairs, pad_sequences
@@ -160,6 +171,8 @@ def load_rm_data(
     pairs, report = load_preference(
         source, skip_bad=cfg.skip_bad, rejects_path=rejects, format=cfg.dataset_format
     )
+    if cfg.pair_grouping == "prompt":
+        prompt_groups(pairs, source, format=cfg.dataset_format)  # a group mixing prompts: file:line
     eval_pairs: list[dict] = []
     eval_name: str | None = None
     eval_source = cfg.eval_dataset
@@ -180,10 +193,13 @@ def load_rm_data(
     elif cfg.eval_fraction > 0:
         if not 0 < cfg.eval_fraction < 1:
             raise RunSetupError(f"eval_fraction must be in (0, 1), got {cfg.eval_fraction}")
-        order = list(range(len(pairs)))
+        # Whole prompt groups under grouping (a held-out pair must not share its prompt with a trained one);
+        # single pairs otherwise, the same draw as before grouping existed.
+        units = prompt_groups(pairs) if cfg.pair_grouping == "prompt" else [[i] for i in range(len(pairs))]
+        order = list(range(len(units)))
         random.Random(f"eval-split:{cfg.seed}").shuffle(order)
-        k = max(1, round(cfg.eval_fraction * len(pairs)))
-        held_idx = set(order[:k])
+        k = max(1, round(cfg.eval_fraction * len(units)))
+        held_idx = {i for unit in order[:k] for i in units[unit]}
         eval_pairs = [p for i, p in enumerate(pairs) if i in held_idx]
         pairs = [p for i, p in enumerate(pairs) if i not in held_idx]
         eval_name = "heldout"
@@ -197,6 +213,73 @@ def dataset_name(source: str) -> str:
         if name.endswith(suffix):
             name = name[: -len(suffix)]
     return name or str(source)
+
+
+def eval_set_specs(entries: list[str], taken: str | None = None) -> list[tuple[str, str]]:
+    """(name, path) of each `eval_datasets` entry: ``name=path``, or a path named by `dataset_name`.
+
+    ``taken``: the main held-out set's name. Raises RunSetupError for an empty name or path, or two sets
+    of one name (two sample_pairs outputs are both ``pairs``: name them)."""
+    specs: list[tuple[str, str]] = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or Path(entry).exists():  # a path that itself holds '=' stays a path
+            name, path = dataset_name(entry), entry
+        name, path = name.strip(), path.strip()
+        if not name or not path:
+            raise RunSetupError(f"eval_datasets: {entry!r} is not `name=path` or a path")
+        specs.append((name, path))
+    names = [taken, *(n for n, _ in specs)] if taken else [n for n, _ in specs]
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            paths = [p for n, p in specs if n == name]
+            raise RunSetupError(
+                f"eval_datasets: {names.count(name)} held-out sets are named {name!r} ({', '.join(paths)}"
+                f"{' and the main held-out set' if name == taken else ''}); name each, e.g. "
+                f"{name}2={paths[-1]}"
+            )
+    return specs
+
+
+def load_eval_sets(cfg: RMConfig, taken: str | None = None) -> dict[str, list[dict]]:
+    """The pairs of each `eval_datasets` set, by name (a `group` field is read and ignored)."""
+    return {
+        name: load_preference(path, skip_bad=cfg.skip_bad, format=cfg.dataset_format)[0]
+        for name, path in eval_set_specs(cfg.eval_datasets, taken)
+    }
+
+
+def group_examples(
+    examples: list[dict[str, Any]], groups: list[list[int]]
+) -> tuple[list[dict[str, Any]], int]:
+    """Tokenised pairs merged into prompt groups (`prompt_groups` indices): each group's distinct sequences
+    once, in first-seen order, with each comparison's two positions among them.
+
+    Returns (groups, pairs left out): a group is ``{"seqs": [ids, ...], "chosen_index": [...],
+    "rejected_index": [...], "margin": [float | None, ...]}``; a pair with an unclosed side is left out (as
+    in the per-pair path) and a group left with no pair is dropped."""
+    out: list[dict[str, Any]] = []
+    left_out = 0
+    for members in groups:
+        seqs: list[list[int]] = []
+        position: dict[tuple[int, ...], int] = {}
+        group: dict[str, list] = {"chosen_index": [], "rejected_index": [], "margin": []}
+        for i in members:
+            ex = examples[i]
+            if not (ex["chosen_closed"] and ex["rejected_closed"]):
+                left_out += 1
+                continue
+            for side in ("chosen", "rejected"):
+                ids = ex[f"{side}_ids"]
+                key = tuple(ids)
+                if key not in position:
+                    position[key] = len(seqs)
+                    seqs.append(ids)
+                group[f"{side}_index"].append(position[key])
+            group["margin"].append(ex.get("margin"))
+        if group["chosen_index"]:
+            out.append({"seqs": seqs, **group})
+    return out, left_out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -226,13 +309,57 @@ def _forward_pairs(
     return out, (margin if use else None), tokens
 
 
+def _forward_groups(
+    model: torch.nn.Module, groups: list[dict], cfg: RMConfig, pad_id: int, device: torch.device
+) -> tuple[Any, dict[str, torch.Tensor], torch.Tensor | None, int]:
+    """Rewards of a micro-batch of prompt groups (`group_examples`): every group's distinct sequences in one
+    forward pass (one packed row, or one padded batch), and the comparisons as indices into those rewards.
+
+    Returns (model output, {"chosen_index", "rejected_index", "group_of_pair"} (P,) int64, margin (P,) or
+    None, tokens)."""
+    seqs: list[list[int]] = []
+    index: dict[str, list[int]] = {"chosen_index": [], "rejected_index": [], "group_of_pair": []}
+    margins: list[float | None] = []
+    for g, group in enumerate(groups):
+        offset = len(seqs)
+        seqs += group["seqs"]
+        index["chosen_index"] += [offset + i for i in group["chosen_index"]]
+        index["rejected_index"] += [offset + i for i in group["rejected_index"]]
+        index["group_of_pair"] += [g] * len(group["chosen_index"])
+        margins += group["margin"]
+    if cfg.packing:
+        ids = [t for seq in seqs for t in seq]
+        pos = [p for seq in seqs for p in range(len(seq))]
+        ends = torch.tensor([len(seq) for seq in seqs]).cumsum(0) - 1
+        out = model(
+            input_ids=torch.tensor([ids], dtype=torch.long, device=device),
+            position_ids=torch.tensor([pos], dtype=torch.long, device=device),
+            end_index=ends.to(device),
+        )
+        tokens = len(ids)
+    else:
+        ids_t, mask = pad_sequences(seqs, pad_id, side="right", device=device)
+        out = model(input_ids=ids_t, attention_mask=mask)
+        tokens = int(mask.sum())
+    tensors = {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in index.items()}
+    use = cfg.use_margin and any(m is not None for m in margins)
+    margin = torch.tensor([m or 0.0 for m in margins], device=device) if use else None
+    return out, tensors, margin, tokens
+
+
 def check_rm_attention(cfg: RMConfig) -> None:
     """Refuse, before loading, an attention that would let a packed row's sequences see each other.
 
     Training packs with `packing`; held-out scoring (`align.evaluate_rm.score_pairs`) always packs each
-    micro-batch's pairs into one row, and there is held-out data with `eval_dataset`, `eval_fraction` or
-    the embedded data. The reward model's forward passes no varlen kwargs (`align.reward.RewardModel`)."""
-    held_out = cfg.eval_dataset is not None or cfg.dataset == "embedded" or cfg.eval_fraction > 0
+    micro-batch's pairs into one row, and there is held-out data with `eval_dataset`, `eval_fraction`,
+    `eval_datasets` or the embedded data. The reward model's forward passes no varlen kwargs
+    (`align.reward.RewardModel`)."""
+    held_out = (
+        cfg.eval_dataset is not None
+        or cfg.dataset == "embedded"
+        or cfg.eval_fraction > 0
+        or bool(cfg.eval_datasets)
+    )
     try:
         check_packed_attention(
             cfg.attn_implementation,
@@ -271,7 +398,9 @@ def run_pmp_then_rm(cfg: RMConfig, *, stop_after_step: int | None = None) -> dic
         output_dir=str(out / "rm"),
         eval_before=False,  # the PMP model's held-out accuracy is already known
     )
-    rm = train_reward_model(rm_cfg, accuracy_before=pmp.get("accuracy_after"))
+    rm = train_reward_model(
+        rm_cfg, accuracy_before=pmp.get("accuracy_after"), accuracies_before=pmp.get("accuracies_after")
+    )
     if "stopped_at" in rm:  # stopped by a signal: no final model yet, resume continues it
         return rm
     summary = {
@@ -303,12 +432,17 @@ def _pct(x: float | None) -> str:
 
 
 def train_reward_model(
-    cfg: RMConfig, *, stop_after_step: int | None = None, accuracy_before: float | None = None
+    cfg: RMConfig,
+    *,
+    stop_after_step: int | None = None,
+    accuracy_before: float | None = None,
+    accuracies_before: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Train one stage per `cfg`; return the run summary (also written to summary.json).
 
     `stop_after_step` ends the run early after that step's checkpoint, as a kill would (for tests);
-    `accuracy_before` is reported as the held-out accuracy before training when eval_before is off.
+    `accuracy_before` (the main held-out set) and `accuracies_before` (any set, by name) are reported as
+    the held-out accuracy before training when eval_before is off (pmp+rm: the PMP model's, known already).
     """
     if cfg.stage not in ("pmp", "rm"):
         raise RunSetupError(f"train_reward_model runs one stage (pmp or rm), got stage={cfg.stage!r}")
@@ -319,14 +453,17 @@ def train_reward_model(
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     plan = BatchPlan(cfg.batch_size, cfg.micro_batch_size, accelerator.num_processes)
+    grouped = cfg.pair_grouping == "prompt"
 
     check_rm_attention(cfg)
+    eval_set_specs(cfg.eval_datasets)  # refuse clashing names before loading a model
     model, tokenizer, model_source = load_reward_model_for_training(cfg)
     attention = announce_attention(
         model.backbone.config, cfg, device=accelerator.device, mixed_precision=accelerator.mixed_precision,
         say=accelerator.print, warn=is_main,
     )  # fmt: skip
     pairs, report, source, eval_pairs, eval_name = load_rm_data(cfg, out, is_main)
+    extra_sets = load_eval_sets(cfg, eval_name)
     tok_kwargs = {
         "max_length": cfg.max_length,
         "end_token": cfg.end_token,
@@ -334,52 +471,93 @@ def train_reward_model(
         "truncation_side": cfg.truncation_side,
     }
     examples = tokenize_preference(pairs, tokenizer, report=report, **tok_kwargs)
-    rows = [ex for ex in examples if ex["chosen_closed"] and ex["rejected_closed"]]
-    unclosed_pairs = len(examples) - len(rows)
-    eval_examples = tokenize_preference(eval_pairs, tokenizer, **tok_kwargs) if eval_pairs else []
+    if grouped:
+        rows, unclosed_pairs = group_examples(examples, prompt_groups(pairs))
+        row_keys: tuple[str, ...] = ("seqs", "chosen_index", "rejected_index", "margin")
+    else:
+        rows = [ex for ex in examples if ex["chosen_closed"] and ex["rejected_closed"]]
+        unclosed_pairs = len(examples) - len(rows)
+        row_keys = ("chosen_ids", "rejected_ids", "margin")
+    # The held-out sets by name, the main one (eval_dataset / eval_fraction / embedded) first.
+    eval_sets: dict[str, list[dict]] = {}
+    if eval_pairs:
+        eval_sets[eval_name or "heldout"] = tokenize_preference(eval_pairs, tokenizer, **tok_kwargs)
+    for name, set_pairs in extra_sets.items():
+        eval_sets[name] = tokenize_preference(set_pairs, tokenizer, **tok_kwargs)
+    main_set = next(iter(eval_sets), None)
+    eval_examples = eval_sets.get(main_set, []) if main_set else []
     steps_per_epoch, num_steps = total_steps(cfg, len(rows))
+    train_pairs = sum(len(r["chosen_index"]) for r in rows) if grouped else len(rows)
+    train_sequences = sum(len(r["seqs"]) for r in rows) if grouped else 2 * len(rows)
     if is_main:
         (out / "data_report.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         accelerator.print(report.summary())
+        unit = "groups" if grouped else "pairs"
+        what = (
+            f"{len(rows)} prompt groups of {train_pairs} training pairs, {train_sequences} distinct "
+            f"responses scored per epoch (per pair: {2 * train_pairs})"
+            if grouped
+            else f"{len(rows)} training pairs"
+        )
+        held = ", ".join(f"{name} {len(ex)}" for name, ex in eval_sets.items()) or "none"
         accelerator.print(
-            f"{cfg.stage}: {len(rows)} training pairs ({unclosed_pairs} left out: end token truncated away), "
-            f"{len(eval_examples)} held-out pairs; {steps_per_epoch} steps per epoch, {num_steps} steps, "
-            f"batch {cfg.batch_size} pairs = {plan.accumulation_steps} x {cfg.micro_batch_size} x "
-            f"{accelerator.num_processes} process(es); model from {model_source}"
+            f"{cfg.stage}: {what} ({unclosed_pairs} pairs left out: end token truncated away), held-out "
+            f"pairs: {held}; {steps_per_epoch} steps per epoch, {num_steps} steps, batch {cfg.batch_size} "
+            f"{unit} = {plan.accumulation_steps} x {cfg.micro_batch_size} x {accelerator.num_processes} "
+            f"process(es); model from {model_source}"
         )
 
     run = start_single_model_run(
-        accelerator,
-        model,
-        cfg,
-        out,
-        num_steps,
-        fingerprint_rows(rows, keys=("chosen_ids", "rejected_ids", "margin")),
+        accelerator, model, cfg, out, num_steps, fingerprint_rows(rows, keys=row_keys)
     )
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, "eval_history": [], "eval_seconds": 0.0, **(saved or {})}
 
-    def evaluate() -> dict[str, Any]:
+    def evaluate() -> dict[str, dict[str, Any]]:
         t0 = time.perf_counter()
-        result = evaluate_pairs(
-            unwrapped,
-            eval_examples,
-            micro_batch_size=cfg.eval_micro_batch_size,
-            device=accelerator.device,
-            autocast=accelerator.autocast,
-        )
+        results = {
+            name: evaluate_pairs(
+                unwrapped,
+                ex,
+                micro_batch_size=cfg.eval_micro_batch_size,
+                device=accelerator.device,
+                autocast=accelerator.autocast,
+            )
+            for name, ex in eval_sets.items()
+        }
         state["eval_seconds"] += time.perf_counter() - t0
-        return result
+        return results
 
-    if eval_examples and saved is None:
+    def eval_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The main set's accuracy as eval_accuracy (as always), every other set's as eval_accuracy/name."""
+        metrics = {"eval_accuracy": results[main_set]["accuracy"]} if main_set in results else {}
+        metrics.update({f"eval_accuracy/{n}": r["accuracy"] for n, r in results.items() if n != main_set})
+        if main_set in results and "mean_margin" in results[main_set]:
+            metrics.update(
+                eval_mean_margin=results[main_set]["mean_margin"], eval_ties=results[main_set]["ties"]
+            )
+        return metrics
+
+    if eval_sets and saved is None:
+        before: dict[str, dict[str, Any]] = {}
         if cfg.eval_before and is_main:
-            accelerator.print(f"held-out accuracy before training ({len(eval_examples)} pairs)...")
+            sizes = ", ".join(f"{name} {len(ex)}" for name, ex in eval_sets.items())
+            accelerator.print(f"held-out accuracy before training ({sizes} pairs)...")
             before = evaluate()
-            state["accuracy_before"] = before["accuracy"]
-            accelerator.print(format_result(f"{eval_name} (before)", before))
-        elif accuracy_before is not None:
-            state["accuracy_before"] = accuracy_before
+            for name, result in before.items():
+                accelerator.print(format_result(f"{name} (before)", result))
+        elif not cfg.eval_before:
+            known = dict(accuracies_before or {})
+            if accuracy_before is not None:
+                known.setdefault(main_set, accuracy_before)
+            before = {n: {"accuracy": a} for n, a in known.items() if n in eval_sets and a is not None}
+        if before:  # evaluated here (main process) or known already (every process)
+            state["accuracy_before"] = before[main_set]["accuracy"] if main_set in before else None
+            state["accuracies_before"] = {n: r["accuracy"] for n, r in before.items()}
+            # Step 0 of the eval curve: the model before training.
+            state["eval_history"].append(_history_entry(0, 0.0, before, main_set))
+            logger.log(eval_metrics(before), step=0)
         accelerator.wait_for_everyone()
 
     model.train()
@@ -399,30 +577,44 @@ def train_reward_model(
         step_start = time.perf_counter()
         indices = global_batch_indices(step, len(rows), cfg.batch_size, cfg.seed)
         micro_batches = plan.local_micro_batches(indices, accelerator.process_index)
-        sums = torch.zeros(5, device=accelerator.device)  # loss, correct, margin, chosen, rejected
+        # loss, correct, margin, chosen, rejected (per pair, or a group's means), pairs, responses
+        sums = torch.zeros(7, device=accelerator.device)
         for k, micro in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
             sync = nullcontext() if last else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                result, margin, tokens = _forward_pairs(
-                    model, [rows[i] for i in micro], cfg, pad_id, accelerator.device
-                )
-                chosen, rejected = result.rewards[0::2], result.rewards[1::2]
-                loss, stats = pairwise_reward_loss(
-                    chosen, rejected, margin, cfg.center_rewards_coef, normalizer=normalizer
-                )
+                if grouped:
+                    result, index, margin, tokens = _forward_groups(
+                        model, [rows[i] for i in micro], cfg, pad_id, accelerator.device
+                    )
+                    loss, stats = grouped_pairwise_loss(
+                        result.rewards,
+                        index["chosen_index"],
+                        index["rejected_index"],
+                        index["group_of_pair"],
+                        margin,
+                        cfg.center_rewards_coef,
+                        normalizer=normalizer,
+                    )
+                    chosen_sum, rejected_sum = stats["chosen_sum"], stats["rejected_sum"]
+                    counts = [stats["pairs"], stats["responses"]]
+                else:
+                    result, margin, tokens = _forward_pairs(
+                        model, [rows[i] for i in micro], cfg, pad_id, accelerator.device
+                    )
+                    chosen, rejected = result.rewards[0::2], result.rewards[1::2]
+                    loss, stats = pairwise_reward_loss(
+                        chosen, rejected, margin, cfg.center_rewards_coef, normalizer=normalizer
+                    )
+                    chosen_sum, rejected_sum = chosen.detach().sum(), rejected.detach().sum()
+                    counts = [stats["pairs"], 2 * stats["pairs"]]
                 accelerator.backward(loss)
             window_tokens += tokens
             sums += torch.stack(
-                [
-                    stats["loss_sum"],
-                    stats["correct"],
-                    stats["margin_sum"],
-                    chosen.detach().sum(),
-                    rejected.detach().sum(),
-                ]
+                [stats["loss_sum"], stats["correct"], stats["margin_sum"], chosen_sum, rejected_sum, *counts]
             )
-        totals = (accelerator.reduce(sums, reduction="sum") / cfg.batch_size).tolist()
+        reduced = accelerator.reduce(sums, reduction="sum")
+        totals = (reduced[:5] / cfg.batch_size).tolist()
         grad_norm = optimizer_step(
             accelerator, model, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
             checkpointer=run.checkpointer, step=step + 1, scheduler=scheduler, loss=totals[0],
@@ -434,24 +626,23 @@ def train_reward_model(
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", acc=f"{totals[1]:.2f}")
         metrics: dict[str, Any] = {}
-        if eval_examples and (done % steps_per_epoch == 0 or done == num_steps):
+        if grouped:  # what grouping saves: comparisons trained vs sequences scored
+            metrics.update(pairs=int(reduced[5]), responses=int(reduced[6]))
+        if eval_sets and (done % steps_per_epoch == 0 or done == num_steps):
             if is_main:
-                result_eval = evaluate()
+                results = evaluate()
                 epoch = done / steps_per_epoch
-                state["eval_history"].append(
-                    {"step": done, "epoch": epoch, "accuracy": result_eval["accuracy"]}
-                )
-                state["last_eval"] = {k: v for k, v in result_eval.items() if k != "margins"}
-                state["last_eval_margins"] = result_eval["margins"]
-                metrics.update(
-                    eval_accuracy=result_eval["accuracy"],
-                    eval_mean_margin=result_eval["mean_margin"],
-                    eval_ties=result_eval["ties"],
-                )
-                accelerator.print(format_result(f"{eval_name} (epoch {epoch:g}, step {done})", result_eval))
+                state["eval_history"].append(_history_entry(done, epoch, results, main_set))
+                state["last_evals"] = {
+                    n: {k: v for k, v in r.items() if k != "margins"} for n, r in results.items()
+                }
+                state["last_evals_margins"] = {n: r["margins"] for n, r in results.items()}
+                metrics.update(eval_metrics(results))
+                for name, result in results.items():
+                    accelerator.print(format_result(f"{name} (epoch {epoch:g}, step {done})", result))
             accelerator.wait_for_everyone()
             window_start = time.perf_counter()  # keep scoring time out of the training throughput
-        if done % cfg.logging_steps == 0 or done == num_steps or metrics:
+        if done % cfg.logging_steps == 0 or done == num_steps or "eval_accuracy" in metrics:
             elapsed = time.perf_counter() - window_start
             logger.log(
                 {
@@ -478,6 +669,8 @@ def train_reward_model(
             return {"stopped_at": done}
     bar.close()
 
+    history = state["eval_history"]
+    after = [h for h in history if h["step"] > 0]
     summary: dict[str, Any] = {
         "stage": cfg.stage,
         "output_dir": str(out),
@@ -486,12 +679,16 @@ def train_reward_model(
         "model_from": model_source,
         "steps": num_steps,
         "final_loss": last_loss,
-        "train_pairs": len(rows),
+        "pair_grouping": cfg.pair_grouping,
+        "train_pairs": train_pairs,
         "unclosed_pairs_left_out": unclosed_pairs,
         "eval_pairs": len(eval_examples),
         "accuracy_before": state.get("accuracy_before"),
-        "accuracy_after": state["eval_history"][-1]["accuracy"] if state["eval_history"] else None,
-        "eval_history": state["eval_history"],
+        "accuracy_after": after[-1]["accuracy"] if after else None,
+        "eval_sets": {name: len(ex) for name, ex in eval_sets.items()},
+        "accuracies_before": state.get("accuracies_before"),
+        "accuracies_after": after[-1]["accuracies"] if after else None,
+        "eval_history": history,
         "data": report.to_dict(),
         "dataset": source,
         "skipped_nonfinite": state["skipped_nonfinite"],
@@ -499,28 +696,45 @@ def train_reward_model(
         "eval_seconds": round(state["eval_seconds"], 1),
         "attention": attention,
     }
+    if grouped:
+        summary.update(train_groups=len(rows), train_responses=train_sequences)
     accelerator.wait_for_everyone()
     full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
     if is_main:
         unwrapped.save_pretrained(out / "final", tokenizer=tokenizer, state_dict=full_state)
-        if "last_eval" in state:
-            last_eval = {**state["last_eval"], "margins": state["last_eval_margins"]}
+        if "last_evals" in state:
+            last = {
+                n: {**r, "margins": state["last_evals_margins"][n]} for n, r in state["last_evals"].items()
+            }
             summary["report"] = str(
-                write_report({eval_name: last_eval}, out / "eval", model=str(out / "final"))["json"]
+                write_report(
+                    last,
+                    out / "eval",
+                    model=str(out / "final"),
+                    before=state.get("accuracies_before"),
+                    history=history,
+                )["json"]
             )
-        summary["plot"] = str(
-            plot_metrics(
-                out, ["loss", "accuracy", "margin", "eval_accuracy", "lr", "grad_norm"], title=cfg.stage
-            )
-        )
+        keys = ["loss", "accuracy", "margin", "eval_accuracy"]
+        keys += [f"eval_accuracy/{name}" for name in eval_sets if name != main_set]
+        summary["plot"] = str(plot_metrics(out, [*keys, "lr", "grad_norm"], title=cfg.stage))
         summary["seconds"] = round(time.perf_counter() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        if summary["accuracy_after"] is not None:
+        for name, acc in (summary["accuracies_after"] or {}).items():
+            acc_before = (summary["accuracies_before"] or {}).get(name)
             accelerator.print(
-                f"{cfg.stage}: held-out accuracy {_pct(summary['accuracy_before'])} -> "
-                f"{_pct(summary['accuracy_after'])} ({len(eval_examples)} pairs)"
+                f"{cfg.stage}: held-out accuracy on {name} {_pct(acc_before)} -> {_pct(acc)} "
+                f"({len(eval_sets[name])} pairs)"
             )
     summary.setdefault("seconds", round(time.perf_counter() - started, 1))
     logger.close()
     accelerator.wait_for_everyone()
     return summary
+
+
+def _history_entry(
+    step: int, epoch: float, results: dict[str, dict[str, Any]], main_set: str | None
+) -> dict[str, Any]:
+    """One point of the eval curve: ``accuracy`` of the main held-out set, ``accuracies`` of every set."""
+    accuracies = {name: r["accuracy"] for name, r in results.items()}
+    return {"step": step, "epoch": epoch, "accuracy": accuracies.get(main_set), "accuracies": accuracies}
