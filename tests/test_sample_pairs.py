@@ -12,15 +12,14 @@ from conftest import byte_tokenizer, tiny_qwen2
 
 from align.config_loader import ConfigError, load_config
 from align.data import DataError, load_preference
-from align.sample_pairs import (
-    SamplePairsConfig,
+from align.data.pairing import (
     checker_value,
     correct_incorrect_pairs,
     import_checker,
     merge_candidates,
-    run_sample_pairs,
     score_pairs,
 )
+from align.sample_pairs import SamplePairsConfig, run_sample_pairs
 
 P_STOP = 0.3  # the stopping policy's chance of <|im_end|> at every step
 
