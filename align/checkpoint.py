@@ -8,6 +8,12 @@ files do not match their checksums is named in a warning and the previous good o
 
 Weights go to safetensors; the optimiser, scheduler and RNG states go through `torch.save` and come
 back with `torch.load(weights_only=True)`, so loading a checkpoint never runs pickled code.
+
+A sharded run (FSDP2) writes the same directory through every process (`save_sharded_checkpoint`):
+weights and optimiser moments as `torch.distributed.checkpoint` shards under `dcp/` (keyed by parameter
+name, so they load at any world size, and tensors only: DCP unpickles non-tensor entries with
+weights_only=False, so the optimiser's param_groups go to `state.pt` instead), one RNG file per rank,
+and the same manifest, sealed and renamed by rank 0 once every rank has written.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
 MANIFEST = "manifest.json"
+DCP_DIR = "dcp"  # the sharded tensors of a sharded checkpoint
+RANK_RNG = "rng-rank{rank}.pt"
 # Seconds to pause inside every checkpoint write, after its files and before its manifest: lets the
 # tests kill a run in the middle of a write on purpose. Unset in normal use.
 PAUSE_ENV = "ALIGN_CHECKPOINT_WRITE_PAUSE_S"
@@ -100,20 +108,37 @@ def save_checkpoint(
         {k: v.detach().contiguous().cpu().clone() for k, v in model_state.items()}, tmp / "model.safetensors"
     )
     torch.save(optimizer_state, tmp / "optimizer.pt")
+    _write_common(tmp, torch_state, trainer_state, config)
+    return _seal(root, tmp, final, step, keep)
+
+
+def _write_common(
+    tmp: Path,
+    torch_state: dict[str, Any] | None,
+    trainer_state: dict[str, Any],
+    config: dict[str, Any] | None,
+) -> None:
     torch.save(torch_state or {}, tmp / "state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
     if config is not None:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
 
+
+def _seal(root: Path, tmp: Path, final: Path, step: int, keep: int) -> Path:
+    """fsync every file of `tmp`, write the manifest last, rename `tmp` to `final`, prune old ones."""
     if os.environ.get(PAUSE_ENV):
         time.sleep(float(os.environ[PAUSE_ENV]))
-    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
     for path in files:
         with path.open("rb") as fh:
             os.fsync(fh.fileno())
+    for folder in sorted({p.parent for p in files}, reverse=True):
+        _fsync_dir(folder)
     manifest = {
         "step": step,
-        "files": {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+        "files": {
+            p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files
+        },
     }
     manifest_path = tmp / MANIFEST
     with manifest_path.open("w") as fh:
@@ -132,6 +157,71 @@ def save_checkpoint(
     _fsync_dir(root)
     prune_checkpoints(root, keep)
     return final
+
+
+def save_sharded_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    sharded_state: dict[str, Any],
+    rank_state: dict[str, Any],
+    trainer_state: dict[str, Any],
+    torch_state: dict[str, Any] | None = None,
+    config: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write `root/step-{step}` from every process of a sharded run, atomically; a collective.
+
+    Args:
+        sharded_state: tensors and DTensors only (model and optimiser-moment state dicts, nested),
+            written with `torch.distributed.checkpoint`: each rank writes its own shards.
+        rank_state: this rank's own state (its RNG), one file per rank.
+        trainer_state, torch_state, config: as `save_checkpoint`, the same on every rank; rank 0 writes them.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    rank = dist.get_rank()
+    name = [f".tmp-{PREFIX}{step}-{os.getpid()}"]
+    dist.broadcast_object_list(name, src=0)  # rank 0's name, so the rank-0 pid rule of pruning holds
+    tmp, final = root / name[0], root / f"{PREFIX}{step}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(sharded_state, checkpoint_id=tmp / DCP_DIR)
+    torch.save(rank_state, tmp / RANK_RNG.format(rank=rank))
+    dist.barrier()  # every rank's files are in place before rank 0 checksums and renames them
+    if rank == 0:
+        _write_common(tmp, torch_state, trainer_state, config)
+        _seal(root, tmp, final, step, keep)
+    dist.barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def load_sharded_state(path: str | Path, template: dict[str, Any]) -> None:
+    """Fill `template` (state dicts of this run's sharded or whole tensors) in place from a sharded
+    checkpoint, resharding to this world size; without a process group, one process reads it all."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load(template, checkpoint_id=Path(path) / DCP_DIR, no_dist=not dist.is_initialized())
+
+
+def load_rank_state(path: str | Path, rank: int) -> dict[str, Any]:
+    """Rank `rank`'s saved RNG state; a rank the saving run did not have takes rank (rank mod saved)'s."""
+    path = Path(path)
+    saved = sorted(path.glob(RANK_RNG.format(rank="*")))
+    own = path / RANK_RNG.format(rank=rank)
+    file = own if own.is_file() else path / RANK_RNG.format(rank=rank % max(len(saved), 1))
+    return torch.load(file, map_location="cpu", weights_only=True)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -200,9 +290,19 @@ def find_resume_checkpoint(root: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify and read a checkpoint: model_state, optimizer_state, trainer_state, torch_state."""
+    """Verify and read a checkpoint: model_state, optimizer_state, trainer_state, torch_state.
+
+    A sharded checkpoint gives `sharded: True` and no model or optimiser state: those are read into the
+    run's own tensors by `load_sharded_state`."""
     path = Path(path)
     verify_checkpoint(path)
+    if is_sharded_checkpoint(path):
+        return {
+            "sharded": True,
+            "torch_state": torch.load(path / "state.pt", map_location="cpu", weights_only=True),
+            "trainer_state": json.loads((path / "trainer_state.json").read_text()),
+            "path": path,
+        }
     return {
         "model_state": load_file(path / "model.safetensors", device=str(map_location)),
         "optimizer_state": torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),

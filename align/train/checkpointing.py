@@ -1,5 +1,8 @@
 """Exact resume: the run checkpointer (modules, optimisers, schedulers, RNG, loop state, stop at a
-step boundary), when a checkpoint is due, and the data fingerprint that ties a checkpoint to its data."""
+step boundary), when a checkpoint is due, and the data fingerprint that ties a checkpoint to its data.
+
+Sharded modules (FSDP2) are saved by every rank as distributed-checkpoint shards, keyed by parameter
+name, with one RNG state per rank; such a checkpoint resumes at any world size, sharded or not."""
 
 from __future__ import annotations
 
@@ -16,13 +19,17 @@ from accelerate import Accelerator
 from align.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
+    load_rank_state,
+    load_sharded_state,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from align.config import TrainConfig
 from align.models import load_trainable_state, trainable_state
 from align.train.process import NonFiniteStop, RunSetupError, StopRequest
+from align.train.sharding import is_sharded
 
 
 class RunCheckpointer:
@@ -87,16 +94,26 @@ class RunCheckpointer:
                 f"{path} was trained on different data (fingerprint {saved.get('data_fingerprint')} != "
                 f"{self.fingerprint}); use a new output_dir, or resume=never with overwrite=true"
             )
-        for name, module in modules.items():
-            prefix = f"{name}/"
-            load_trainable_state(
-                module, {k[len(prefix) :]: v for k, v in ckpt["model_state"].items() if k.startswith(prefix)}
-            )
-        for name, optimizer in optimizers.items():
-            optimizer.load_state_dict(ckpt["optimizer_state"][name])
+        if ckpt.get("sharded"):
+            _restore_sharded(path, ckpt["torch_state"], modules, optimizers)
+            set_rng_state(load_rank_state(path, self.accelerator.process_index))
+        else:
+            if any(is_sharded(m) for m in modules.values()):
+                raise RunSetupError(
+                    f"{path} was written with sharding=none; resuming it with sharding=fsdp is not supported "
+                    "yet: resume with sharding=none"
+                )
+            for name, module in modules.items():
+                prefix = f"{name}/"
+                load_trainable_state(
+                    module,
+                    {k[len(prefix) :]: v for k, v in ckpt["model_state"].items() if k.startswith(prefix)},
+                )
+            for name, optimizer in optimizers.items():
+                optimizer.load_state_dict(ckpt["optimizer_state"][name])
+            set_rng_state(ckpt["torch_state"]["rng"])
         for name, scheduler in schedulers.items():
             scheduler.load_state_dict(ckpt["torch_state"]["schedulers"][name])
-        set_rng_state(ckpt["torch_state"]["rng"])
         self.accelerator.print(f"resuming from {path} at step {saved['step']}")
         return saved["step"], saved
 
@@ -108,9 +125,26 @@ class RunCheckpointer:
         optimizers: dict[str, torch.optim.Optimizer],
         schedulers: dict[str, Any],
     ) -> None:
-        """Write checkpoint `step` from the main process; every process must call this."""
+        """Write checkpoint `step` from the main process (every process when sharded); every process
+        must call this."""
         self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
+        trainer_state = {**state, "step": step, "data_fingerprint": self.fingerprint}
+        if any(is_sharded(m) for m in modules.values()):
+            sharded, groups = _sharded_state(modules, optimizers)
+            save_sharded_checkpoint(
+                self.root,
+                step,
+                sharded_state=sharded,
+                rank_state=rng_state(),
+                torch_state={
+                    "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+                    "param_groups": groups,
+                },
+                trainer_state={**trainer_state, "world_size": self.accelerator.num_processes},
+                config=dataclasses.asdict(self.cfg),
+                keep=self.cfg.save_total_limit,
+            )
+        elif self.accelerator.is_main_process:
             model_state = {
                 f"{name}/{key}": tensor
                 for name, module in modules.items()
@@ -125,7 +159,7 @@ class RunCheckpointer:
                     "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
                     "rng": rng_state(),
                 },
-                trainer_state={**state, "step": step, "data_fingerprint": self.fingerprint},
+                trainer_state=trainer_state,
                 config=dataclasses.asdict(self.cfg),
                 keep=self.cfg.save_total_limit,
             )
@@ -141,6 +175,54 @@ class RunCheckpointer:
             self.accelerator.print(
                 f"stopped on {reason} after step {step}; checkpoint {where}; run again (resume=auto) to continue"
             )
+
+
+# Trained weights only, as `trainable_state`: frozen ones come back from the base model.
+def _model_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True)
+
+
+def _sharded_state(
+    modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """({"model/<name>": state, "optim/<name>": moments}, {name: param_groups}), keyed by parameter name.
+
+    `get_optimizer_state_dict` gives an optimiser that has not stepped its state first (a zero-lr step
+    on zero gradients, which leaves the weights as they are), so it also serves as the load template."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    missing = sorted(set(optimizers) - set(modules))
+    if missing:
+        raise ValueError(f"sharded checkpoint: optimisers {missing} have no module of the same name")
+    tensors: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    for name, module in modules.items():
+        tensors[f"model/{name}"] = get_model_state_dict(module, options=_model_options())
+    for name, optimizer in optimizers.items():
+        full = get_optimizer_state_dict(modules[name], optimizer)
+        tensors[f"optim/{name}"] = full["state"]
+        groups[name] = full["param_groups"]
+    return tensors, groups
+
+
+def _restore_sharded(
+    path: Path,
+    torch_state: dict[str, Any],
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+) -> None:
+    """Read a sharded checkpoint into these modules and optimisers, sharded or not, at this world size."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    template, _ = _sharded_state(modules, optimizers)
+    load_sharded_state(path, template)
+    for name, module in modules.items():
+        set_model_state_dict(module, template[f"model/{name}"], options=_model_options())
+    for name, optimizer in optimizers.items():
+        state = {"state": template[f"optim/{name}"], "param_groups": torch_state["param_groups"][name]}
+        set_optimizer_state_dict(modules[name], optimizer, state)
 
 
 def fingerprint_rows(rows: list[dict[str, Any]], keys: tuple[str, ...] = ("input_ids", "labels")) -> str:

@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,7 @@ from align.train.sft import (
     record_accuracy_before,
     trained_tokens,
 )
+from align.train.sharding import full_state_dict, grad_sync, is_sharded, wants_sharding
 
 CACHE_VERSION = "dpo-ref-logps-v1"
 
@@ -315,7 +315,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         f"reference log-probs {'read from cache' if hit else 'computed and cached'}: {cache_file} ({t_ref:.1f} s)"
     )
 
-    run = start_single_model_run(accelerator, model, cfg, out, num_steps, data_fp)
+    run = start_single_model_run(accelerator, model, cfg, out, num_steps, data_fp, shard=wants_sharding(cfg))
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
@@ -337,7 +337,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         loss_sum = torch.zeros((), device=device)
         for k, micro in enumerate(micro_batches):
             batch = [examples[i] for i in micro]
-            sync = nullcontext() if k == len(micro_batches) - 1 else accelerator.no_sync(model)
+            sync = grad_sync(accelerator, model, sync=k == len(micro_batches) - 1)
             with sync, accelerator.autocast():
                 pc, pr, nc, nr = pair_logps(model, batch, device)
                 rc, rr = (ref_logps[s][micro].to(device) for s in ("chosen", "rejected"))
@@ -418,7 +418,8 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         "last": {k: v for k, v in last.items() if isinstance(v, int | float)},
     }
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model)
+    # A collective (sharded or under accelerate's FSDP): every rank must call it.
+    full_state = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if is_main:
         if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
             record_accuracy_after(summary, state, unwrapped, tokenizer, cfg, accelerator.print)

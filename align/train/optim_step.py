@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from align.train.sharding import clip_grad_norm, is_sharded
+
 
 def optimizer_step(
     accelerator: Any,
@@ -39,7 +41,10 @@ def optimizer_step(
         the gradient norm before clipping (a float; inf/nan on a skipped step).
     """
     clip = max_grad_norm if max_grad_norm > 0 else math.inf
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
+    if is_sharded(model):  # accelerate does not know the model is sharded: clip over the shards here
+        grad_norm = clip_grad_norm(model.parameters(), clip)
+    else:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
     # The norm (and a reduced loss) are the same on every process, so all processes skip together.
     if math.isfinite(grad_norm) and (loss is None or math.isfinite(loss)):
         optimizer.step()

@@ -10,13 +10,16 @@ import sys
 import threading
 import time
 import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from align.config import TrainConfig
+from align.train.sharding import PG_TIMEOUT_ENV, check_sharding
 
 RUN_MARKER = ".align-run.json"
 
@@ -105,13 +108,21 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
     DeepSpeed is refused: our loops accumulate gradients by hand (`no_sync` on all but the last
     micro-batch, one `optimizer.step()` per global batch, our own non-finite check on the clipped norm),
     while a DeepSpeed engine counts micro-batches itself (`gradient_accumulation_steps`, clipping and
-    stepping inside `engine.step()`), so the two would disagree on when a step happens. Sharding: FSDP.
+    stepping inside `engine.step()`), so the two would disagree on when a step happens. Sharding is
+    align's own FSDP2 (`sharding=fsdp`, align/train/sharding.py); accelerate then only launches.
+
+    ALIGN_PG_TIMEOUT_S (seconds) bounds every collective's wait, so a hang fails instead of blocking.
     """
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise RunSetupError(
             "DeepSpeed is not supported by align's training loops (they accumulate gradients themselves, "
-            "which a DeepSpeed engine does not allow); use accelerate_configs/fsdp.yaml to shard, or ddp.yaml"
+            "which a DeepSpeed engine does not allow); shard with sharding=fsdp (or accelerate_configs/"
+            "fsdp.yaml), or use ddp.yaml"
         )
+    try:
+        check_sharding(cfg)
+    except ValueError as err:
+        raise RunSetupError(str(err)) from err
     if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and torch.cuda.is_available()):
         precision = "bf16"
     else:
@@ -126,7 +137,10 @@ def make_accelerator(cfg: TrainConfig) -> Accelerator:
             "CPU processes only through mpirun); use ACCELERATE_USE_CPU=true torchrun --nproc_per_node N "
             "recipes/<stage>.py ..."
         )
-    accelerator = Accelerator(mixed_precision=precision)
+    handlers = []
+    if os.environ.get(PG_TIMEOUT_ENV):
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(seconds=float(os.environ[PG_TIMEOUT_ENV]))))
+    accelerator = Accelerator(mixed_precision=precision, kwargs_handlers=handlers)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         # accelerate falls back to "no distribution" when the config names an engine this machine

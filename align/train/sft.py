@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from align.train.checkpointing import fingerprint_rows
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.run_start import start_single_model_run
+from align.train.sharding import full_state_dict, grad_sync, is_sharded, wants_sharding
 
 
 def packed_row(sequences: list[dict[str, list[int]]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -234,7 +234,9 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             f"{plan.accumulation_steps} x {cfg.micro_batch_size} x {accelerator.num_processes} process(es)"
         )
 
-    run = start_single_model_run(accelerator, model, cfg, out, num_steps, fingerprint_rows(rows))
+    run = start_single_model_run(
+        accelerator, model, cfg, out, num_steps, fingerprint_rows(rows), shard=wants_sharding(cfg)
+    )
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}
@@ -264,10 +266,11 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
             window_tokens += batch["input_ids"].numel()
             last = k == len(micro_batches) - 1
             # Gradients are all-reduced once per optimiser step, not once per micro-batch.
-            sync = nullcontext() if last else accelerator.no_sync(model)
+            sync = grad_sync(accelerator, model, sync=last)
             with sync, accelerator.autocast():
                 logps = packed_logprobs(model, batch)
-                # DDP averages gradients over processes; scale so their sum is the global token mean.
+                # DDP (and FSDP's reduce-scatter) average gradients over processes; scale so their sum
+                # is the global token mean.
                 loss, stats = sft_loss_from_logprobs(logps, normalizer / accelerator.num_processes)
                 accelerator.backward(loss)
             nll_sum += stats["nll_sum"]
@@ -315,7 +318,8 @@ def run_sft(cfg: SFTConfig, *, stop_after_step: int | None = None) -> dict[str, 
         "attention": attention,
     }
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
+    # A collective (sharded or under accelerate's FSDP): every rank must call it.
+    full_state = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if is_main:
         if embedded_eval:  # before saving: merging LoRA weights for the final save alters the model
             record_accuracy_after(summary, state, unwrapped, tokenizer, cfg, accelerator.print)

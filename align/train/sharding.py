@@ -1,0 +1,207 @@
+"""Sharded training with FSDP2 (`torch.distributed.fsdp.fully_shard`), the one place that shards.
+
+The way torchtitan and torchtune do it, not through accelerate's FSDP plugin: accelerate stays the
+launcher and the process state (ranks, `reduce`, `gather`, barriers), and never wraps what is sharded
+(its FSDP set-up exists only for GPU distributed types, takes one model per `prepare()`, and would
+reduce in bf16). What this module gives a loop:
+
+* `shard_model`: one FSDP unit per decoder layer, the input embedding and the tail (final norm and head)
+  as units of their own, or one unit when the embeddings are tied (a parameter may live in one unit
+  only), then the root. On GPU a mixed-precision policy: bf16 compute weights, fp32 gradient reduction,
+  fp32 master weights (the parameters stay fp32, so AdamW updates fp32). On CPU fp32 throughout.
+* `grad_sync`: the micro-batch context. FSDP2 has no `no_sync`: on all but the last micro-batch,
+  `set_requires_gradient_sync(False)` accumulates unsharded gradients locally; the last one
+  reduce-scatters their sum, the same arithmetic as DDP's single all-reduce per optimiser step.
+* `clip_grad_norm`: the global norm over the shards (`torch.nn.utils.clip_grad_norm_` on DTensor
+  gradients returns a replicated DTensor holding the global norm; checked against one process).
+* `full_state_dict`: the gathered weights on rank 0 for `final/` (every rank must call it).
+* `memory_report`: this rank's bytes of parameters, gradients and AdamW state.
+
+The optimiser must be built after `shard_model`, so that it holds the sharded parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# accelerate launch with accelerate_configs/fsdp.yaml sets this; align then shards itself.
+ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
+# Seconds a collective may wait before it fails (tests set 60 so a hang fails instead of blocking).
+PG_TIMEOUT_ENV = "ALIGN_PG_TIMEOUT_S"
+
+
+def launched_with_fsdp() -> bool:
+    """Whether accelerate was launched with an FSDP config (accelerate_configs/fsdp.yaml)."""
+    return os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() == "true"
+
+
+def stage_shards(cfg: Any) -> bool:
+    """Whether this stage's loop shards (SFT and DPO so far)."""
+    from align.config import DPOConfig, SFTConfig
+
+    return isinstance(cfg, SFTConfig | DPOConfig)
+
+
+def wants_sharding(cfg: Any) -> bool:
+    """`sharding=fsdp`, or an FSDP launch of a stage that shards itself.
+
+    A stage that does not shard yet keeps accelerate's own FSDP path under an FSDP launch, as before."""
+    return getattr(cfg, "sharding", "none") == "fsdp" or (stage_shards(cfg) and launched_with_fsdp())
+
+
+def check_sharding(cfg: Any) -> None:
+    """Refuse, with a one-line reason naming the keys, what sharding cannot do (yet); before loading."""
+    if not wants_sharding(cfg):
+        return
+    if not stage_shards(cfg):
+        raise ValueError(
+            f"sharding=fsdp: {type(cfg).__name__} does not shard yet (SFT and DPO do; issue 22); use sharding=none"
+        )
+    if cfg.use_lora:
+        raise ValueError(
+            "sharding=fsdp with use_lora=true: not supported (the final merge needs the whole model on one "
+            "process, and LoRA's few trained weights gain little from sharding); use sharding=none"
+        )
+    if getattr(cfg, "eval_tasks", 0) > 0 and cfg.dataset == "embedded":
+        raise ValueError(
+            "sharding=fsdp with dataset=embedded and eval_tasks>0: the held-out generation runs on one "
+            "process and cannot read sharded weights yet; set eval_tasks=0"
+        )
+
+
+def ensure_process_group() -> None:
+    """A one-process group where none was set up (a single process, `sharding=fsdp`): FSDP2 needs one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks, by the classes transformers names in `_no_split_modules` (peft-wrapped too)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"sharding: found no decoder layers in {type(model).__name__} (_no_split_modules)")
+    return layers
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    base = getattr(model, "base_model_prefix", None)
+    inner = getattr(model, base, None) if base else None
+    return getattr(inner, "norm", None) if isinstance(inner, nn.Module) else None
+
+
+def shard_model(model: nn.Module, *, mixed_precision: bool | None = None) -> nn.Module:
+    """Shard `model` in place over the default process group and return it.
+
+    Args:
+        mixed_precision: bf16 compute with fp32 reduction and fp32 master weights; default: on GPU only.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    ensure_process_group()
+    if mixed_precision is None:
+        mixed_precision = next(model.parameters()).device.type == "cuda"
+    kwargs: dict[str, Any] = {}
+    if mixed_precision:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    norm = _final_norm(model)
+    tail = [m for m in (norm, head) if isinstance(m, nn.Module)]
+    if embed is not None and head is not None and head.weight is embed.weight:
+        fully_shard([embed, *tail], **kwargs)  # tied: the shared weight may belong to one unit only
+    else:
+        if embed is not None:
+            fully_shard(embed, **kwargs)
+        if tail:
+            fully_shard(tail, **kwargs)
+    fully_shard(model, **kwargs)  # the root: whatever is left, and the lazy init of the whole tree
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def grad_sync(accelerator: Any, model: nn.Module, sync: bool) -> Any:
+    """The context of one micro-batch's backward: gradients synchronised only when `sync` (the last
+    micro-batch of an optimiser step). DDP through accelerate's `no_sync`; FSDP2 through
+    `set_requires_gradient_sync`, switched back on when the block ends."""
+    if not is_sharded(model):
+        return nullcontext() if sync else accelerator.no_sync(model)
+    return _fsdp_sync(model, sync)
+
+
+@contextmanager
+def _fsdp_sync(model: Any, sync: bool) -> Iterator[None]:
+    model.set_requires_gradient_sync(sync)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm(parameters: Any, max_norm: float) -> float:
+    """Clip to the global norm over every process's shards; returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    if hasattr(norm, "full_tensor"):  # DTensor gradients give a DTensor norm (replicated)
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, gathered to CPU on rank 0 ({} on the others); a collective.
+
+    Cloned: on the CPU `cpu_offload` would hand back tensors that alias the live parameters. Tied
+    weights stay one tensor, so `save_pretrained` sees the tie and writes the weight once."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    out = {k: v.detach().clone() for k, v in get_model_state_dict(model, options=options).items()}
+    first: dict[int, str] = {}  # the gather gives tied names separate copies: make them one tensor again
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name in out:
+            out[name] = out[first.setdefault(id(param), name)]
+    return out
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+    return local.numel() * local.element_size()
+
+
+def memory_report(model: nn.Module, accumulation_steps: int = 1) -> dict[str, int]:
+    """This rank's bytes of parameters, gradients and AdamW state (two moments per trained parameter),
+    from the tensors it holds; the optimiser state is counted before it exists, at its fp32 size.
+
+    `grads_accumulating`: what FSDP2 holds in addition while micro-batches accumulate without
+    synchronisation (unsharded gradients of the whole model); 0 with one micro-batch per step."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    trained = [p for p in params if p.requires_grad]
+    param_bytes = sum(_local_bytes(p) for p in params)
+    grad_bytes = sum(_local_bytes(p) for p in trained)
+    optim_bytes = sum(2 * (p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in trained)
+    full = sum(p.numel() * p.element_size() for p in trained)  # DTensor.numel() is the global size
+    sharded = is_sharded(model)
+    return {
+        "params": param_bytes,
+        "grads": grad_bytes,
+        "optimizer": optim_bytes,
+        "total": param_bytes + grad_bytes + optim_bytes,
+        "grads_accumulating": full if sharded and accumulation_steps > 1 else 0,
+    }

@@ -1,0 +1,231 @@
+"""Sharded training (FSDP2, align/train/sharding.py) on 2 CPU processes (gloo, torchrun) against one
+process: the same losses and final weights for the same seed and global batch, a sharded checkpoint that
+resumes on 2 processes bit for bit and on 1 process to float rounding, a `final/` that plain
+`from_pretrained` loads, and per-rank bytes of parameters + gradients + AdamW state about halved.
+
+Every launch gets a 60-second process-group timeout (ALIGN_PG_TIMEOUT_S) and a subprocess timeout, so a
+hang fails instead of blocking. Launches are shared between assertions (module-scoped fixtures)."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_qwen2, byte_tokenizer
+from safetensors.torch import load_file
+
+from align.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
+from align.tasks import generate_tasks, preference_pairs, write_jsonl, write_sft_jsonl
+from align.tracking import read_metrics
+from align.train.dpo import run_dpo
+from align.train.process import RunSetupError, make_accelerator
+from align.train.sft import run_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT_ARGS = dict(
+    max_steps=4, save_steps=2, batch_size=8, micro_batch_size=2, max_length=512, eval_tasks=0,
+    learning_rate=3e-3, dtype="float32",
+)  # fmt: skip
+DPO_ARGS = dict(
+    max_steps=3, batch_size=8, micro_batch_size=2, max_length=512, eval_tasks=0, learning_rate=1e-3,
+    rpo_alpha=0.5, dtype="float32",
+)  # fmt: skip
+
+
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(recipe: str, args: dict, out: Path) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 recipes/<recipe> sharding=fsdp ...`, asserted to have run as 2."""
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+        "ALIGN_PG_TIMEOUT_S": "60",
+    }  # fmt: skip
+    keys = [f"{k}={v}" for k, v in args.items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+         f"recipes/{recipe}", *keys, "sharding=fsdp", "report_to=none", "progress=false", f"output_dir={out}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "x 2 process(es)" in proc.stdout  # really two processes
+    return proc
+
+
+def _one(args: dict, out: Path) -> dict:
+    return {**args, "report_to": ["none"], "progress": False, "output_dir": str(out)}
+
+
+def _column(out: Path, key: str = "loss") -> list[float]:
+    return [row[key] for row in read_metrics(out)]
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path, atol: float) -> None:
+    a, b = load_file(a_dir / "final" / "model.safetensors"), load_file(b_dir / "final" / "model.safetensors")
+    assert set(a) == set(b)  # a tied head is written once by both
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=atol, rtol=0, msg=name)
+
+
+def _total_bytes(out: Path) -> list[int]:
+    return [rank["total"] for rank in json.loads((out / "memory.json").read_text())["ranks"]]
+
+
+@pytest.fixture(scope="module")
+def byte_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny Qwen2 models over the byte tokenizer, untied and tied embeddings."""
+    root = tmp_path_factory.mktemp("byte-models")
+    return {
+        tie: build_tiny_qwen2(byte_tokenizer(), root / tie, tie_word_embeddings=tie == "tied")
+        for tie in ("untied", "tied")
+    }
+
+
+@pytest.fixture(scope="module")
+def sft_runs(byte_models, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Per tie: SFT sharded on 2 processes and on 1 process unsharded, 4 steps, checkpoints at 2 and 4."""
+    root = tmp_path_factory.mktemp("sft-runs")
+    data = write_sft_jsonl(root / "d.jsonl", 64, seed=3)
+    runs = {}
+    for tie, model in byte_models.items():
+        args = {**SFT_ARGS, "model_name_or_path": str(model), "dataset": str(data)}
+        torchrun("sft.py", args, root / f"{tie}-two")
+        run_sft(SFTConfig(**_one(args, root / f"{tie}-one")))
+        runs[tie] = {"two": root / f"{tie}-two", "one": root / f"{tie}-one", "args": args}
+    return runs
+
+
+@pytest.mark.parametrize("tie", ["untied", "tied"])
+def test_sft_sharded_on_two_gives_the_losses_and_weights_of_one(sft_runs, tie):
+    two, one = sft_runs[tie]["two"], sft_runs[tie]["one"]
+    assert _column(two) == pytest.approx(_column(one), abs=1e-5)
+    _assert_same_weights(one, two, atol=1e-5)
+    ckpt = two / "checkpoints" / "step-4"
+    assert (ckpt / "dcp" / ".metadata").is_file()
+    assert {p.name for p in ckpt.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("tie", ["untied", "tied"])
+def test_final_of_a_sharded_run_loads_with_plain_from_pretrained(sft_runs, tie):
+    from transformers import AutoModelForCausalLM
+
+    final = sft_runs[tie]["two"] / "final"
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    saved = load_file(final / "model.safetensors")
+    state = model.state_dict()
+    for name, tensor in saved.items():
+        assert torch.equal(state[name], tensor), name
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert tied == (tie == "tied") and ("lm_head.weight" in saved) == (tie == "untied")
+
+
+@pytest.mark.parametrize("tie", ["untied", "tied"])
+def test_sharded_bytes_per_rank_are_about_half_of_one_process(sft_runs, tie):
+    """Parameters + gradients + AdamW moments per rank, as logged at set-up (memory.json)."""
+    (one,) = _total_bytes(sft_runs[tie]["one"])
+    two = _total_bytes(sft_runs[tie]["two"])
+    assert len(two) == 2 and max(two) <= 0.55 * one
+    assert sum(two) >= one  # every byte is held somewhere (the shards pad a little)
+
+
+def test_sharded_checkpoint_resumes_on_two_bit_exact_and_on_one(sft_runs, tmp_path):
+    """The step-2 checkpoint of the 2-process run, as a kill after step 2 would leave it: resumed on 2
+    processes it continues the uninterrupted loss curve and weights bit for bit; read by 1 unsharded
+    process (resharded from the DCP shards) it continues them to float rounding."""
+    run = sft_runs["untied"]
+    for name in ("resume-two", "resume-one"):
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        shutil.copy(run["two"] / ".align-run.json", tmp_path / name)
+        shutil.copytree(run["two"] / "checkpoints" / "step-2", tmp_path / name / "checkpoints" / "step-2")
+    torchrun("sft.py", run["args"], tmp_path / "resume-two")
+    run_sft(SFTConfig(**_one(run["args"], tmp_path / "resume-one")))
+    uninterrupted = _column(run["two"])[2:]
+    assert _column(tmp_path / "resume-two") == uninterrupted  # bit-exact
+    assert _column(tmp_path / "resume-one") == pytest.approx(uninterrupted, abs=1e-6)
+    _assert_same_weights(run["two"], tmp_path / "resume-two", atol=0.0)
+    _assert_same_weights(run["two"], tmp_path / "resume-one", atol=1e-6)
+
+
+def test_a_corrupted_shard_is_caught_by_the_manifest(sft_runs, tmp_path):
+    from align.checkpoint import CheckpointError, verify_checkpoint
+
+    ckpt = shutil.copytree(sft_runs["untied"]["two"] / "checkpoints" / "step-2", tmp_path / "step-2")
+    verify_checkpoint(ckpt)
+    shard = sorted((ckpt / "dcp").glob("*.distcp"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        verify_checkpoint(ckpt)
+
+
+def test_dpo_sharded_on_two_gives_the_losses_and_weights_of_one(byte_models, tmp_path):
+    """Tied embeddings (the embedding, final norm and head in one FSDP unit)."""
+    pairs = preference_pairs(generate_tasks(24, seed=7), seed=7, format_error_rate=0.3)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    args = {**DPO_ARGS, "model_name_or_path": str(byte_models["tied"]), "dataset": str(data)}
+    torchrun("dpo.py", args, tmp_path / "two")
+    run_dpo(DPOConfig(**_one(args, tmp_path / "one")))
+    for key in ("loss", "rewards_margin", "nll", "grad_norm"):
+        assert _column(tmp_path / "two", key) == pytest.approx(_column(tmp_path / "one", key), abs=1e-5), key
+    _assert_same_weights(tmp_path / "one", tmp_path / "two", atol=1e-5)
+    assert max(_total_bytes(tmp_path / "two")) <= 0.55 * _total_bytes(tmp_path / "one")[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusals and the launch switch (no processes started)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        (PPOConfig(sharding="fsdp"), "PPOConfig does not shard yet"),
+        (GRPOConfig(sharding="fsdp"), "GRPOConfig does not shard yet"),
+        (SFTConfig(sharding="fsdp", use_lora=True), "sharding=fsdp with use_lora=true"),
+        (DPOConfig(sharding="fsdp", eval_tasks=4), "eval_tasks>0"),
+    ],
+)
+def test_what_sharding_cannot_do_is_refused_with_the_keys(cfg, match):
+    with pytest.raises(RunSetupError, match=match):
+        make_accelerator(cfg)
+
+
+def test_an_fsdp_launch_shards_the_stages_that_shard(monkeypatch):
+    """accelerate_configs/fsdp.yaml (ACCELERATE_USE_FSDP) implies sharding=fsdp where the stage shards;
+    a stage that does not shard yet keeps accelerate's path instead of being refused."""
+    from align.train.sharding import wants_sharding
+
+    assert not wants_sharding(SFTConfig())
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert wants_sharding(SFTConfig()) and wants_sharding(DPOConfig(eval_tasks=0))
+    assert not wants_sharding(PPOConfig())
+
+
+def test_deepspeed_stays_refused_and_names_sharding(monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(RunSetupError, match="DeepSpeed is not supported.*sharding=fsdp"):
+        make_accelerator(SFTConfig())
+
+
+def test_memory_report_of_an_unsharded_model_counts_fp32_adamw():
+    from align.train.sharding import memory_report
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    model[1].weight.requires_grad_(False)
+    report = memory_report(model, accumulation_steps=4)
+    params = (12 + 3 + 3 + 3) * 4
+    trained = (12 + 3 + 3) * 4
+    assert report == {
+        "params": params, "grads": trained, "optimizer": 2 * trained,
+        "total": params + 3 * trained, "grads_accumulating": 0,
+    }  # fmt: skip
