@@ -335,7 +335,7 @@ def score_members(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Over-optimisation guards (`RewardGuardKeys`, `AdaptiveKLKeys` in align/config.py): the run state they
+# Over-optimisation guards (`RewardGuardKeys`, `AdaptiveKLKeys` in align/config/rl.py): the run state they
 # keep, applied in the score phase of PPO and the online loops alike.
 
 
