@@ -182,6 +182,80 @@ def test_dpo_sharded_on_two_gives_the_losses_and_weights_of_one(byte_models, tmp
     assert max(_total_bytes(tmp_path / "two")) <= 0.55 * _total_bytes(tmp_path / "one")[0]
 
 
+def _full_weights_worker(out: Path) -> None:
+    """Run by torchrun (see `__main__`): a sharded model trains a step, then decodes greedily under
+    `full_weights` for a different number of steps per rank, twice around a second optimiser step."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from align.train.sharding import full_weights, shard_model
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = shard_model(Qwen2ForCausalLM(config))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    data = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def train_step() -> None:
+        model(input_ids=data[rank : rank + 1], labels=data[rank : rank + 1]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def decode(steps: int) -> tuple[list[int], torch.Tensor]:
+        ids = data[rank : rank + 1, :4]
+        with torch.no_grad(), full_weights(model):
+            for _ in range(steps):  # no KV cache: every step is a whole forward, of this rank's count
+                logits = model(input_ids=ids).logits
+                ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
+        return ids[0].tolist(), logits[0, -1]
+
+    result = {}
+    for phase in ("first", "second"):
+        train_step()
+        # The replica every rank builds from the gathered weights after this step: what a fresh rollout must use.
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        replica = Qwen2ForCausalLM(config).eval()
+        replica.load_state_dict(full)
+        ids, last = decode(steps=6 if rank == 0 else 1)  # rank 1 stops at its first token
+        with torch.no_grad():
+            expected = replica(input_ids=torch.tensor([ids[:-1]])).logits[0, -1]
+        result[phase] = {
+            "max_diff": (last - expected).abs().max().item(),
+            "new_tokens": len(ids) - 4,
+            "all_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+        }
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(tmp_path):
+    """Rank 0 decodes 6 tokens while rank 1 stops after 1 (different forward counts would hang a sharded
+    model without `full_weights`), each from the weights of the latest optimiser step, twice; on exit
+    every parameter is a shard again."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+         str(Path(__file__)), "full_weights", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank, new_tokens in ((0, 6), (1, 1)):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for phase in ("first", "second"):
+            assert result[phase]["new_tokens"] == new_tokens
+            assert result[phase]["max_diff"] < 1e-5, (rank, phase)
+            assert result[phase]["all_sharded"], (rank, phase)
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals and the launch switch (no processes started)
 
@@ -229,3 +303,7 @@ def test_memory_report_of_an_unsharded_model_counts_fp32_adamw():
         "params": params, "grads": trained, "optimizer": 2 * trained,
         "total": params + 3 * trained, "grads_accumulating": 0,
     }  # fmt: skip
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["full_weights"]:
+    _full_weights_worker(Path(sys.argv[2]))

@@ -15,6 +15,7 @@ reduce in bf16). What this module gives a loop:
 * `clip_grad_norm`: the global norm over the shards (`torch.nn.utils.clip_grad_norm_` on DTensor
   gradients returns a replicated DTensor holding the global norm; checked against one process).
 * `full_state_dict`: the gathered weights on rank 0 for `final/` (every rank must call it).
+* `full_weights`: a block with the whole weights on every rank and no collectives inside (rollouts).
 * `memory_report`: this rank's bytes of parameters, gradients and AdamW state.
 
 The optimiser must be built after `shard_model`, so that it holds the sharded parameters.
@@ -178,6 +179,34 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         if name in out:
             out[name] = out[first.setdefault(id(param), name)]
     return out
+
+
+@contextmanager
+def full_weights(model: nn.Module) -> Iterator[None]:
+    """Hold every FSDP unit's whole weights for the block: one all-gather per unit on entry, none inside.
+
+    Forwards inside make no collectives, so ranks may run different numbers of them (rollouts whose rows
+    stop at different lengths, an evaluation on one rank). On exit every unit is resharded, so the next
+    optimiser step updates what the next forward reads (an unsharded unit would keep the old weights:
+    `unshard()` does nothing on a unit that already is). Every rank must enter and leave together.
+    Run the block under `torch.no_grad()`, not `torch.inference_mode()` (FSDP2 reuses the unsharded
+    parameter storage for training). A model that is not sharded passes through unchanged."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    # Whether each unit reshards after forward, to put back; private to FSDP2 in torch 2.13.
+    before = [any(g._reshard_after_forward for g in m._get_fsdp_state()._fsdp_param_groups) for m in units]
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+    for handle in [unit.unshard(async_op=True) for unit in units]:
+        if handle is not None:
+            handle.wait()
+    try:
+        yield
+    finally:
+        for unit, flag in zip(units, before, strict=True):
+            unit.reshard()
+            unit.set_reshard_after_forward(flag, recurse=False)
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
