@@ -22,7 +22,7 @@ import torch
 from align.data import DataError, load_preference, tokenize_preference
 from align.evaluate_rm import evaluate_pairs, format_result, write_report
 from align.reward import load_reward_model
-from align.train.reward import dataset_name
+from align.train.reward_data import dataset_name
 
 
 def main(argv: list[str] | None = None) -> int:

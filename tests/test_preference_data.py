@@ -349,7 +349,7 @@ def test_real_preference_files_parse():
 
 
 def test_group_is_kept_and_pairs_are_grouped_by_prompt(tmp_path):
-    from align.data.preference import prompt_groups
+    from align.data.groups import prompt_groups
 
     records = [
         {"prompt": "2+2?", "chosen": "4", "rejected": "5", "group": 0},
@@ -366,7 +366,7 @@ def test_group_is_kept_and_pairs_are_grouped_by_prompt(tmp_path):
 
 
 def test_bad_groups_are_reported_with_line_numbers(tmp_path):
-    from align.data.preference import prompt_groups
+    from align.data.groups import prompt_groups
 
     path = tmp_path / "pairs.jsonl"
     path.write_text(

@@ -19,7 +19,8 @@ from align.recipe import run_recipe
 from align.reward import REWARD_HEAD, RewardModel
 from align.tracking import read_metrics
 from align.train.process import RunSetupError
-from align.train.reward import embedded_pairs, load_reward_model_for_training, run_reward, train_reward_model
+from align.train.reward import load_reward_model_for_training, run_reward, train_reward_model
+from align.train.reward_data import embedded_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,7 +244,7 @@ def test_configs_carry_the_qwen_numbers():
 
 def test_onpolicy_config_reads_what_sample_pairs_and_the_default_rm_run_write():
     from align.sample_pairs import SamplePairsConfig
-    from align.train.reward import eval_set_specs
+    from align.train.reward_data import eval_set_specs
 
     cfg = load_config(RMConfig, ROOT / "recipes" / "configs" / "rm" / "onpolicy.yaml")
     assert (cfg.stage, cfg.pair_grouping, cfg.eval_dataset) == ("rm", "prompt", "embedded")
@@ -256,7 +257,7 @@ def test_onpolicy_config_reads_what_sample_pairs_and_the_default_rm_run_write():
 
 
 def test_eval_fraction_holds_out_pairs_never_trained(pair_files, tmp_path):
-    from align.train.reward import load_rm_data
+    from align.train.reward_data import load_rm_data
 
     cfg = _cfg("unused", pair_files, tmp_path / "o", eval_dataset=None, eval_fraction=0.25)
     train, report, _, held, name = load_rm_data(cfg, tmp_path / "o", is_main=True)
@@ -330,7 +331,7 @@ def test_grouped_comparisons_score_each_distinct_response_once(
 ):
     import align.train.reward as reward_train
     from align.data import load_preference, tokenize_preference
-    from align.data.preference import prompt_groups
+    from align.data.groups import prompt_groups
     from align.reward import pack_pairs
 
     cfg = _grouped_cfg(tiny_qwen_dir, grouped_files, tmp_path / "grouped")
@@ -414,8 +415,8 @@ def test_grouped_update_does_not_depend_on_the_micro_batch_split(tiny_qwen_dir, 
 
 def test_grouped_data_checks_and_split(grouped_files, tmp_path):
     from align.data import DataError
-    from align.data.preference import prompt_groups
-    from align.train.reward import eval_set_specs, load_rm_data
+    from align.data.groups import prompt_groups
+    from align.train.reward_data import eval_set_specs, load_rm_data
 
     # eval_fraction under grouping holds out whole prompts: no held-out prompt is trained on.
     cfg = _grouped_cfg("unused", grouped_files, tmp_path / "o", eval_dataset=None, eval_fraction=0.25)

@@ -3,6 +3,7 @@ tiny byte-level policy with a user's `module:function` checker, the embedded ver
 whose written pairs must equal those recomputed from the recorded samples; a checker that fails stops the
 run at its prompt's file:line and keeps what was written."""
 
+import importlib
 import json
 import math
 
@@ -195,9 +196,9 @@ def test_the_embedded_config_loads():
 
 
 def test_user_prompts_with_a_checker_give_the_recomputed_pairs(stopping_dir, user_files, tmp_path):
-    import sp_checks
-
     from align.models import load_tokenizer
+
+    sp_checks = importlib.import_module("sp_checks")  # written by the user_files fixture, not a dependency
     from align.rollout import HFRolloutEngine
 
     out = tmp_path / "out"

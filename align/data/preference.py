@@ -3,17 +3,13 @@ LLaMA-Factory ShareGPT pairs, OpenAssistant trees), and the prompt groups of pai
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
 from align.data.conversations import Turn, _hh_turns, _system_turns, check_conversation, message_turn
 from align.data.records import (
-    _FORMATS,
     _SURROGATE,
-    BadRecord,
-    DataError,
     Parsed,
     RecordError,
     RecordFormat,
@@ -292,80 +288,3 @@ register_format(
         "chosen, rejected: HH-RLHF transcripts or message arrays sharing a prefix",
     ),
 )
-
-
-# --------------------------------------------------------------------------------------------------
-# Prompt groups: the pairs of one prompt trained together (`align.losses.grouped_pairwise_loss`).
-
-GROUP_MIXES_PROMPTS = "mixes prompts"
-
-
-def pair_locations(source: Any, *, format: str | None = None) -> list[BadRecord]:
-    """Where each pair `load_preference` returns for ``source`` comes from (``file:line``), in its order;
-    the pairs of one OpenAssistant tree share their record's. Reads the source again (it is called only to
-    name the records of an error); records that fail to parse are passed over, as ``skip_bad`` does."""
-    from align.data.loading import _parse_record  # loading imports this module
-    from align.data.sources import _expand, _iter_raw
-
-    fmts = _FORMATS["preference"]
-    where: list[BadRecord] = []
-    for item in _expand(source):
-        for raw in _iter_raw(item):
-            if raw.error is not None:
-                continue
-            try:
-                _, parsed = _parse_record(raw, fmts, format)
-            except (RecordError, RecursionError):
-                continue
-            where += [BadRecord(raw.source, raw.line, "", record=raw.record)] * len(parsed.value)
-    return where
-
-
-def prompt_groups(
-    pairs: Sequence[dict[str, Any]], source: Any = None, *, format: str | None = None
-) -> list[list[int]]:
-    """The indices of ``pairs`` grouped by prompt: pairs with the same ``group`` id form one group (in the
-    order their ids first appear), and a pair without one is a group of its own, in its place.
-
-    The pairs of a group must share their prompt (and tools): a group that mixes prompts is a `DataError`
-    naming ``file:line`` of each pair that differs from its group's first (``source`` and ``format``: what
-    ``pairs`` was loaded from, to find the lines; without a source the pairs are named by index).
-    """
-    groups: list[list[int]] = []
-    where_group: dict[Any, int] = {}
-    mixed: list[tuple[int, int]] = []  # (pair, the first pair of its group)
-    for i, pair in enumerate(pairs):
-        gid = pair.get("group")
-        if gid is None:
-            groups.append([i])
-            continue
-        # 3 and "3" are different ids, as they are different JSON values.
-        key = (type(gid).__name__, gid)
-        if key not in where_group:
-            where_group[key] = len(groups)
-            groups.append([i])
-            continue
-        first = groups[where_group[key]][0]
-        if _prompt_key(pair) != _prompt_key(pairs[first]):
-            mixed.append((i, first))
-        groups[where_group[key]].append(i)
-    if mixed:
-        where = pair_locations(source, format=format) if source is not None else []
-        if len(where) != len(pairs):  # not loaded from `source` as given: name pairs by their index
-            where = [BadRecord(str(source or "pairs"), None, "", record=i) for i in range(len(pairs))]
-        bad = []
-        for i, first in mixed:
-            at = where[first]
-            first_at = f"line {at.line}" if at.line is not None else f"record {at.record}"
-            reason = (
-                f"group {pairs[i]['group']!r} {GROUP_MIXES_PROMPTS}: this pair's prompt differs from that of "
-                f"the group's first pair ({at.source} {first_at}); give each prompt its own group id"
-            )
-            bad.append(BadRecord(where[i].source, where[i].line, reason, record=where[i].record))
-        shown = [str(b) for b in bad[:20]] + ([f"... and {len(bad) - 20} more"] if len(bad) > 20 else [])
-        raise DataError("\n".join([f"{len(bad)} pair(s) in a group of another prompt:", *shown]), bad)
-    return groups
-
-
-def _prompt_key(pair: dict[str, Any]) -> str:
-    return json.dumps([pair["prompt"], pair.get("tools")], sort_keys=True, ensure_ascii=False)
