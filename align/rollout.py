@@ -307,6 +307,25 @@ def _device_of(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
+def fsdp_sharded(model: Any) -> bool:
+    """Whether `model` holds FSDP2 units (`align.train.sharding`): such a model decodes under no_grad, not
+    inference_mode (FSDP2 reuses the storage of its gathered weights for training, and its unshard path
+    cannot run on inference tensors), and only with its whole weights gathered (`full_weights`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules()) if hasattr(model, "modules") else False
+
+
+def _check_whole_weights(model: Any) -> None:
+    """Refuse to decode from weights that are still shards: each rank stops on its own rows, so the
+    per-forward all-gathers would wait forever for a rank that has stopped."""
+    if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise RuntimeError(
+            "rollout from a sharded model: call the engine inside align.train.sharding.full_weights(model), "
+            "which gathers the whole weights once for the rollout"
+        )
+
+
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
     """Seed the global RNG inside the block and restore the caller's state after it.
@@ -471,10 +490,14 @@ class _BatchedEngine:
                 bar.update(1)
                 bar.set_postfix(tok_s=f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f}")
 
+        sharded = fsdp_sharded(self.model)
+        if sharded:
+            _check_whole_weights(self.model)
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling: the log-probs are those of the eval-mode model
         try:
-            with self._rng(seed, device) as generator, torch.inference_mode():
+            grad_mode = torch.no_grad() if sharded else torch.inference_mode()
+            with self._rng(seed, device) as generator, grad_mode:
                 self._decode_rows(rows, order, max_new_tokens, temperature, top_p, stops, generator, done)
             batch = self._assemble(rows, responses, logps, finished, n, temperature, top_p, device)
             if self.logprobs == "forward" and len(batch):
@@ -548,6 +571,10 @@ class HFRolloutEngine(_BatchedEngine):
             # repetition_penalty 1.05) cannot change what is sampled.
             "repetition_penalty": 1.0,
         }
+        if fsdp_sharded(self.model):
+            # transformers would decode an FSDP model in lockstep across ranks (an all-reduce per token);
+            # the whole weights are gathered here (`full_weights`), so each rank stops on its own rows.
+            kwargs["synced_gpus"] = False
         if temperature > 0:
             kwargs.update(
                 do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0

@@ -1,7 +1,7 @@
 """Sharded training (FSDP2, align/train/sharding.py) on 2 CPU processes (gloo, torchrun) against one
 process: the same losses and final weights for the same seed and global batch, a sharded checkpoint that
 resumes on 2 processes bit for bit and on 1 process to float rounding, a `final/` that plain
-`from_pretrained` loads, and per-rank bytes of parameters + gradients + AdamW state about halved.
+`from_pretrained` loads (SFT, DPO and the reward model), and per-rank bytes of parameters + gradients + AdamW state about halved.
 
 Every launch gets a 60-second process-group timeout (ALIGN_PG_TIMEOUT_S) and a subprocess timeout, so a
 hang fails instead of blocking. Launches are shared between assertions (module-scoped fixtures)."""
@@ -16,20 +16,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny_qwen2, byte_tokenizer
+from conftest import ascii_reward, build_tiny_qwen2, byte_tokenizer
 from safetensors.torch import load_file
 
-from align.config import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
+from align.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig
 from align.tasks import generate_tasks, preference_pairs, write_jsonl, write_sft_jsonl
 from align.tracking import read_metrics
 from align.train.dpo import run_dpo
 from align.train.process import RunSetupError, make_accelerator
+from align.train.reward import run_reward
 from align.train.sft import run_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT_ARGS = dict(
     max_steps=4, save_steps=2, batch_size=8, micro_batch_size=2, max_length=512, eval_tasks=0,
     learning_rate=3e-3, dtype="float32",
+)  # fmt: skip
+RM_ARGS = dict(
+    stage="rm", max_steps=3, batch_size=8, micro_batch_size=2, max_length=512, learning_rate=2e-3,
+    eval_micro_batch_size=4, dtype="float32",
 )  # fmt: skip
 DPO_ARGS = dict(
     max_steps=3, batch_size=8, micro_batch_size=2, max_length=512, eval_tasks=0, learning_rate=1e-3,
@@ -182,6 +187,43 @@ def test_dpo_sharded_on_two_gives_the_losses_and_weights_of_one(byte_models, tmp
     assert max(_total_bytes(tmp_path / "two")) <= 0.55 * _total_bytes(tmp_path / "one")[0]
 
 
+def test_rm_sharded_on_two_gives_the_losses_weights_and_accuracy_of_one(byte_models, tmp_path):
+    """The reward model's backbone layers and embedding sharded, its scalar head with the root; held-out
+    scoring (before training and at the end) on the main process from the gathered weights. `final/` is
+    a reward model (backbone, head, reward_config.json) that `RewardModel.from_pretrained` loads."""
+    from align.reward import REWARD_HEAD, RewardModel
+
+    pairs = preference_pairs(generate_tasks(32, seed=5), seed=5, format_error_rate=0.3)
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs[:24])
+    held = write_jsonl(tmp_path / "held.jsonl", pairs[24:])
+    args = {
+        **RM_ARGS, "model_name_or_path": str(byte_models["untied"]), "dataset": str(data),
+        "eval_dataset": str(held),
+    }  # fmt: skip
+    torchrun("rm.py", args, tmp_path / "two")
+    run_reward(RMConfig(**_one(args, tmp_path / "one")))
+    two, one = tmp_path / "two", tmp_path / "one"
+    for key in ("loss", "accuracy", "margin", "grad_norm", "eval_accuracy"):
+        got, want = ([r[key] for r in read_metrics(d) if key in r] for d in (two, one))
+        assert len(got) == (3 if key != "eval_accuracy" else 2), key
+        assert got == pytest.approx(want, abs=1e-5), key
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (one, two)]
+    assert [h["step"] for h in summaries[1]["eval_history"]] == [0, 3]
+    assert summaries[1]["eval_history"] == summaries[0]["eval_history"]
+    models = [RewardModel.from_pretrained(d / "final") for d in (one, two)]
+    state_one, state_two = (m.state_dict() for m in models)
+    assert set(state_two) == set(state_one)
+    for name in state_one:
+        torch.testing.assert_close(state_two[name], state_one[name], atol=1e-5, rtol=0, msg=name)
+    saved = load_file(two / "final" / "model.safetensors")
+    saved.update({f"head.{k}": v for k, v in load_file(two / "final" / REWARD_HEAD).items()})
+    for name, tensor in saved.items():  # what was gathered and written is what loads
+        key = name if name.startswith("head.") else f"backbone.{name}"
+        assert torch.equal(state_two[key], tensor), name
+    assert max(_total_bytes(two)) <= 0.55 * _total_bytes(one)[0]
+    assert (two / "checkpoints" / "step-3" / "dcp" / ".metadata").is_file()
+
+
 def _full_weights_worker(out: Path) -> None:
     """Run by torchrun (see `__main__`): a sharded model trains a step, then decodes greedily under
     `full_weights` for a different number of steps per rank, twice around a second optimiser step."""
@@ -257,6 +299,72 @@ def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(t
 
 
 # --------------------------------------------------------------------------------------------------
+# RL stages: sharded on 2 processes against the same run under DDP on 2 processes (the same per-rank
+# rollout seeds, so the same samples while the weights agree), several runs per launch.
+
+RL_ARGS = dict(
+    batch_size=8, micro_batch_size=4, samples_per_query=4, max_new_tokens=8, max_steps=2, save_steps=0,
+    learning_rate=1e-2, log_rollouts=0, eval_tasks=0, dtype="float32", report_to=["none"], progress=False,
+    logging_steps=1,
+)  # fmt: skip
+RUNNERS = {"grpo": "run_grpo", "online_dpo": "run_online_dpo"}
+
+
+def _rl_worker(runs: list[dict]) -> None:
+    """Run by torchrun (see `__main__`): each {"stage", "cfg"} in turn, scored by `ascii_reward`."""
+    import align.train.online as online
+    from align.config import GRPOConfig, OnlineDPOConfig
+
+    configs = {"grpo": GRPOConfig, "online_dpo": OnlineDPOConfig}
+    for run in runs:
+        stage = run["stage"]
+        getattr(online, RUNNERS[stage])(configs[stage](**run["cfg"]), reward_fn=ascii_reward)
+
+
+def _launch_rl(runs: list[dict]) -> None:
+    env = {
+        **os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1", "ALIGN_PG_TIMEOUT_S": "60",
+    }  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+         str(Path(__file__)), "rl", json.dumps(runs)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def rl_runs(byte_models, tmp_path_factory) -> Path:
+    """GRPO (untied, KL to a sharded frozen reference, two mini-batches: old log-probs recomputed) under
+    sharding=fsdp and under DDP, in one 2-process launch."""
+    from align.tasks import generate_tasks
+
+    root = tmp_path_factory.mktemp("rl-runs")
+    prompts = write_jsonl(root / "p.jsonl", [{"messages": t.messages} for t in generate_tasks(16, seed=5)])
+    base = {**RL_ARGS, "model_name_or_path": str(byte_models["untied"]), "dataset": str(prompts)}
+    grpo = {**base, "kl_coef": 0.04, "num_mini_batches": 2, "variance_order": False}
+    runs = [
+        {"stage": "grpo", "cfg": {**grpo, "sharding": sharding, "output_dir": str(root / f"grpo-{sharding}")}}
+        for sharding in ("fsdp", "none")
+    ]
+    _launch_rl(runs)
+    return root
+
+
+def test_grpo_sharded_gives_the_losses_and_weights_of_ddp(rl_runs):
+    """The same samples (reward_mean, response lengths) and losses, KL and norms to 1e-5, the same final
+    weights; per-rank parameter + gradient + AdamW bytes about halved."""
+    fsdp, ddp = rl_runs / "grpo-fsdp", rl_runs / "grpo-none"
+    for key in ("reward_mean", "response_length", "loss", "kl", "clipfrac", "grad_norm"):
+        got, want = _column(fsdp, key), _column(ddp, key)
+        assert len(got) == 2 and got == pytest.approx(want, abs=1e-5), key
+    assert all(kl > 0 for kl in _column(fsdp, "kl")[1:])  # the policy moved off the reference
+    _assert_same_weights(ddp, fsdp, atol=1e-5)
+    assert max(_total_bytes(fsdp)) <= 0.55 * max(_total_bytes(ddp))
+
+
+# --------------------------------------------------------------------------------------------------
 # Refusals and the launch switch (no processes started)
 
 
@@ -264,7 +372,11 @@ def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(t
     ("cfg", "match"),
     [
         (PPOConfig(sharding="fsdp"), "PPOConfig does not shard yet"),
-        (GRPOConfig(sharding="fsdp"), "GRPOConfig does not shard yet"),
+        (GRPOConfig(sharding="fsdp", eval_tasks=0, rollout_engine="vllm"), "rollout_engine=vllm"),
+        (
+            GRPOConfig(sharding="fsdp", eval_tasks=0, rollout_engine="static", rollout_compile="on"),
+            "rollout_compile=off",
+        ),
         (SFTConfig(sharding="fsdp", use_lora=True), "sharding=fsdp with use_lora=true"),
         (DPOConfig(sharding="fsdp", eval_tasks=4), "eval_tasks>0"),
     ],
@@ -307,3 +419,5 @@ def test_memory_report_of_an_unsharded_model_counts_fp32_adamw():
 
 if __name__ == "__main__" and sys.argv[1:2] == ["full_weights"]:
     _full_weights_worker(Path(sys.argv[2]))
+if __name__ == "__main__" and sys.argv[1:2] == ["rl"]:
+    _rl_worker(json.loads(sys.argv[2]))

@@ -66,8 +66,17 @@ from align.train.rl_common import (
     scatter_rows,
     score_members,
 )
-from align.train.rl_run import PhaseTimer, RLRun, encode_rl_prompts, open_rl_run, start_rl_run
+from align.train.rl_run import (
+    PhaseTimer,
+    RLRun,
+    encode_rl_prompts,
+    open_rl_run,
+    rows_per_process,
+    start_rl_run,
+)
+from align.train.run_start import log_memory
 from align.train.sft import record_accuracy_after, record_accuracy_before
+from align.train.sharding import grad_sync, shard_model, wants_sharding
 
 Method = Literal["online_dpo", "grpo"]
 # `best_worst_pairs`: (P,) chosen and (P,) rejected flat row indices, (P,) their queries, tied groups
@@ -209,14 +218,24 @@ def setup_online(cfg: OnlineConfig, method: Method, reward_fn: Any) -> tuple[RLR
     prompts, tasks = load_prompts(cfg)  # PPO's: the query set of query_count and query_seed, or a file
     source = reward_source(cfg, reward_fn, tasks)
     reward_model = load_reward_model(cfg, tokenizer, device) if source == "model" else None
+    shard = wants_sharding(cfg)
+    if shard:  # the frozen models sharded too: every rank scores the same number of micro-batches
+        for frozen in (reference, reward_model):
+            if frozen is not None:
+                shard_model(frozen, frozen=True)
     guards.check_scorer(reward_model)
     accelerator.print(f"{method}: policy {start_name}; reward: {describe_reward(cfg, source)}")
     prompt_ids = encode_rl_prompts(cfg, prompts, tokenizer, rl_default_system(cfg, reward_model, tokenizer))
     steps = total_steps(cfg, len(prompt_ids))
 
+    if shard:  # align's FSDP2, not accelerate's prepare; the optimiser built after, on the shards
+        policy = shard_model(policy.to(device))
     optimizer = build_optimizer(policy, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps[1])
-    policy, optimizer = accelerator.prepare(policy, optimizer)
+    if not shard:
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+    rows = rows_per_process(cfg, accelerator.num_processes) // (cfg.num_mini_batches if grpo else 1)
+    log_memory(accelerator, policy, cfg, out, accumulation=-(-rows // cfg.micro_batch_size))
     run = open_rl_run(
         cfg, method, accelerator, out, tokenizer, prompts, tasks, prompt_ids, steps, policy, modules={},
         optimizers={"policy": optimizer}, schedulers={"policy": scheduler}, postfix={"reward": "reward_mean"},
@@ -379,8 +398,7 @@ def grpo_update(
                 w = sub.response_ids.shape[1]
                 idx = torch.tensor(rows, device=device)
                 sub_mask = mask[idx, :w]
-                sync = nullcontext() if k == len(micros) - 1 else accelerator.no_sync(policy)
-                with sync, accelerator.autocast():
+                with grad_sync(accelerator, policy, sync=k == len(micros) - 1), accelerator.autocast():
                     logprobs = rollout_logprobs(policy, sub, cfg.temperature)
                     old = logprobs.detach() if single_pass else old_logprobs[idx, :w]
                     adv = advantages[idx][:, None].expand(-1, w)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.reward_data import eval_set_specs, group_examples, load_eval_sets, load_rm_data
 from align.train.run_start import start_single_model_run
+from align.train.sharding import full_state_dict, full_weights, grad_sync, is_sharded, wants_sharding
 
 
 def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str]:
@@ -341,7 +341,13 @@ def train_reward_model(
         )
 
     run = start_single_model_run(
-        accelerator, model, cfg, out, num_steps, fingerprint_rows(rows, keys=row_keys)
+        accelerator,
+        model,
+        cfg,
+        out,
+        num_steps,
+        fingerprint_rows(rows, keys=row_keys),
+        shard=wants_sharding(cfg),
     )
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     start_step, saved, logger = run.start_step, run.saved, run.logger
@@ -362,6 +368,12 @@ def train_reward_model(
         state["eval_seconds"] += time.perf_counter() - t0
         return results
 
+    def evaluate_on_main() -> dict[str, dict[str, Any]]:
+        """The held-out sets scored by the main process ({} elsewhere). Sharded weights are gathered on
+        every rank first (a collective), so the main process alone can run forwards."""
+        with full_weights(model):
+            return evaluate() if is_main else {}
+
     def eval_metrics(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The main set's accuracy as eval_accuracy (as always), every other set's as eval_accuracy/name."""
         metrics = {"eval_accuracy": results[main_set]["accuracy"]} if main_set in results else {}
@@ -374,13 +386,13 @@ def train_reward_model(
 
     if eval_sets and saved is None:
         before: dict[str, dict[str, Any]] = {}
-        if cfg.eval_before and is_main:
+        if cfg.eval_before:
             sizes = ", ".join(f"{name} {len(ex)}" for name, ex in eval_sets.items())
             accelerator.print(f"held-out accuracy before training ({sizes} pairs)...")
-            before = evaluate()
+            before = evaluate_on_main()
             for name, result in before.items():
                 accelerator.print(format_result(f"{name} (before)", result))
-        elif not cfg.eval_before:
+        else:
             known = dict(accuracies_before or {})
             if accuracy_before is not None:
                 known.setdefault(main_set, accuracy_before)
@@ -414,8 +426,7 @@ def train_reward_model(
         sums = torch.zeros(7, device=accelerator.device)
         for k, micro in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
-            sync = nullcontext() if last else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
+            with grad_sync(accelerator, model, sync=last), accelerator.autocast():
                 if grouped:
                     result, index, margin, tokens = _forward_groups(
                         model, [rows[i] for i in micro], cfg, pad_id, accelerator.device
@@ -462,8 +473,8 @@ def train_reward_model(
         if grouped:  # what grouping saves: comparisons trained vs sequences scored
             metrics.update(pairs=int(reduced[5]), responses=int(reduced[6]))
         if eval_sets and (done % steps_per_epoch == 0 or done == num_steps):
+            results = evaluate_on_main()
             if is_main:
-                results = evaluate()
                 epoch = done / steps_per_epoch
                 state["eval_history"].append(_history_entry(done, epoch, results, main_set))
                 state["last_evals"] = {
@@ -532,7 +543,8 @@ def train_reward_model(
     if grouped:
         summary.update(train_groups=len(rows), train_responses=train_sequences)
     accelerator.wait_for_everyone()
-    full_state = accelerator.get_state_dict(model)  # collective under FSDP: every rank must call it
+    # A collective (sharded or under accelerate's FSDP): every rank must call it.
+    full_state = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
     if is_main:
         unwrapped.save_pretrained(out / "final", tokenizer=tokenizer, state_dict=full_state)
         if "last_evals" in state:

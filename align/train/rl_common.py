@@ -39,6 +39,7 @@ from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
 from align.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
+from align.train.sharding import full_weights, is_sharded
 
 
 def query_count(cfg: PPOConfig | OnlineConfig) -> int:
@@ -138,8 +139,11 @@ def rollout_logprobs(
     (`align.shared_prefix`: GRPO's G samples, online DPO's pairs, PPO's 2 samples), else one left-padded
     pass (the reference computation). The shared pass is taken only where it equals that pass to float
     rounding, values and gradients: not in training mode with gradient checkpointing or active
-    dropout (`shared_pass_inexact_reason`; tests/test_matrix_shared_prompt.py)."""
-    if shares_prompts(sub) and shared_pass_inexact_reason(model) is None:
+    dropout (`shared_pass_inexact_reason`; tests/test_matrix_shared_prompt.py), and not on a sharded model."""
+    # Not for a sharded model: the step pass reads the prompt pass's cache straight from its k/v
+    # projections, past FSDP's backward hooks (the weights would be freed shards in backward), and whether a
+    # slice shares prompts differs per rank, so the ranks' forward counts (all-gathers) would too.
+    if shares_prompts(sub) and shared_pass_inexact_reason(model) is None and not is_sharded(model):
         return shared_prompt_logprobs(model, sub, temperature, with_entropy)
     return response_logprobs(model, sub.sequences(left_pad=True), sub.response_ids, temperature, with_entropy)
 
@@ -473,7 +477,7 @@ def reference_anchors(
     records = []
     for start in range(0, n, cfg.batch_size):
         queries = list(range(start, min(start + cfg.batch_size, n)))
-        with autocast():
+        with autocast(), torch.no_grad(), full_weights(run.policy_u):  # a sharded policy decodes whole
             batch = run.engine.generate(
                 [run.prompt_ids[q] for q in queries], n=1, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0, top_p=1.0, seed=cfg.seed,

@@ -42,6 +42,7 @@ from align.train.batching import global_batch_indices
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.rl_common import log_rl_step
+from align.train.sharding import full_state_dict, full_weights, is_sharded
 
 Messages = list[dict[str, str]]
 
@@ -205,16 +206,20 @@ class RLRun:
         cfg = self.cfg
         # vLLM decodes its own bf16 copy of the weights with its own kernels: no autocast of ours there.
         autocast = nullcontext if cfg.rollout_engine == "vllm" else self.accelerator.autocast
-        return sample_rollouts(
-            self.engine,
-            [self.prompt_ids[i] for i in queries],
-            n=cfg.samples_per_query,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=seed,
-            autocast=autocast,
-        ).to(self.accelerator.device)
+        # A sharded policy is gathered whole once for the rollout (every rank enters, each then decodes
+        # its own rows to their own lengths) and resharded after, so the next step updates what it reads.
+        with torch.no_grad(), full_weights(self.policy_u):
+            batch = sample_rollouts(
+                self.engine,
+                [self.prompt_ids[i] for i in queries],
+                n=cfg.samples_per_query,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                seed=seed,
+                autocast=autocast,
+            )
+        return batch.to(self.accelerator.device)
 
     def rollout(self, queries: list[int], step: int) -> RolloutBatch:
         """The rollout phase: (B = len(queries) x samples_per_query) responses, seeded by (seed, step,
@@ -286,8 +291,8 @@ class RLRun:
         }
         accelerator.wait_for_everyone()
         # Every process takes part in gathering the state dicts (sharded models); only the main one writes.
-        policy_state = accelerator.get_state_dict(self.policy)
-        other_states = {name: accelerator.get_state_dict(m) for name, m in (also_save or {}).items()}
+        policy_state = gathered_state(accelerator, self.policy)
+        other_states = {name: gathered_state(accelerator, m) for name, m in (also_save or {}).items()}
         if self.is_main:
             if before_save is not None:
                 before_save(summary)
@@ -303,6 +308,11 @@ class RLRun:
         self.logger.close()
         accelerator.wait_for_everyone()
         return summary
+
+
+def gathered_state(accelerator: Accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a trained model for its final save, on the main process; a collective."""
+    return full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
 
 
 def open_rl_run(

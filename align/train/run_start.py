@@ -78,11 +78,18 @@ def start_single_model_run(
 
 
 def log_memory(
-    accelerator: Accelerator, model: torch.nn.Module, cfg: TrainConfig, out: Path
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    out: Path,
+    accumulation: int | None = None,
 ) -> dict[str, Any]:
     """Say, and write to memory.json, each rank's bytes of parameters, gradients and AdamW state: what
-    sharding divides (activations are not counted). A collective: every process calls it."""
-    accumulation = max(cfg.batch_size // (cfg.micro_batch_size * accelerator.num_processes), 1)
+    sharding divides (activations are not counted). A collective: every process calls it.
+
+    `accumulation`: micro-batches per optimiser step (default: a global batch of `batch_size` rows)."""
+    if accumulation is None:
+        accumulation = max(cfg.batch_size // (cfg.micro_batch_size * accelerator.num_processes), 1)
     mine = memory_report(model, accumulation)
     keys = list(mine)
     local = torch.tensor([[mine[k] for k in keys]], dtype=torch.float64, device=accelerator.device)

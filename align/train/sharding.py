@@ -7,7 +7,7 @@ reduce in bf16). What this module gives a loop:
 
 * `shard_model`: one FSDP unit per decoder layer, the input embedding and the tail (final norm and head)
   as units of their own, or one unit when the embeddings are tied (a parameter may live in one unit
-  only), then the root. On GPU a mixed-precision policy: bf16 compute weights, fp32 gradient reduction,
+  only), then the root (which keeps a reward model's scalar head and final norm). On GPU a mixed-precision policy: bf16 compute weights, fp32 gradient reduction,
   fp32 master weights (the parameters stay fp32, so AdamW updates fp32). On CPU fp32 throughout.
 * `grad_sync`: the micro-batch context. FSDP2 has no `no_sync`: on all but the last micro-batch,
   `set_requires_gradient_sync(False)` accumulates unsharded gradients locally; the last one
@@ -44,10 +44,10 @@ def launched_with_fsdp() -> bool:
 
 
 def stage_shards(cfg: Any) -> bool:
-    """Whether this stage's loop shards (SFT and DPO so far)."""
-    from align.config import DPOConfig, SFTConfig
+    """Whether this stage's loop shards (SFT, RM/PMP, DPO and GRPO so far)."""
+    from align.config import DPOConfig, GRPOConfig, RMConfig, SFTConfig
 
-    return isinstance(cfg, SFTConfig | DPOConfig)
+    return isinstance(cfg, SFTConfig | RMConfig | DPOConfig | GRPOConfig)
 
 
 def wants_sharding(cfg: Any) -> bool:
@@ -63,7 +63,7 @@ def check_sharding(cfg: Any) -> None:
         return
     if not stage_shards(cfg):
         raise ValueError(
-            f"sharding=fsdp: {type(cfg).__name__} does not shard yet (SFT and DPO do; issue 22); use sharding=none"
+            f"sharding=fsdp: {type(cfg).__name__} does not shard yet (SFT, RM, DPO and GRPO do; issue 22); use sharding=none"
         )
     if cfg.use_lora:
         raise ValueError(
@@ -74,6 +74,18 @@ def check_sharding(cfg: Any) -> None:
         raise ValueError(
             "sharding=fsdp with dataset=embedded and eval_tasks>0: the held-out generation runs on one "
             "process and cannot read sharded weights yet; set eval_tasks=0"
+        )
+    engine = getattr(cfg, "rollout_engine", None)
+    if engine == "vllm":
+        raise ValueError(
+            "sharding=fsdp with rollout_engine=vllm: the weight sync would hand vLLM shards, not whole "
+            "tensors (not built yet); use rollout_engine=hf, manual or static"
+        )
+    compiled = getattr(cfg, "rollout_compile", "auto")
+    if engine == "static" and (compiled == "on" or (compiled == "auto" and torch.cuda.is_available())):
+        raise ValueError(
+            f"sharding=fsdp with rollout_engine=static and rollout_compile={compiled}: a compiled decoding "
+            "step cannot trace through FSDP's hooks; set rollout_compile=off"
         )
 
 
@@ -96,31 +108,45 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    if hasattr(model, "get_input_embeddings"):
+        return model.get_input_embeddings()
+    backbone = getattr(model, "backbone", None)  # align's RewardModel: a base transformer and a scalar head
+    return backbone.get_input_embeddings() if hasattr(backbone, "get_input_embeddings") else None
+
+
 def _final_norm(model: nn.Module) -> nn.Module | None:
     base = getattr(model, "base_model_prefix", None)
     inner = getattr(model, base, None) if base else None
     return getattr(inner, "norm", None) if isinstance(inner, nn.Module) else None
 
 
-def shard_model(model: nn.Module, *, mixed_precision: bool | None = None) -> nn.Module:
+def shard_model(model: nn.Module, *, mixed_precision: bool | None = None, frozen: bool = False) -> nn.Module:
     """Shard `model` in place over the default process group and return it.
 
     Args:
         mixed_precision: bf16 compute with fp32 reduction and fp32 master weights; default: on GPU only.
+        frozen: a model that is never trained (an RL reference or reward model): no gradients, eval mode,
+            and every unit, the root included, resharded after each forward (the root's default keeps its
+            weights whole until a backward that never comes).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     ensure_process_group()
+    if frozen:
+        model.requires_grad_(False).eval()
     if mixed_precision is None:
         mixed_precision = next(model.parameters()).device.type == "cuda"
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"reshard_after_forward": True} if frozen else {}
     if mixed_precision:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embed = _input_embeddings(model)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    norm = _final_norm(model)
+    # Without an LM head (a reward or value model) the final norm stays with the root, as does the scalar
+    # head: a grouped [norm, head] unit would gather twice when the head runs twice (return_all).
+    norm = _final_norm(model) if head is not None else None
     tail = [m for m in (norm, head) if isinstance(m, nn.Module)]
     if embed is not None and head is not None and head.weight is embed.weight:
         fully_shard([embed, *tail], **kwargs)  # tied: the shared weight may belong to one unit only
