@@ -335,6 +335,18 @@ def train_flops(shape: str, doc_lengths: list[int]) -> float:
     return 6 * matmul_params * tokens + 12 * layers * d * pairs
 
 
+def write_record(args: argparse.Namespace, record: dict[str, Any]) -> Path:
+    """Write a stage's JSON result to `args.out`, stamped with the machine, date and command unless the
+    record has them; returns the path."""
+    record.setdefault("machine", machine(args.device))
+    record.setdefault("date", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    record.setdefault("command", f"python bench/{args.stage}.py " + " ".join(args.argv))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    return out
+
+
 def compare(
     args: argparse.Namespace,
     unit: str,
@@ -366,9 +378,7 @@ def compare(
         "command": f"python bench/{args.stage}.py " + " ".join(args.argv),
         "note": note,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = write_record(args, record)
     peer_txt = f"{peer[key]:.4g}" if peer and peer.get(key) else "not run"
     print(
         f"[{args.stage} {args.mode} {args.device} {args.shape}] {unit}: ours {ours.get(key, float('nan')):.4g}"

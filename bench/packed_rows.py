@@ -18,7 +18,6 @@ and shapes.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import sys
@@ -154,13 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"shape": shape, **common.MODELS[shape]},
         "settings": s,
         "precision": common.precision(args.device),
-        "machine": common.machine(args.device),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python bench/packed_rows.py " + " ".join(args.argv),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    common.write_record(args, record)
     return record
 
 

@@ -10,10 +10,8 @@ Writes the JSON (``--out``) and a PNG next to it; on a GPU each point also has i
 
 from __future__ import annotations
 
-import json
 import random
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,12 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
         "sweep": sweep,
         "points": points,
         "plot": str(png.name),
-        "machine": common.machine(args.device),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": "python bench/scaling.py " + " ".join(args.argv),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    common.write_record(args, record)
     return record
 
 
