@@ -310,15 +310,24 @@ RL_ARGS = dict(
 RUNNERS = {"grpo": "run_grpo", "online_dpo": "run_online_dpo"}
 
 
+def rank_tied_reward(batch, texts):
+    """`ascii_reward` on rank 0; on rank 1 every response scores 0, so online DPO finds no pair there
+    (every group tied) while rank 0 has several: the ranks' slice counts differ."""
+    import torch.distributed as dist
+
+    return torch.zeros(len(texts)) if dist.get_rank() == 1 else ascii_reward(batch, texts)
+
+
 def _rl_worker(runs: list[dict]) -> None:
-    """Run by torchrun (see `__main__`): each {"stage", "cfg"} in turn, scored by `ascii_reward`."""
+    """Run by torchrun (see `__main__`): each {"stage", "cfg", "reward"} in turn."""
     import align.train.online as online
     from align.config import GRPOConfig, OnlineDPOConfig
 
     configs = {"grpo": GRPOConfig, "online_dpo": OnlineDPOConfig}
+    rewards = {"ascii": ascii_reward, "rank_tied": rank_tied_reward}
     for run in runs:
         stage = run["stage"]
-        getattr(online, RUNNERS[stage])(configs[stage](**run["cfg"]), reward_fn=ascii_reward)
+        getattr(online, RUNNERS[stage])(configs[stage](**run["cfg"]), reward_fn=rewards[run["reward"]])
 
 
 def _launch_rl(runs: list[dict]) -> None:
@@ -336,16 +345,22 @@ def _launch_rl(runs: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def rl_runs(byte_models, tmp_path_factory) -> Path:
-    """GRPO (untied, KL to a sharded frozen reference, two mini-batches: old log-probs recomputed) under
-    sharding=fsdp and under DDP, in one 2-process launch."""
+    """Under sharding=fsdp and under DDP, in one 2-process launch: GRPO (untied, KL to a sharded frozen
+    reference, two mini-batches: old log-probs recomputed) and online DPO (tied, pairs on rank 0 only)."""
     from align.tasks import generate_tasks
 
     root = tmp_path_factory.mktemp("rl-runs")
     prompts = write_jsonl(root / "p.jsonl", [{"messages": t.messages} for t in generate_tasks(16, seed=5)])
     base = {**RL_ARGS, "model_name_or_path": str(byte_models["untied"]), "dataset": str(prompts)}
     grpo = {**base, "kl_coef": 0.04, "num_mini_batches": 2, "variance_order": False}
+    dpo = {**base, "model_name_or_path": str(byte_models["tied"]), "learning_rate": 3e-3}
     runs = [
-        {"stage": "grpo", "cfg": {**grpo, "sharding": sharding, "output_dir": str(root / f"grpo-{sharding}")}}
+        {
+            "stage": stage,
+            "reward": reward,
+            "cfg": {**cfg, "sharding": sharding, "output_dir": str(root / f"{stage}-{sharding}")},
+        }
+        for stage, reward, cfg in (("grpo", "ascii", grpo), ("online_dpo", "rank_tied", dpo))
         for sharding in ("fsdp", "none")
     ]
     _launch_rl(runs)
@@ -362,6 +377,18 @@ def test_grpo_sharded_gives_the_losses_and_weights_of_ddp(rl_runs):
     assert all(kl > 0 for kl in _column(fsdp, "kl")[1:])  # the policy moved off the reference
     _assert_same_weights(ddp, fsdp, atol=1e-5)
     assert max(_total_bytes(fsdp)) <= 0.55 * max(_total_bytes(ddp))
+
+
+def test_online_dpo_sharded_pads_to_the_largest_slice_count_and_gives_the_losses_of_ddp(rl_runs):
+    """Rank 1 has no pair and rank 0 several (two slices of micro_batch_size / 2 = 2 pairs): rank 1 runs
+    zero-weight dummy slices to match, instead of hanging; losses, margins and weights those of DDP."""
+    fsdp, ddp = rl_runs / "online_dpo-fsdp", rl_runs / "online_dpo-none"
+    assert all(pairs >= 3 for pairs in _column(fsdp, "pairs"))  # rank 0's: more than one slice
+    for key in ("reward_mean", "pairs", "loss", "dpo_margin", "dpo_accuracy", "grad_norm"):
+        got, want = _column(fsdp, key), _column(ddp, key)
+        assert len(got) == 2 and got == pytest.approx(want, abs=1e-5), key
+    assert _column(fsdp, "grad_norm")[0] > 0
+    _assert_same_weights(ddp, fsdp, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------

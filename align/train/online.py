@@ -26,7 +26,6 @@ import dataclasses
 import json
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +75,7 @@ from align.train.rl_run import (
 )
 from align.train.run_start import log_memory
 from align.train.sft import record_accuracy_after, record_accuracy_before
-from align.train.sharding import grad_sync, shard_model, wants_sharding
+from align.train.sharding import grad_sync, is_sharded, shard_model, wants_sharding
 
 Method = Literal["online_dpo", "grpo"]
 # `best_worst_pairs`: (P,) chosen and (P,) rejected flat row indices, (P,) their queries, tied groups
@@ -446,14 +445,21 @@ def online_dpo_update(
     global_pairs = int(accelerator.reduce(torch.tensor(n_pairs, device=device), reduction="sum"))
     pairs = list(zip(chosen.tolist(), rejected.tolist(), strict=True))
     pair_micro = max(cfg.micro_batch_size // 2, 1)
-    slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)] or [[(0, 0)]]
+    slices = [pairs[i : i + pair_micro] for i in range(0, n_pairs, pair_micro)]
+    real = len(slices)
+    # Zero-weight dummy slices (as verl pads micro-batches): a process without pairs still makes the
+    # data-parallel gradient sync, and a sharded model's every forward and backward is a collective, so
+    # all processes run the largest process's slice count.
+    width = len(slices) or 1
+    if is_sharded(policy):
+        width = int(accelerator.reduce(torch.tensor(width, device=device), reduction="max"))
+    slices += [[(0, 0)]] * (width - len(slices))
     for k, part in enumerate(slices):
         rows = [c for c, _ in part] + [r for _, r in part]
         sub = batch.select(rows)
         sub_mask = sub.response_mask.float()
         ref_seq = (t.reference_logprobs(sub) * sub_mask).sum(1)
-        sync = nullcontext() if k == len(slices) - 1 else accelerator.no_sync(policy)
-        with sync, accelerator.autocast():
+        with grad_sync(accelerator, policy, sync=k == len(slices) - 1), accelerator.autocast():
             logprobs = rollout_logprobs(policy, sub, cfg.temperature)
             seq_logps = (logprobs * sub_mask).sum(1)
             b = len(part)
@@ -466,11 +472,10 @@ def online_dpo_update(
                 cfg.loss_type,
                 cfg.label_smoothing,
             )
-            # No pair on this process: a zero-weight pass keeps data-parallel gradient syncs in step.
             # (data parallelism averages gradients over `world` processes, hence the factor)
-            weight = pair_weight(b, global_pairs, world)
+            weight = pair_weight(b, global_pairs, world) if k < real else 0.0
             accelerator.backward(loss * weight)
-        if n_pairs:
+        if k < real:
             add_stats(
                 stats_acc,
                 {

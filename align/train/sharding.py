@@ -44,10 +44,10 @@ def launched_with_fsdp() -> bool:
 
 
 def stage_shards(cfg: Any) -> bool:
-    """Whether this stage's loop shards (SFT, RM/PMP, DPO and GRPO so far)."""
-    from align.config import DPOConfig, GRPOConfig, RMConfig, SFTConfig
+    """Whether this stage's loop shards (SFT, RM/PMP, DPO, online DPO and GRPO so far)."""
+    from align.config import DPOConfig, OnlineConfig, RMConfig, SFTConfig
 
-    return isinstance(cfg, SFTConfig | RMConfig | DPOConfig | GRPOConfig)
+    return isinstance(cfg, SFTConfig | RMConfig | DPOConfig | OnlineConfig)
 
 
 def wants_sharding(cfg: Any) -> bool:
@@ -63,7 +63,7 @@ def check_sharding(cfg: Any) -> None:
         return
     if not stage_shards(cfg):
         raise ValueError(
-            f"sharding=fsdp: {type(cfg).__name__} does not shard yet (SFT, RM, DPO and GRPO do; issue 22); use sharding=none"
+            f"sharding=fsdp: {type(cfg).__name__} does not shard yet (SFT, RM, DPO, online DPO and GRPO do; issue 22); use sharding=none"
         )
     if cfg.use_lora:
         raise ValueError(
