@@ -19,7 +19,7 @@ import torch
 from conftest import ascii_reward, build_tiny_qwen2, byte_tokenizer
 from safetensors.torch import load_file
 
-from align.config import DPOConfig, GRPOConfig, PPOConfig, RMConfig, SFTConfig
+from align.config import DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig
 from align.tasks import generate_tasks, preference_pairs, write_jsonl, write_sft_jsonl
 from align.tracking import read_metrics
 from align.train.dpo import run_dpo
@@ -304,10 +304,9 @@ def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(t
 
 RL_ARGS = dict(
     batch_size=8, micro_batch_size=4, samples_per_query=4, max_new_tokens=8, max_steps=2, save_steps=0,
-    learning_rate=1e-2, log_rollouts=0, eval_tasks=0, dtype="float32", report_to=["none"], progress=False,
+    learning_rate=1e-2, log_rollouts=0, dtype="float32", report_to=["none"], progress=False,
     logging_steps=1,
 )  # fmt: skip
-RUNNERS = {"grpo": "run_grpo", "online_dpo": "run_online_dpo"}
 
 
 def rank_tied_reward(batch, texts):
@@ -320,14 +319,16 @@ def rank_tied_reward(batch, texts):
 
 def _rl_worker(runs: list[dict]) -> None:
     """Run by torchrun (see `__main__`): each {"stage", "cfg", "reward"} in turn."""
-    import align.train.online as online
-    from align.config import GRPOConfig, OnlineDPOConfig
+    from align.train.online import run_grpo, run_online_dpo
+    from align.train.ppo import run_ppo
 
-    configs = {"grpo": GRPOConfig, "online_dpo": OnlineDPOConfig}
-    rewards = {"ascii": ascii_reward, "rank_tied": rank_tied_reward}
+    stages = {
+        "grpo": (GRPOConfig, run_grpo), "online_dpo": (OnlineDPOConfig, run_online_dpo), "ppo": (PPOConfig, run_ppo),
+    }  # fmt: skip
+    rewards = {"ascii": ascii_reward, "rank_tied": rank_tied_reward, "model": None}
     for run in runs:
-        stage = run["stage"]
-        getattr(online, RUNNERS[stage])(configs[stage](**run["cfg"]), reward_fn=rewards[run["reward"]])
+        config, runner = stages[run["stage"]]
+        runner(config(**run["cfg"]), reward_fn=rewards[run["reward"]])
 
 
 def _launch_rl(runs: list[dict]) -> None:
@@ -340,27 +341,45 @@ def _launch_rl(runs: list[dict]) -> None:
          str(Path(__file__)), "rl", json.dumps(runs)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    first = proc.stderr.find("Traceback")  # the first failing rank's, not torchrun's summary
+    assert proc.returncode == 0, proc.stderr[first : first + 4000] if first >= 0 else proc.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
 def rl_runs(byte_models, tmp_path_factory) -> Path:
     """Under sharding=fsdp and under DDP, in one 2-process launch: GRPO (untied, KL to a sharded frozen
-    reference, two mini-batches: old log-probs recomputed) and online DPO (tied, pairs on rank 0 only)."""
+    reference, two mini-batches: old log-probs recomputed), online DPO (tied, pairs on rank 0 only) and
+    PPO (untied; all four models sharded, the reward model scoring; the pre-training loss on)."""
+    from transformers import AutoTokenizer
+
+    import chatml
+    from align.reward import RewardModel
     from align.tasks import generate_tasks
 
     root = tmp_path_factory.mktemp("rl-runs")
+    tokenizer = AutoTokenizer.from_pretrained(byte_models["untied"])
+    _, im_end = chatml.chatml_token_ids(tokenizer)
+    rm = RewardModel.from_backbone(byte_models["untied"], end_token_id=im_end, seed=0)
+    rm_dir = rm.save_pretrained(root / "rm", tokenizer)
     prompts = write_jsonl(root / "p.jsonl", [{"messages": t.messages} for t in generate_tasks(16, seed=5)])
     base = {**RL_ARGS, "model_name_or_path": str(byte_models["untied"]), "dataset": str(prompts)}
-    grpo = {**base, "kl_coef": 0.04, "num_mini_batches": 2, "variance_order": False}
-    dpo = {**base, "model_name_or_path": str(byte_models["tied"]), "learning_rate": 3e-3}
+    grpo = {**base, "eval_tasks": 0, "kl_coef": 0.04, "num_mini_batches": 2, "variance_order": False}
+    dpo = {**base, "eval_tasks": 0, "model_name_or_path": str(byte_models["tied"]), "learning_rate": 3e-3}
+    ppo = {
+        **base, "reward_model_path": str(rm_dir), "samples_per_query": 2, "value_warmup_steps": 0,
+        "policy_lr": 3e-3, "value_lr": 3e-3, "ptx_coef": 0.5, "train_missing_stages": False,
+    }  # fmt: skip
     runs = [
         {
             "stage": stage,
             "reward": reward,
             "cfg": {**cfg, "sharding": sharding, "output_dir": str(root / f"{stage}-{sharding}")},
         }
-        for stage, reward, cfg in (("grpo", "ascii", grpo), ("online_dpo", "rank_tied", dpo))
+        for stage, reward, cfg in (
+            ("grpo", "ascii", grpo),
+            ("online_dpo", "rank_tied", dpo),
+            ("ppo", "model", ppo),
+        )
         for sharding in ("fsdp", "none")
     ]
     _launch_rl(runs)
@@ -391,6 +410,27 @@ def test_online_dpo_sharded_pads_to_the_largest_slice_count_and_gives_the_losses
     _assert_same_weights(ddp, fsdp, atol=1e-5)
 
 
+def test_ppo_sharded_gives_the_losses_and_weights_of_ddp(rl_runs):
+    """Policy and value model trained sharded, reference and reward model sharded frozen: the DDP run's
+    scores, KL, losses and norms to 1e-5, and its final policy and value model."""
+    fsdp, ddp = rl_runs / "ppo-fsdp", rl_runs / "ppo-none"
+    keys = [
+        "closed_frac", "score_std_within_query", "score_normalised", "kl", "entropy", "value_loss", "approx_kl",
+        "ratio_mean", "ptx_loss", "policy_grad_norm", "value_grad_norm", "response_length",
+    ]  # fmt: skip
+    for key in keys:
+        got, want = _column(fsdp, key), _column(ddp, key)
+        assert len(got) == 2 and got == pytest.approx(want, abs=1e-5), key
+    assert _column(fsdp, "score_std_within_query")[0] > 0  # the sharded reward model scored
+    _assert_same_weights(ddp, fsdp, atol=1e-5)
+    from align.reward import RewardModel
+
+    values = [RewardModel.from_pretrained(d / "value").state_dict() for d in (ddp, fsdp)]
+    for name, tensor in values[0].items():
+        torch.testing.assert_close(values[1][name], tensor, atol=1e-5, rtol=0, msg=name)
+    assert max(_total_bytes(fsdp)) <= 0.55 * max(_total_bytes(ddp))  # all four models, per rank
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals and the launch switch (no processes started)
 
@@ -398,7 +438,7 @@ def test_online_dpo_sharded_pads_to_the_largest_slice_count_and_gives_the_losses
 @pytest.mark.parametrize(
     ("cfg", "match"),
     [
-        (PPOConfig(sharding="fsdp"), "PPOConfig does not shard yet"),
+        (PPOConfig(sharding="fsdp", offload_frozen=True), "offload_frozen=true"),
         (GRPOConfig(sharding="fsdp", eval_tasks=0, rollout_engine="vllm"), "rollout_engine=vllm"),
         (
             GRPOConfig(sharding="fsdp", eval_tasks=0, rollout_engine="static", rollout_compile="on"),
@@ -413,15 +453,14 @@ def test_what_sharding_cannot_do_is_refused_with_the_keys(cfg, match):
         make_accelerator(cfg)
 
 
-def test_an_fsdp_launch_shards_the_stages_that_shard(monkeypatch):
-    """accelerate_configs/fsdp.yaml (ACCELERATE_USE_FSDP) implies sharding=fsdp where the stage shards;
-    a stage that does not shard yet keeps accelerate's path instead of being refused."""
+def test_an_fsdp_launch_shards_every_stage(monkeypatch):
+    """accelerate_configs/fsdp.yaml (ACCELERATE_USE_FSDP) implies sharding=fsdp: every stage shards itself."""
     from align.train.sharding import wants_sharding
 
-    assert not wants_sharding(SFTConfig())
+    configs = [SFTConfig(), RMConfig(), DPOConfig(), PPOConfig(), GRPOConfig(), OnlineDPOConfig()]
+    assert not any(wants_sharding(cfg) for cfg in configs)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert wants_sharding(SFTConfig()) and wants_sharding(DPOConfig(eval_tasks=0))
-    assert not wants_sharding(PPOConfig())
+    assert all(wants_sharding(cfg) for cfg in configs)
 
 
 def test_deepspeed_stays_refused_and_names_sharding(monkeypatch):

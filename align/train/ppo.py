@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,8 @@ from align.train.rl_common import (
     score_members,
 )
 from align.train.rl_run import PhaseTimer, RLRun, encode_rl_prompts, open_rl_run, start_rl_run
+from align.train.run_start import log_memory
+from align.train.sharding import grad_sync, shard_model, wants_sharding
 
 
 def run_ppo(cfg: PPOConfig, *, stop_after_step: int | None = None, reward_fn: Any = None) -> dict[str, Any]:
@@ -134,7 +136,7 @@ class PPOTrainer(PolicyTrainer):
     checkpointer, counters), the value model and its optimiser, both schedules, the scorer (reward model
     or `reward_fn`), the running reward statistics and the pre-training stream."""
 
-    value_model: Any  # as prepared by accelerate
+    value_model: Any  # as prepared by accelerate, or sharded
     value_opt: Any
     policy_sched: Any
     value_sched: Any
@@ -180,13 +182,28 @@ def setup_ppo(cfg: PPOConfig, reward_fn: Any) -> tuple[RLRun, PPOTrainer]:
     steps = total_steps(cfg, len(prompt_ids))
     ptx = ptx_stream(cfg, tokenizer, accelerator) if cfg.ptx_coef > 0 else None
 
+    shard = wants_sharding(cfg)
+    if shard:
+        # All four sharded (offload_frozen is refused with sharding): the frozen ones reshard after every
+        # forward; the trained ones get their optimisers after, on the shards. Not accelerate's prepare,
+        # whose FSDP path takes one model per call.
+        for frozen in (reference, reward_model):
+            if frozen is not None:
+                shard_model(frozen, frozen=True)
+        policy, value_model = shard_model(policy.to(device)), shard_model(value_model.to(device))
     policy_opt = build_optimizer(policy, cfg, lr=cfg.policy_lr or cfg.learning_rate)
     value_opt = build_optimizer(value_model, cfg, lr=cfg.value_lr)
     # The policy only steps after the value warm-up: its schedule spans the iterations it is stepped in.
     policy_sched = build_scheduler(policy_opt, cfg, max(steps[1] - cfg.value_warmup_steps, 1))
     value_sched = build_scheduler(value_opt, cfg, steps[1])
-    policy, value_model, policy_opt, value_opt = accelerator.prepare(
-        policy, value_model, policy_opt, value_opt
+    if not shard:
+        policy, value_model, policy_opt, value_opt = accelerator.prepare(
+            policy, value_model, policy_opt, value_opt
+        )
+    four = [m for m in (policy, value_model, reference, reward_model) if m is not None]
+    micros = -(-(cfg.batch_size // accelerator.num_processes * cfg.samples_per_query) // cfg.num_mini_batches)
+    log_memory(
+        accelerator, torch.nn.ModuleList(four), cfg, out, accumulation=-(-micros // cfg.micro_batch_size)
     )
     run = open_rl_run(
         cfg, "ppo", accelerator, out, tokenizer, prompts, tasks, prompt_ids, steps, policy,
@@ -258,7 +275,9 @@ class PPOTensors:
 @contextmanager
 def frozen_on_device(ppo: PPOTrainer) -> Iterator[None]:
     """The frozen models (reference, reward model) on the device inside the block, at home after it."""
-    frozen = [m for m in (ppo.reference, ppo.reward_model) if m is not None]
+    # Moved only when they live elsewhere (offload_frozen); sharded models are never moved.
+    home = ppo.frozen_home
+    frozen = [m for m in (ppo.reference, ppo.reward_model) if m is not None and home != ppo.device]
     for model in frozen:
         model.to(ppo.device)
     try:
@@ -430,8 +449,7 @@ def ppo_update(
                 sub_mask = mask[idx, :w]
                 last_micro = k == len(micros) - 1
                 # Gradients are all-reduced once per mini-batch, not per micro-batch.
-                sync_v = nullcontext() if last_micro else accelerator.no_sync(value_model)
-                with sync_v, accelerator.autocast():
+                with grad_sync(accelerator, value_model, last_micro), accelerator.autocast():
                     values = response_values(value_model, seq, w)
                     v_loss, v_stats = ppo_value_loss(
                         values,
@@ -451,8 +469,7 @@ def ppo_update(
                 )
                 if warmup:
                     continue  # the policy's weights stay bit-identical during the warm-up
-                sync_p = nullcontext() if last_micro else accelerator.no_sync(policy)
-                with sync_p, accelerator.autocast():
+                with grad_sync(accelerator, policy, last_micro), accelerator.autocast():
                     logprobs = rollout_logprobs(policy, sub, cfg.temperature)
                     p_loss, p_stats = ppo_policy_loss(
                         logprobs,

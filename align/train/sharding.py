@@ -43,28 +43,15 @@ def launched_with_fsdp() -> bool:
     return os.environ.get(ACCELERATE_FSDP_ENV, "false").lower() == "true"
 
 
-def stage_shards(cfg: Any) -> bool:
-    """Whether this stage's loop shards (SFT, RM/PMP, DPO, online DPO and GRPO so far)."""
-    from align.config import DPOConfig, OnlineConfig, RMConfig, SFTConfig
-
-    return isinstance(cfg, SFTConfig | RMConfig | DPOConfig | OnlineConfig)
-
-
 def wants_sharding(cfg: Any) -> bool:
-    """`sharding=fsdp`, or an FSDP launch of a stage that shards itself.
-
-    A stage that does not shard yet keeps accelerate's own FSDP path under an FSDP launch, as before."""
-    return getattr(cfg, "sharding", "none") == "fsdp" or (stage_shards(cfg) and launched_with_fsdp())
+    """`sharding=fsdp`, or a launch with accelerate's FSDP config (every stage shards itself)."""
+    return getattr(cfg, "sharding", "none") == "fsdp" or launched_with_fsdp()
 
 
 def check_sharding(cfg: Any) -> None:
     """Refuse, with a one-line reason naming the keys, what sharding cannot do (yet); before loading."""
     if not wants_sharding(cfg):
         return
-    if not stage_shards(cfg):
-        raise ValueError(
-            f"sharding=fsdp: {type(cfg).__name__} does not shard yet (SFT, RM, DPO, online DPO and GRPO do; issue 22); use sharding=none"
-        )
     if cfg.use_lora:
         raise ValueError(
             "sharding=fsdp with use_lora=true: not supported (the final merge needs the whole model on one "
@@ -74,6 +61,11 @@ def check_sharding(cfg: Any) -> None:
         raise ValueError(
             "sharding=fsdp with dataset=embedded and eval_tasks>0: the held-out generation runs on one "
             "process and cannot read sharded weights yet; set eval_tasks=0"
+        )
+    if getattr(cfg, "offload_frozen", False):
+        raise ValueError(
+            "sharding=fsdp with offload_frozen=true: the frozen models are sharded instead of moved (moving "
+            "FSDP units is not supported); set offload_frozen=false"
         )
     engine = getattr(cfg, "rollout_engine", None)
     if engine == "vllm":
