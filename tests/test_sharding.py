@@ -275,23 +275,83 @@ def _full_weights_worker(out: Path) -> None:
             "new_tokens": len(ids) - 4,
             "all_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
         }
+    result["engines"] = _engines_on_sharded_weights(rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
-def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(tmp_path):
-    """Rank 0 decodes 6 tokens while rank 1 stops after 1 (different forward counts would hang a sharded
-    model without `full_weights`), each from the weights of the latest optimiser step, twice; on exit
-    every parameter is a shard again."""
+def _engines_on_sharded_weights(rank: int) -> dict[str, dict]:
+    """Each rollout engine over a sharded model, greedy: refused outside `full_weights` (it would hang),
+    inside it rank 1's rows all stop at their first token (every id is a stop) while rank 0's run to the
+    limit, and the tokens are those of the same engine over an unsharded replica."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from align.rollout_engines import engine_class
+    from align.train.sharding import full_weights, shard_model
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(1)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    replica = Qwen2ForCausalLM(config).eval()
+    model = shard_model(copy.deepcopy(replica))
+    prompts = [[40, 41, 42, 43], [50 + rank, 51]]
+    call = dict(n=2, max_new_tokens=6, temperature=0.0, stop=list(range(len(tokenizer))) if rank else [])
+    result = {}
+    for name in ("hf", "manual", "static"):
+        options = {"batch_size": 4, "logprobs": "none", **({"compile": "off"} if name == "static" else {})}
+        engine = engine_class(name)(model, tokenizer, **options)
+        try:
+            engine.generate(prompts, **call)
+            refused = ""
+        except RuntimeError as err:
+            refused = str(err)
+        with torch.no_grad(), full_weights(model):
+            got = engine.generate(prompts, **call)
+        want = engine_class(name)(replica, tokenizer, **options).generate(prompts, **call)
+        result[name] = {
+            "refused": refused,
+            "lengths": got.lengths.tolist(),
+            "same": got.response_ids.tolist() == want.response_ids.tolist(),
+        }
+    return result
+
+
+@pytest.fixture(scope="module")
+def full_weights_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full-weights")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-         str(Path(__file__)), "full_weights", str(tmp_path)],
+         str(Path(__file__)), "full_weights", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    first = proc.stderr.find("Traceback")
+    assert proc.returncode == 0, proc.stderr[first : first + 4000] if first >= 0 else proc.stderr[-4000:]
+    return out
+
+
+def test_every_engine_decodes_sharded_weights_inside_full_weights_only(full_weights_run):
+    """hf (synced_gpus off), manual and static (eager): no hang when one rank's rows stop at once and the
+    other's run to the limit, the replica's tokens, and a refusal naming `full_weights` outside it."""
+    for rank, length in ((0, 6), (1, 1)):
+        engines = json.loads((full_weights_run / f"rank{rank}.json").read_text())["engines"]
+        for name in ("hf", "manual", "static"):
+            assert engines[name]["lengths"] == [length] * 4, (rank, name)
+            assert engines[name]["same"], (rank, name)
+            assert "full_weights" in engines[name]["refused"], (rank, name)
+
+
+def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(full_weights_run):
+    """Rank 0 decodes 6 tokens while rank 1 stops after 1 (different forward counts would hang a sharded
+    model without `full_weights`), each from the weights of the latest optimiser step, twice; on exit
+    every parameter is a shard again."""
     for rank, new_tokens in ((0, 6), (1, 1)):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        result = json.loads((full_weights_run / f"rank{rank}.json").read_text())
         for phase in ("first", "second"):
             assert result[phase]["new_tokens"] == new_tokens
             assert result[phase]["max_diff"] < 1e-5, (rank, phase)
