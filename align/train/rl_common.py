@@ -459,6 +459,14 @@ def guard_scores(
     return Scored(scores, rm_scores, closed, readable, stats)
 
 
+def rollout_weights(engine: Any) -> Any:
+    """The block a rollout runs in: the engine's model gathered whole when it is sharded (`full_weights`:
+    every rank enters, then each decodes its own rows to their own lengths; resharded on exit, so the next
+    optimiser step updates what the next rollout reads). An engine without a torch model passes through."""
+    model = getattr(engine, "model", None)
+    return full_weights(model) if isinstance(model, torch.nn.Module) else nullcontext()
+
+
 def reference_anchors(
     run: Any,
     guards: RewardGuards,
@@ -477,7 +485,7 @@ def reference_anchors(
     records = []
     for start in range(0, n, cfg.batch_size):
         queries = list(range(start, min(start + cfg.batch_size, n)))
-        with autocast(), torch.no_grad(), full_weights(run.policy_u):  # a sharded policy decodes whole
+        with autocast(), torch.no_grad(), rollout_weights(run.engine):
             batch = run.engine.generate(
                 [run.prompt_ids[q] for q in queries], n=1, max_new_tokens=cfg.max_new_tokens,
                 temperature=0.0, top_p=1.0, seed=cfg.seed,

@@ -41,8 +41,8 @@ from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
-from align.train.rl_common import log_rl_step
-from align.train.sharding import full_state_dict, full_weights, is_sharded
+from align.train.rl_common import log_rl_step, rollout_weights
+from align.train.sharding import full_state_dict, is_sharded
 
 Messages = list[dict[str, str]]
 
@@ -206,9 +206,7 @@ class RLRun:
         cfg = self.cfg
         # vLLM decodes its own bf16 copy of the weights with its own kernels: no autocast of ours there.
         autocast = nullcontext if cfg.rollout_engine == "vllm" else self.accelerator.autocast
-        # A sharded policy is gathered whole once for the rollout (every rank enters, each then decodes
-        # its own rows to their own lengths) and resharded after, so the next step updates what it reads.
-        with torch.no_grad(), full_weights(self.policy_u):
+        with torch.no_grad(), rollout_weights(self.engine):
             batch = sample_rollouts(
                 self.engine,
                 [self.prompt_ids[i] for i in queries],
