@@ -440,3 +440,20 @@ def test_grouped_data_checks_and_split(grouped_files, tmp_path):
         eval_set_specs(["x/pairs.jsonl", "y/pairs.jsonl"])
     with pytest.raises(RunSetupError, match="and the main held-out set"):
         eval_set_specs(["heldout=x.jsonl"], taken="heldout")
+
+
+def test_a_checkpoint_from_another_start_model_is_refused(
+    qwen_tokenizer, tiny_qwen_dir, pair_files, tmp_path
+):
+    """`model_name_or_path: auto` names another model once the SFT default exists: a run resuming in the same
+    output_dir must not continue the other start's checkpoint (it did, and crashed later on its summary)."""
+    from align.train.process import RunSetupError
+    from tests.conftest import build_tiny_qwen2
+
+    out = tmp_path / "rm"
+    cfg = _cfg(tiny_qwen_dir, pair_files, out, max_steps=4, eval_dataset=None)
+    assert train_reward_model(cfg, stop_after_step=2) == {"stopped_at": 2}  # checkpoint step-2
+    other = build_tiny_qwen2(qwen_tokenizer, tmp_path / "other-start", seed=5)
+    with pytest.raises(RunSetupError, match=r"was trained from .*this run starts from .*other-start"):
+        train_reward_model(_cfg(other, pair_files, out, max_steps=4, eval_dataset=None))
+    assert train_reward_model(cfg)["steps"] == 4  # the same start resumes as before

@@ -40,11 +40,21 @@ class RunCheckpointer:
     checkpoint trained on other data (per `fingerprint`) is refused rather than silently continued.
     """
 
-    def __init__(self, accelerator: Accelerator, out: Path, cfg: TrainConfig, fingerprint: str) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        out: Path,
+        cfg: TrainConfig,
+        fingerprint: str,
+        start_model: str | None = None,
+    ) -> None:
         self.accelerator = accelerator
         self.root = out / "checkpoints"
         self.cfg = cfg
         self.fingerprint = fingerprint
+        # The model the run starts from, resolved: `model_name_or_path: auto` names a different model once
+        # the SFT default exists, and continuing another start's checkpoint would mix two runs silently.
+        self.start_model = start_model
         self.stop = StopRequest(accelerator)  # created with the run, so SIGTERM is handled from here on
 
     def stop_requested(self) -> bool:
@@ -94,6 +104,12 @@ class RunCheckpointer:
                 f"{path} was trained on different data (fingerprint {saved.get('data_fingerprint')} != "
                 f"{self.fingerprint}); use a new output_dir, or resume=never with overwrite=true"
             )
+        if self.start_model is not None and saved.get("start_model") not in (None, self.start_model):
+            raise RunSetupError(
+                f"{path} was trained from {saved['start_model']}, this run starts from {self.start_model} "
+                f"(model_name_or_path={getattr(self.cfg, 'model_name_or_path', None)!r}); use a new "
+                "output_dir, or resume=never with overwrite=true"
+            )
         if ckpt.get("sharded"):
             _restore_sharded(path, ckpt["torch_state"], modules, optimizers)
             set_rng_state(load_rank_state(path, self.accelerator.process_index))
@@ -129,6 +145,8 @@ class RunCheckpointer:
         must call this."""
         self.accelerator.wait_for_everyone()
         trainer_state = {**state, "step": step, "data_fingerprint": self.fingerprint}
+        if self.start_model is not None:
+            trainer_state["start_model"] = self.start_model
         if any(is_sharded(m) for m in modules.values()):
             sharded, groups = _sharded_state(modules, optimizers)
             save_sharded_checkpoint(

@@ -315,7 +315,9 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         f"reference log-probs {'read from cache' if hit else 'computed and cached'}: {cache_file} ({t_ref:.1f} s)"
     )
 
-    run = start_single_model_run(accelerator, model, cfg, out, num_steps, data_fp, shard=wants_sharding(cfg))
+    run = start_single_model_run(
+        accelerator, model, cfg, out, num_steps, data_fp, shard=wants_sharding(cfg), start_model=start_name
+    )
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     start_step, saved, logger = run.start_step, run.saved, run.logger
     state: dict[str, Any] = {"skipped_nonfinite": 0, **(saved or {})}

@@ -348,6 +348,7 @@ def train_reward_model(
         num_steps,
         fingerprint_rows(rows, keys=row_keys),
         shard=wants_sharding(cfg),
+        start_model=str(model_source),
     )
     model, unwrapped, optimizer, scheduler = run.model, run.unwrapped, run.optimizer, run.scheduler
     start_step, saved, logger = run.start_step, run.saved, run.logger
@@ -531,7 +532,8 @@ def train_reward_model(
         "accuracy_after": after[-1]["accuracy"] if after else None,
         "eval_sets": {name: len(ex) for name, ex in eval_sets.items()},
         "accuracies_before": state.get("accuracies_before"),
-        "accuracies_after": after[-1]["accuracies"] if after else None,
+        # .get: an eval point saved before named held-out sets existed has no "accuracies".
+        "accuracies_after": after[-1].get("accuracies") if after else None,
         "eval_history": history,
         "data": report.to_dict(),
         "dataset": source,

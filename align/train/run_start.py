@@ -46,12 +46,14 @@ def start_single_model_run(
     fingerprint: str,
     *,
     shard: bool = False,
+    start_model: str | None = None,
 ) -> SingleModelRun:
     """Optimiser and schedule from `cfg`, accelerate's prepare, resume from the latest good checkpoint,
     and the metrics logger: what SFT, reward-model and DPO training share before their first step.
 
     `shard`: FSDP2 (`align.train.sharding`) instead of accelerate's prepare, which must not also wrap a
-    sharded model; the optimiser is built after sharding, so it holds the shards."""
+    sharded model; the optimiser is built after sharding, so it holds the shards. `start_model`: the model
+    the run starts from, resolved; a checkpoint saved by a run from another is refused on resume."""
     from align.tracking import MetricsLogger
 
     if shard:
@@ -65,7 +67,7 @@ def start_single_model_run(
         model, optimizer = accelerator.prepare(model, optimizer)
         unwrapped = accelerator.unwrap_model(model)
     log_memory(accelerator, unwrapped, cfg, out)
-    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)
+    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint, start_model)
     start_step, saved = checkpointer.restore({"model": unwrapped}, {"model": optimizer}, {"model": scheduler})
     logger = MetricsLogger(
         out,
