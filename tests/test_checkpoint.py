@@ -94,3 +94,32 @@ def test_unfinished_write_is_named_and_passed_over(tmp_path):
         assert find_resume_checkpoint(tmp_path) == good
     _save(tmp_path, 3)  # the next save clears the leftovers of other processes
     assert not unfinished.exists()
+
+
+def test_a_signal_during_a_regular_save_stops_at_the_next_boundary_and_says_so_once(tmp_path, capsys):
+    """SIGTERM landing while step 3's due checkpoint is written: step 3 must not claim the stop (the loop
+    goes on), step 4 saves, says "stopped ... after step 4" and returns True. It used to print "after step
+    3" and then stop after 4, so the message named a step that was not the last (a flaky kill test)."""
+    from types import SimpleNamespace
+
+    from align.config import SFTConfig
+    from align.train.checkpointing import RunCheckpointer
+
+    accelerator = SimpleNamespace(
+        num_processes=1, process_index=0, is_main_process=True, wait_for_everyone=lambda: None, print=print
+    )
+    cfg = SFTConfig(save_steps=1, output_dir=str(tmp_path))
+    checkpointer = RunCheckpointer(accelerator, tmp_path, cfg, "fp")
+    saved: list[int] = []
+
+    def save(step: int) -> None:
+        saved.append(step)
+        if step == 3:
+            checkpointer.stop.request("SIGTERM")  # the signal arrives during this write
+        checkpointer.save(step, {}, {}, {}, {})
+
+    assert checkpointer.end_of_step(3, 8, save) is False
+    assert "stopped on" not in capsys.readouterr().out
+    assert checkpointer.end_of_step(4, 8, save) is True
+    out = capsys.readouterr().out
+    assert saved == [3, 4] and "stopped on SIGTERM after step 4;" in out and "after step 3" not in out

@@ -56,6 +56,9 @@ class RunCheckpointer:
         # the SFT default exists, and continuing another start's checkpoint would mix two runs silently.
         self.start_model = start_model
         self.stop = StopRequest(accelerator)  # created with the run, so SIGTERM is handled from here on
+        # Whether the save under way is the stop's: a signal landing during a regular checkpoint's write
+        # is acted on at the next step boundary, and only that save may say the run stopped.
+        self._stopping = False
 
     def stop_requested(self) -> bool:
         """Poll at an optimiser-step boundary: True when a signal (on any process) or a non-finite step
@@ -70,7 +73,9 @@ class RunCheckpointer:
         must return now (stopped, or `stop_after_step` reached, a test hook)."""
         stop = self.stop_requested()
         if checkpoint_due(self.cfg, step, total) or stop:
+            self._stopping = stop
             save(step)
+            self._stopping = False
         return stop or (stop_after_step is not None and step >= stop_after_step)
 
     def nonfinite(self, step: int, what: str = "loss or gradient") -> None:
@@ -182,7 +187,7 @@ class RunCheckpointer:
                 keep=self.cfg.save_total_limit,
             )
         self.accelerator.wait_for_everyone()
-        reason = self.stop.reason
+        reason = self.stop.reason if self._stopping else None
         if reason is not None:
             where = self.root / f"step-{step}"
             if reason.startswith("non-finite"):
