@@ -311,6 +311,78 @@ def grouped_pairwise_loss(
     return loss, stats
 
 
+def ensemble_pairwise_loss(
+    member_chosen: torch.Tensor,
+    member_rejected: torch.Tensor,
+    weights: torch.Tensor,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+    normalizer: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`pairwise_reward_loss` for K reward heads on one backbone, each head on its own weighting of the pairs
+    (its bootstrap resample), so the heads learn from different data and become an ensemble.
+
+    Head k's loss is sum_p w[p, k] [-log s(r_c[p, k] - r_r[p, k] - m_p) + c (r_c[p, k] + r_r[p, k])^2] / W_k,
+    and the loss is the mean of the K head losses. Training the heads' mean reward instead would give every
+    head the same gradient.
+
+    Args:
+        member_chosen: (P, K) each head's reward of each pair's preferred response.
+        member_rejected: (P, K) each head's reward of the other response of the same pair.
+        weights: (P, K) >= 0, w[p, k]: the weight of pair p for head k (a bootstrap count; under grouped
+            comparisons a group's count / n_g, its comparison count, see `grouped_pairwise_loss`).
+        margin: (P,) or a scalar, m, shared by the heads; None: no margin.
+        center_coef: c >= 0, reward centring per head (see `pairwise_reward_loss`), weighted like the pair.
+        normalizer: (K,) or a scalar, W_k: head k's weight sum over the whole global batch (divided by the
+            process count under DDP), so that micro-batch losses add up to the global batch's; None: this
+            batch's ``weights.sum(0)``. A head whose W_k is 0 (no pair of the batch drawn) adds 0.
+
+    Returns:
+        loss: scalar, mean_k (sum_p w[p, k] l[p, k] / W_k). With K = 1 and unit weights it is
+            `pairwise_reward_loss` exactly.
+        stats (detached, fp32): per head (K,): `loss_sum` (sum_p w l, without centring), `center_sum`,
+        `weight_sum` (sum_p w), `correct` (sum_p w [r_c > r_r]); over pairs: `disagreement_sum` (sum over
+        pairs of the population std over the K heads of r_c - r_r: 0 when the heads agree), `pairs` (P).
+    """
+    if member_chosen.ndim != 2 or member_chosen.shape != member_rejected.shape:
+        raise ValueError(
+            f"ensemble_pairwise_loss: expected chosen and rejected member rewards of one shape (P, K), got "
+            f"{tuple(member_chosen.shape)} and {tuple(member_rejected.shape)}"
+        )
+    if weights.shape != member_chosen.shape:
+        raise ValueError(
+            f"ensemble_pairwise_loss: weights {tuple(weights.shape)} != rewards {tuple(member_chosen.shape)}"
+        )
+    if center_coef < 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    chosen = member_chosen.float()
+    rejected = member_rejected.float()
+    w = weights.to(device=chosen.device, dtype=chosen.dtype)
+    diff = chosen - rejected
+    if margin is None:
+        logits = diff
+    else:
+        m = torch.as_tensor(margin, dtype=diff.dtype, device=diff.device)
+        logits = diff - (m[:, None] if m.ndim == 1 else m)  # one margin per pair, for every head
+    per_pair = -F.logsigmoid(logits)
+    center = (chosen + rejected) ** 2
+    # Same order of operations as pairwise_reward_loss, so K = 1 with unit weights gives its loss bit for bit.
+    total = (w * per_pair).sum(0) + (center_coef * (w * center).sum(0) if center_coef else 0.0)
+    norm = w.sum(0) if normalizer is None else torch.as_tensor(normalizer, dtype=w.dtype, device=w.device)
+    norm = torch.where(norm > 0, norm, torch.ones_like(norm))  # W_k = 0: every w is 0, the head adds 0
+    loss = (total / norm).mean()
+    with torch.no_grad():
+        stats = {
+            "loss_sum": (w * per_pair).sum(0).detach(),
+            "center_sum": (w * center).sum(0).detach(),
+            "weight_sum": w.sum(0),
+            "correct": (w * (diff > 0)).sum(0),
+            "disagreement_sum": diff.std(dim=1, unbiased=False).sum().detach(),
+            "pairs": torch.tensor(float(diff.shape[0]), device=diff.device),
+        }
+    return loss, stats
+
+
 def sft_loss_from_logprobs(
     token_logprobs: torch.Tensor, normalizer: float | torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -14,7 +14,8 @@ An ensemble reward model (``num_heads`` = K > 1) has K scalar heads on one backb
 linear layer: ``member_rewards`` (N, K) are the heads' scores, ``rewards`` (N,) their mean (what every
 reader of one score sees: evaluation, best-of-n, pair sampling); the RL stages combine the K with
 ``rm_ensemble_objective`` (mean, min, or mean - lambda x std; `align.rl_math.ensemble_reward`). The heads
-are only an ensemble if training made them differ (each its own seed/data order), which the trainer must do.
+are only an ensemble if training made them differ: the trainer gives each head its own loss on its own
+bootstrap weighting of the data (`align.train.reward_heads`, RMConfig ``num_heads``, ``head_bootstrap``).
 
 On disk a reward model is an ordinary transformers base-model directory (``config.json``,
 ``model.safetensors``, tokenizer files) plus ``reward_head.safetensors`` and ``reward_config.json``;

@@ -7,6 +7,7 @@ import torch
 
 from align.losses import (
     dpo_loss,
+    ensemble_pairwise_loss,
     grouped_pairwise_loss,
     pairwise_reward_loss,
     ppo_policy_loss,
@@ -193,3 +194,74 @@ def test_grouped_loss_splits_over_micro_batches_by_group_and_ignores_repeated_co
     assert stats["pairs"].item() == 7 and stats["accuracy"].item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"of one shape \(P,\)"):
         grouped_pairwise_loss(scores, chosen, rejected[:2], group)
+
+
+# --------------------------------------------------------------------------------------------------
+# K reward heads, each on its own (bootstrap) weighting of the pairs
+
+
+def _ensemble_example():
+    # 2 pairs x 2 heads: margins r_c - r_r = [[1, 0], [-1, 2]]; head 0 draws pair 0 twice and pair 1 once,
+    # head 1 never draws pair 0.
+    chosen = torch.tensor([[1.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    rejected = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    weights = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
+    return chosen, rejected, weights
+
+
+def test_ensemble_pairwise_loss_worked_example():
+    chosen, rejected, weights = _ensemble_example()
+    loss, stats = ensemble_pairwise_loss(chosen, rejected, weights)
+    nls = lambda d: math.log1p(math.exp(-d))  # noqa: E731  -log sigmoid(d)
+    head_0 = (2 * nls(1) + nls(-1)) / 3  # (2 x 0.313262 + 1.313262) / 3 = 0.646595
+    head_1 = nls(2) / 1  # 0.126928: pair 0 (weight 0) is not in head 1's loss
+    assert loss.item() == pytest.approx((head_0 + head_1) / 2)
+    assert loss.item() == pytest.approx(0.386762, abs=1e-6)
+    assert stats["loss_sum"].tolist() == pytest.approx([2 * nls(1) + nls(-1), nls(2)])
+    assert stats["weight_sum"].tolist() == [3.0, 1.0]
+    # head 0: pair 0 right (weight 2), pair 1 wrong; head 1: pair 1 right (pair 0 a tie, weight 0)
+    assert stats["correct"].tolist() == [2.0, 1.0]
+    # population std over the two heads of each pair's margin: |1 - 0| / 2 and |-1 - 2| / 2
+    assert stats["disagreement_sum"].item() == pytest.approx(0.5 + 1.5)
+    assert stats["pairs"].item() == 2
+    loss.backward()
+    # d/dr_c[p, k] = (1 / K) w[p, k] / W_k x -s(-(r_c - r_r)); no gradient where a head did not draw the pair.
+    assert chosen.grad.tolist() == [
+        pytest.approx([-_sig(-1) / 3, 0.0]),
+        pytest.approx([-_sig(1) / 6, -_sig(-2) / 2]),
+    ]
+
+
+def test_ensemble_loss_divides_by_the_global_weights_so_micro_batches_add_up():
+    chosen, rejected, weights = _ensemble_example()
+    whole, _ = ensemble_pairwise_loss(chosen, rejected, weights)
+    # One pair per micro-batch, each divided by the global batch's weight sum per head ([3, 1]).
+    parts = [
+        ensemble_pairwise_loss(
+            chosen[p : p + 1], rejected[p : p + 1], weights[p : p + 1], normalizer=[3.0, 1.0]
+        )
+        for p in (0, 1)
+    ]
+    assert (parts[0][0] + parts[1][0]).item() == pytest.approx(whole.item(), abs=1e-7)
+    # Pair 0 alone: head 1 drew nothing (W = 0 in its own normalizer): it adds 0, not NaN.
+    alone, _ = ensemble_pairwise_loss(chosen[:1], rejected[:1], weights[:1])
+    assert alone.item() == pytest.approx(math.log1p(math.exp(-1)) / 2)
+    with pytest.raises(ValueError, match="weights"):
+        ensemble_pairwise_loss(chosen, rejected, weights[:1])
+
+
+def test_ensemble_loss_with_one_head_and_unit_weights_is_the_pairwise_loss_exactly():
+    g = torch.Generator().manual_seed(0)
+    chosen, rejected = torch.randn(6, generator=g), torch.randn(6, generator=g)
+    margin = torch.tensor([0.0, 0.5, 0.0, 1.0, 0.0, 0.25])
+    for kw in (dict(), dict(margin=margin, center_coef=0.01, normalizer=16)):
+        c1, c2 = chosen.clone().requires_grad_(), chosen.clone().requires_grad_()
+        got, got_stats = ensemble_pairwise_loss(c1[:, None], rejected[:, None], torch.ones(6, 1), **kw)
+        want, want_stats = pairwise_reward_loss(c2, rejected, **kw)
+        assert torch.equal(got, want)
+        got.backward()
+        want.backward()
+        assert torch.equal(c1.grad, c2.grad)
+        for key in ("loss_sum", "center_sum", "correct"):
+            assert torch.equal(got_stats[key][0], want_stats[key]), key
+        assert got_stats["disagreement_sum"].item() == 0.0  # one head agrees with itself

@@ -457,3 +457,181 @@ def test_a_checkpoint_from_another_start_model_is_refused(
     with pytest.raises(RunSetupError, match=r"was trained from .*this run starts from .*other-start"):
         train_reward_model(_cfg(other, pair_files, out, max_steps=4, eval_dataset=None))
     assert train_reward_model(cfg)["steps"] == 4  # the same start resumes as before
+
+
+# --------------------------------------------------------------------------------------------------
+# Ensembles: num_heads > 1, each head on its own bootstrap weighting of the data
+
+
+def test_bootstrap_weights_are_a_function_of_seed_head_and_item_only():
+    from align.train.reward_heads import bootstrap_weights
+
+    table = bootstrap_weights(range(8), 2, seed=0, kind="poisson")
+    # Pinned: a resumed run, or a later align, must draw the same ensemble.
+    assert table.tolist() == [[0, 2], [0, 1], [1, 1], [1, 1], [0, 1], [1, 0], [1, 3], [2, 2]]
+    # An item's weights do not depend on the other items of its batch, nor on their order.
+    assert torch.equal(bootstrap_weights([6, 3, 6], 2, seed=0, kind="poisson"), table[[6, 3, 6]])
+    assert not torch.equal(bootstrap_weights(range(8), 2, seed=1, kind="poisson"), table)
+    many = bootstrap_weights(range(4000), 3, seed=0, kind="poisson")
+    assert many.mean().item() == pytest.approx(1.0, abs=0.03)  # Poisson(1): mean 1, P(0) = e^-1
+    assert (many == 0).float().mean().item() == pytest.approx(0.368, abs=0.02)
+    assert (many[:, 0] != many[:, 1]).any()  # the heads draw independently
+    half = bootstrap_weights(range(4000), 3, seed=0, kind="bernoulli")
+    assert set(half.unique().tolist()) == {0.0, 1.0} and half.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(bootstrap_weights(range(5), 3, seed=0, kind="none"), torch.ones(5, 3))
+
+
+def test_grouped_ensemble_loss_weighs_each_group_by_its_draw_over_its_comparisons():
+    from align.losses import ensemble_pairwise_loss
+    from align.train.reward_heads import micro_batch_ensemble_loss
+
+    # Group 0: responses 0-2, comparisons (0, 1) and (0, 2); group 1: responses 3-4, comparison (3, 4).
+    members = torch.tensor([[1.0, 0.5], [0.0, 1.0], [0.5, 0.0], [0.0, 2.0], [1.0, 0.0]])
+    index = {
+        "chosen_index": torch.tensor([0, 0, 3]),
+        "rejected_index": torch.tensor([1, 2, 4]),
+        "group_of_pair": torch.tensor([0, 0, 1]),
+    }
+    draws = torch.tensor([[1.0, 2.0], [3.0, 0.0]])  # (groups, K): the bootstrap unit is the group
+    loss, stats = micro_batch_ensemble_loss(members, draws, index, None, 0.0, normalizer=draws.sum(0))
+    # A comparison weighs its group's draw / the group's comparison count: each prompt counts once per draw.
+    per_pair = torch.tensor([[0.5, 1.0], [0.5, 1.0], [3.0, 0.0]])
+    want, _ = ensemble_pairwise_loss(members[[0, 0, 3]], members[[1, 2, 4]], per_pair, normalizer=[4.0, 2.0])
+    assert loss.item() == pytest.approx(want.item(), abs=1e-7)
+    assert stats["weight_sum"].tolist() == [4.0, 2.0]  # = the groups' draws
+    # The pair layout (chosen_1, rejected_1, ...) is the same loss with one comparison per group.
+    pairs = members[[0, 1, 0, 2, 3, 4]]
+    flat, _ = micro_batch_ensemble_loss(pairs, per_pair, None, None, 0.0, normalizer=torch.tensor([4.0, 2.0]))
+    assert flat.item() == pytest.approx(want.item(), abs=1e-7)
+
+
+def test_a_one_head_model_is_widened_and_other_head_counts_are_refused(tiny_qwen_dir, pair_files, tmp_path):
+    from align.data import end_token_id
+    from align.models import load_tokenizer
+    from align.train.reward_heads import widen_head
+
+    tokenizer = load_tokenizer(str(tiny_qwen_dir))
+    end = end_token_id(tokenizer, "<|im_end|>")
+    for k in (1, 3):
+        RewardModel.from_backbone(tiny_qwen_dir, end_token_id=end, seed=0, num_heads=k).save_pretrained(
+            tmp_path / f"heads{k}", tokenizer=tokenizer
+        )
+    one = RewardModel.from_pretrained(tmp_path / "heads1").head
+    cfg = lambda start, **kw: _cfg(tiny_qwen_dir, pair_files, tmp_path / "o", init_from=str(start), **kw)  # noqa: E731
+    # head_init_noise 0: three exact copies of the one head.
+    model, _, _ = load_reward_model_for_training(cfg(tmp_path / "heads1", num_heads=3, head_init_noise=0.0))
+    assert model.config.num_heads == 3 and model.head.weight.shape == (3, one.in_features)
+    assert torch.equal(model.head.weight.detach(), one.weight.detach().expand(3, -1))
+    assert torch.equal(model.head.bias.detach(), one.bias.detach().expand(3))
+    # The default: the one head plus seeded noise of a new head's scale; head k's start does not depend on K.
+    wide = widen_head(one, 3, seed=0, noise=1.0).weight.detach()
+    assert torch.equal(widen_head(one, 2, seed=0, noise=1.0).weight.detach(), wide[:2])
+    spread = (wide - one.weight.detach()).std().item()
+    assert spread == pytest.approx(1 / (one.in_features + 1) ** 0.5, rel=0.2)
+    # A model of three heads continues with its three; no other count is guessed.
+    same, _, _ = load_reward_model_for_training(cfg(tmp_path / "heads3", num_heads=3))
+    assert torch.equal(same.head.weight, RewardModel.from_pretrained(tmp_path / "heads3").head.weight)
+    for k in (1, 2):
+        with pytest.raises(RunSetupError, match=rf"has 3 reward heads but num_heads={k}"):
+            load_reward_model_for_training(cfg(tmp_path / "heads3", num_heads=k))
+
+
+def test_ensemble_update_does_not_depend_on_the_micro_batch_split(tiny_qwen_dir, pair_files, tmp_path):
+    # K = 3 with Poisson bootstrap: 4 pairs in one packed pass vs one pair per pass (4-step accumulation),
+    # padded: the same losses and heads, so each head's normalizer is the global batch's weight sum.
+    runs = {}
+    for name, kw in {
+        "1x4": dict(micro_batch_size=4),
+        "4x1 padded": dict(micro_batch_size=1, packing=False),
+    }.items():
+        out = tmp_path / name
+        train_reward_model(
+            _cfg(
+                tiny_qwen_dir, pair_files, out, batch_size=4, max_steps=3, dropout=None, eval_dataset=None,
+                save_steps=0, num_heads=3, **kw,
+            )
+        )  # fmt: skip
+        runs[name] = (read_metrics(out), load_file(out / "final" / REWARD_HEAD))
+    (metrics, head), (split_metrics, split_head) = runs["1x4"], runs["4x1 padded"]
+    assert head["weight"].shape[0] == 3
+    for key in ("loss", "disagreement", "accuracy"):
+        assert [r[key] for r in split_metrics] == pytest.approx([r[key] for r in metrics], abs=1e-5), key
+    torch.testing.assert_close(split_head["weight"], head["weight"], atol=1e-5, rtol=1e-4)
+
+
+def test_grouped_ensemble_update_does_not_depend_on_the_micro_batch_split(
+    tiny_qwen_dir, grouped_files, tmp_path
+):
+    # pair_grouping=prompt with K = 3: each prompt group is one bootstrap item, whatever its pair count.
+    runs = {}
+    for name, kw in {
+        "8x1": dict(micro_batch_size=8),
+        "1x8 padded": dict(micro_batch_size=1, packing=False),
+    }.items():
+        out = tmp_path / name
+        train_reward_model(
+            _grouped_cfg(
+                tiny_qwen_dir, grouped_files, out, eval_dataset=None, eval_datasets=[], num_heads=3, **kw
+            )
+        )
+        runs[name] = (read_metrics(out), load_file(out / "final" / REWARD_HEAD))
+    (metrics, head), (split_metrics, split_head) = runs["8x1"], runs["1x8 padded"]
+    assert [r["loss"] for r in split_metrics] == pytest.approx([r["loss"] for r in metrics], abs=1e-5)
+    assert [(r["pairs"], r["responses"]) for r in metrics] == [(20, 25), (20, 25)]
+    assert metrics[-1]["disagreement"] > 0  # new heads: three independent draws
+    torch.testing.assert_close(split_head["weight"], head["weight"], atol=1e-5, rtol=1e-4)
+
+
+def _heldout_members(model_dir: Path, held: Path) -> torch.Tensor:
+    """(P, 2, K): each head's reward of each held-out pair's chosen and rejected response."""
+    from align.data import load_preference, tokenize_preference
+    from align.evaluate_rm import score_pairs
+    from align.models import load_tokenizer
+
+    model = RewardModel.from_pretrained(model_dir)
+    pairs, tokenizer = load_preference(str(held))[0], load_tokenizer(str(model_dir))
+    # tokenised as the training run's held-out scoring does (_cfg's max_length, the default system prompt)
+    examples = tokenize_preference(pairs, tokenizer, max_length=64, default_system=RMConfig().default_system)
+    scores = score_pairs(model, examples)
+    return torch.tensor([scores["chosen_members"], scores["rejected_members"]]).transpose(0, 1)
+
+
+def test_bootstrap_makes_identical_heads_differ_and_without_it_they_stay_equal(
+    tiny_qwen_dir, pair_files, tmp_path
+):
+    # PMP with one head, then RM with three exact copies of it (head_init_noise 0): only the data can tell
+    # the heads apart. With Poisson bootstrap they end different; with none (the control) they stay equal.
+    common = dict(
+        max_steps=2, dropout=None, save_steps=0, num_heads=3, head_init_noise=0.0, eval_before=False
+    )
+    two_stage = dict(stage="pmp+rm", rm_dataset=str(pair_files[0]))
+    summary = run_reward(_cfg(tiny_qwen_dir, pair_files, tmp_path / "boot", **two_stage, **common))
+    pmp_final = tmp_path / "boot" / "pmp" / "final"
+    assert RewardModel.from_pretrained(pmp_final).config.num_heads == 1  # PMP trains one head
+    control_cfg = dict(init_from=str(pmp_final), head_bootstrap="none")
+    control = train_reward_model(_cfg(tiny_qwen_dir, pair_files, tmp_path / "none", **control_cfg, **common))
+    boot = summary["rm"]
+    for run in (boot, control):
+        reloaded = RewardModel.from_pretrained(run["final_model"])
+        assert reloaded.config.num_heads == 3 and reloaded.head.weight.shape[0] == 3
+        assert json.loads((Path(run["final_model"]) / "reward_config.json").read_text())["num_heads"] == 3
+    members = _heldout_members(Path(boot["final_model"]), pair_files[1])
+    assert members.shape == (32, 2, 3)
+    assert (members - members[..., :1]).abs().amax().item() > 1e-3  # the heads score differently
+    same = _heldout_members(Path(control["final_model"]), pair_files[1])
+    torch.testing.assert_close(same, same[..., :1].expand_as(same), atol=1e-6, rtol=0)  # identical heads
+    # The report: accuracy per head, of the mean and of the min, and the disagreement that tells them apart.
+    heldout = boot["heads"]["eval"]["heldout"]
+    assert len(heldout["head_accuracies"]) == 3 and heldout["accuracy"] == boot["accuracy_after"]
+    margins = members[:, 0] - members[:, 1]  # (P, K)
+    disagreement = margins.std(dim=1, unbiased=False).mean().item()
+    assert heldout["disagreement"] == pytest.approx(disagreement, abs=1e-5)
+    assert heldout["disagreement"] > 1e-4 and control["heads"]["eval"]["heldout"]["disagreement"] < 1e-6
+    assert heldout["head_accuracies"] == pytest.approx((margins > 0).double().mean(0).tolist())
+    report = json.loads((Path(boot["output_dir"]) / "eval" / "report.json").read_text())
+    assert report["datasets"]["heldout"]["min_accuracy"] == heldout["min_accuracy"]
+    assert "3 heads: accuracy per head" in (Path(boot["output_dir"]) / "eval" / "report.md").read_text()
+    # Training batches: identical heads give step 1's disagreement 0; then they drift apart (or not).
+    trained = [r["disagreement"] for r in read_metrics(tmp_path / "boot" / "rm") if "loss" in r]
+    assert trained[0] == 0.0 and trained[1] > 0
+    assert [r["disagreement"] for r in read_metrics(tmp_path / "none") if "loss" in r] == [0.0, 0.0]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from align.config.keys import DropoutKeys, GoldEvalKeys, RecordFileKeys, TrainConfig, doc
+from align.config.keys import DropoutKeys, GoldEvalKeys, RecordFileKeys, TrainConfig, _next_post_init, doc
+from align.config_loader import ConfigError
 
 
 @dataclasses.dataclass
@@ -110,6 +111,29 @@ class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
     center_rewards_coef: float = doc(
         0.0, "Reward centring: add coef * (r_chosen + r_rejected)^2 per pair (0 disables; 0.01 is common)."
     )
+    num_heads: int = doc(
+        1,
+        "K >= 1 scalar reward heads on the backbone. K > 1: an ensemble (the RL stages score with "
+        "rm_ensemble_objective: mean, min or mean - lambda x std): each head is trained on its own loss and "
+        "its own bootstrap weighting of the data (head_bootstrap), and held-out accuracy is reported per head, "
+        "of the mean and of the min, with the heads' disagreement. A new head layer draws K independent rows; "
+        "an init_from model of one head (a PMP model) is widened to K (head_init_noise), one of K heads "
+        "continues as it is, any other count is refused. stage=pmp+rm trains one head in PMP, K in RM.",
+    )
+    head_bootstrap: Literal["poisson", "bernoulli", "none"] = doc(
+        "poisson",
+        "With num_heads > 1, how each head sees different data: every training item (a pair; a prompt's "
+        "group under pair_grouping=prompt) weighs a count drawn from (seed, head, item) alone, the same each "
+        "epoch, on resume and under any micro-batch split: poisson = Poisson(1) (the online bootstrap), "
+        "bernoulli = 0 or 1 with probability 1/2, none = 1 (the heads differ by their start only). Each "
+        "head's loss is its weighted mean over the global batch (align.losses.ensemble_pairwise_loss).",
+    )
+    head_init_noise: float = doc(
+        1.0,
+        "With init_from a one-head model and num_heads K > 1: head k starts as that head plus Gaussian noise "
+        "of std head_init_noise / sqrt(hidden + 1) (a new head's init scale) seeded by (seed, k); 0: K exact "
+        "copies, so only head_bootstrap separates them.",
+    )
     packing: bool = doc(
         True,
         "Run a micro-batch's chosen and rejected sequences as one padding-free packed row (else one padded "
@@ -151,6 +175,13 @@ class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
     )
     num_epochs: float = doc(1.0, "Passes over the pairs when max_steps is -1.")
     save_steps: int = doc(10, "Write a checkpoint every N optimiser steps (0: only at the end).")
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ConfigError(f"num_heads: must be >= 1, got {self.num_heads}")
+        if self.head_init_noise < 0:
+            raise ConfigError(f"head_init_noise: must be >= 0, got {self.head_init_noise}")
+        _next_post_init(self, RMConfig)
 
 
 @dataclasses.dataclass

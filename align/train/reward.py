@@ -14,6 +14,12 @@ and the loss is `align.losses.grouped_pairwise_loss`, the mean over the batch's 
 mean comparison loss. A group is never split over micro-batches, so the update does not depend on the
 split there either.
 
+With ``num_heads`` K > 1 the model is an ensemble of K scalar heads on the backbone, and each head is trained
+on its own loss over its own bootstrap weighting of the batch items (`align.train.reward_heads`,
+`align.losses.ensemble_pairwise_loss`); the logged accuracy, margin and rewards stay those of the heads'
+mean, ``disagreement`` is the mean std over heads of the pair margin, and held-out scoring adds each head's
+accuracy and the accuracy of the min over heads.
+
 Held-out pairs (``eval_dataset`` or ``eval_fraction``, and each of ``eval_datasets`` by name) are scored
 before training, after every epoch and at the end, with the same code as ``eval/rm_accuracy.py``; the
 eval curves (``curves.png``, ``eval/accuracy.png``) start at step 0, the model before training.
@@ -47,6 +53,7 @@ from align.train.checkpointing import fingerprint_rows
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError, make_accelerator, prepare_output_dir
 from align.train.reward_data import eval_set_specs, group_examples, load_eval_sets, load_rm_data
+from align.train.reward_heads import bootstrap_weights, micro_batch_ensemble_loss, widen_head
 from align.train.run_start import start_single_model_run
 from align.train.sharding import full_state_dict, full_weights, grad_sync, is_sharded, wants_sharding
 
@@ -74,6 +81,16 @@ def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str
         model.config.unclosed_reward = cfg.unclosed_reward
         model.config.default_system = cfg.default_system
         model.config.max_length = cfg.max_length
+        heads = model.config.num_heads
+        if heads != cfg.num_heads:
+            if heads != 1:  # which K' of the K trained heads to keep, or what to add, is no choice to guess
+                raise RunSetupError(
+                    f"init_from={source} has {heads} reward heads but num_heads={cfg.num_heads}: an ensemble "
+                    f"continues with its own heads (num_heads={heads}); only a one-head model (a PMP model) "
+                    "is widened to K heads"
+                )
+            model.head = widen_head(model.head, cfg.num_heads, cfg.seed, cfg.head_init_noise)
+            model.config.num_heads = cfg.num_heads
     else:
         source = resolve_model(start_model(cfg.model_name_or_path))
         tokenizer = load_tokenizer(source, cfg.trust_remote_code)
@@ -89,6 +106,7 @@ def load_reward_model_for_training(cfg: RMConfig) -> tuple[RewardModel, Any, str
             default_system=cfg.default_system,
             max_length=cfg.max_length,
             seed=cfg.seed,
+            num_heads=cfg.num_heads,
             **load_kwargs,
         )
     if cfg.gradient_checkpointing:
@@ -219,7 +237,9 @@ def run_pmp_then_rm(cfg: RMConfig, *, stop_after_step: int | None = None) -> dic
     )
     state.wait_for_everyone()
     start = time.perf_counter()
-    pmp_cfg = dataclasses.replace(cfg, stage="pmp", output_dir=str(out / "pmp"))
+    # One PMP head, widened to num_heads in RM: the ensemble is over the fine-tuning, and the RM is the one
+    # a separate pmp run then an rm run (init_from) would give.
+    pmp_cfg = dataclasses.replace(cfg, stage="pmp", output_dir=str(out / "pmp"), num_heads=1)
     pmp = train_reward_model(pmp_cfg, stop_after_step=stop_after_step)
     if "stopped_at" in pmp:
         return pmp
@@ -340,13 +360,17 @@ def train_reward_model(
             f"process(es); model from {model_source}"
         )
 
+    heads = cfg.num_heads
+    fingerprint = fingerprint_rows(rows, keys=row_keys)
+    if heads > 1:  # each head's data: a checkpoint of other heads or another bootstrap is refused on resume
+        fingerprint += f":heads={heads}:{cfg.head_bootstrap}"
     run = start_single_model_run(
         accelerator,
         model,
         cfg,
         out,
         num_steps,
-        fingerprint_rows(rows, keys=row_keys),
+        fingerprint,
         shard=wants_sharding(cfg),
         start_model=str(model_source),
     )
@@ -383,6 +407,10 @@ def train_reward_model(
             metrics.update(
                 eval_mean_margin=results[main_set]["mean_margin"], eval_ties=results[main_set]["ties"]
             )
+        if main_set in results and "head_accuracies" in results[main_set]:
+            main = results[main_set]
+            metrics.update(eval_min_accuracy=main["min_accuracy"], eval_disagreement=main["disagreement"])
+            metrics.update({f"eval_accuracy_head{k}": a for k, a in enumerate(main["head_accuracies"])})
         return metrics
 
     if eval_sets and saved is None:
@@ -425,6 +453,12 @@ def train_reward_model(
         micro_batches = plan.local_micro_batches(indices, accelerator.process_index)
         # loss, correct, margin, chosen, rejected (per pair, or a group's means), pairs, responses
         sums = torch.zeros(7, device=accelerator.device)
+        if heads > 1:  # each item's bootstrap weights; each head's loss is its weighted mean over the batch
+            item_weights = bootstrap_weights(indices, heads, cfg.seed, cfg.head_bootstrap)
+            item_weights = item_weights.to(accelerator.device)
+            weight_of = dict(zip(indices, item_weights, strict=True))
+            head_weight = item_weights.sum(0)
+            head_sums = torch.zeros(heads + 1, device=accelerator.device)  # loss per head, disagreement
         for k, micro in enumerate(micro_batches):
             last = k == len(micro_batches) - 1
             with grad_sync(accelerator, model, sync=last), accelerator.autocast():
@@ -453,6 +487,16 @@ def train_reward_model(
                     )
                     chosen_sum, rejected_sum = chosen.detach().sum(), rejected.detach().sum()
                     counts = [stats["pairs"], 2 * stats["pairs"]]
+                if heads > 1:  # trains each head on its own data; the stats above stay the heads' mean's
+                    loss, head_stats = micro_batch_ensemble_loss(
+                        result.member_rewards,
+                        torch.stack([weight_of[i] for i in micro]),
+                        index if grouped else None,
+                        margin,
+                        cfg.center_rewards_coef,
+                        normalizer=head_weight / accelerator.num_processes,
+                    )
+                    head_sums += torch.cat([head_stats["loss_sum"], head_stats["disagreement_sum"][None]])
                 accelerator.backward(loss)
             window_tokens += tokens
             sums += torch.stack(
@@ -460,6 +504,12 @@ def train_reward_model(
             )
         reduced = accelerator.reduce(sums, reduction="sum")
         totals = (reduced[:5] / cfg.batch_size).tolist()
+        head_metrics: dict[str, float] = {}
+        if heads > 1:  # the loss trained: the mean over heads of each one's weighted mean
+            head_sums = accelerator.reduce(head_sums, reduction="sum")
+            head_losses = head_sums[:heads] / head_weight.clamp(min=1e-12)
+            totals[0] = float(head_losses.mean())
+            head_metrics = {"disagreement": float(head_sums[heads] / reduced[5])}
         grad_norm = optimizer_step(
             accelerator, model, optimizer, max_grad_norm=cfg.max_grad_norm, counts=state,
             checkpointer=run.checkpointer, step=step + 1, scheduler=scheduler, loss=totals[0],
@@ -502,6 +552,7 @@ def train_reward_model(
                     "step_seconds": step_seconds,
                     "epoch": done / steps_per_epoch,
                     "skipped_nonfinite": state["skipped_nonfinite"],
+                    **head_metrics,
                     **metrics,
                 },
                 step=done,
@@ -544,6 +595,13 @@ def train_reward_model(
     }
     if grouped:
         summary.update(train_groups=len(rows), train_responses=train_sequences)
+    if heads > 1:  # what makes it an ensemble: do the heads differ, and how good is each
+        numbers = ("accuracy", "min_accuracy", "head_accuracies", "disagreement")
+        summary["heads"] = {
+            "num_heads": heads,
+            "head_bootstrap": cfg.head_bootstrap,
+            "eval": {n: {k: r[k] for k in numbers} for n, r in state.get("last_evals", {}).items()},
+        }
     accelerator.wait_for_everyone()
     # A collective (sharded or under accelerate's FSDP): every rank must call it.
     full_state = full_state_dict(model) if is_sharded(model) else accelerator.get_state_dict(model)
@@ -564,6 +622,7 @@ def train_reward_model(
             )
         keys = ["loss", "accuracy", "margin", "eval_accuracy"]
         keys += [f"eval_accuracy/{name}" for name in eval_sets if name != main_set]
+        keys += ["disagreement"] if heads > 1 else []
         summary["plot"] = str(plot_metrics(out, [*keys, "lr", "grad_norm"], title=cfg.stage))
         summary["seconds"] = round(time.perf_counter() - started, 1)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
