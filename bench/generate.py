@@ -11,7 +11,7 @@ under the same autocast. The same randomly initialised model samples continuatio
 length-varied prompts at temperature 1, top-p 0.9, no top-k (the peer's default top-k 50 is
 turned off so both sample the same distribution), in one batch of ``batch`` rows, stopping at
 ``<|im_end|>``/EOS or ``new_tokens``. Peer: `model.generate(do_sample=True, top_p=0.9, top_k=0)` on
-the left-padded batch. Ours: `align.rollout_static.StaticRolloutEngine` (pre-allocated KV slots, fixed-shape
+the left-padded batch. Ours: `align.rollout.static.StaticRolloutEngine` (pre-allocated KV slots, fixed-shape
 steps, finished slots refilled); also `ManualRolloutEngine` (dynamic cache, finished rows dropped) and
 `HFRolloutEngine` (generate behind the rollout interface). Reports generated tokens/s (stop tokens
 included, padding not) and peak memory.
@@ -159,9 +159,9 @@ def run_interleaved(args, sides: dict[str, Callable[[int], float]]) -> dict[str,
 
 def main(argv: list[str] | None = None) -> dict:
     args = common.stage_args("generate", __doc__, argv)
-    from align.rollout import HFRolloutEngine
-    from align.rollout_manual import ManualRolloutEngine
-    from align.rollout_static import StaticRolloutEngine
+    from align.rollout.batch import HFRolloutEngine
+    from align.rollout.manual import ManualRolloutEngine
+    from align.rollout.static import StaticRolloutEngine
 
     # fp32 master weights on every device, as the RL loops hold them; bf16 comes from autocast on GPU.
     # One model for every side: the peer's attention (sdpa; the engines switch to it for decoding anyway).

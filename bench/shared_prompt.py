@@ -7,7 +7,7 @@
 Both sides score the same rollout batch: `queries` prompts of about `prompt_tokens` tokens, `samples` short
 responses each (the embedded GRPO task's shape: ~50-token prompts with the system prompt, 3-4-token
 answers). Per row (`align.train.rl_common.response_logprobs` over the left-padded sequences: every prompt
-token runs once per sample) against shared (`align.shared_prefix.shared_prompt_logprobs`: each prompt
+token runs once per sample) against shared (`align.rollout.shared_prefix.shared_prompt_logprobs`: each prompt
 once, its KV cache gathered to its rows). Timed: the update's forward + backward (LoRA, train mode, no
 dropout: the RL loops' setting) and the reference's no-grad forward, the two sides taking turns so load
 from other jobs falls on both; the median of ``repeats`` rounds after one warm-up. The largest log-prob
@@ -56,7 +56,7 @@ def load_policy(mode: str, device: str, lora_r: int, seed: int) -> tuple[torch.n
 
 def rollout_batch(s: dict, vocab: int, device: str, seed: int):
     """A rollout batch of `queries` x `samples` rows, grouped by prompt as the engines return them."""
-    from align.rollout import RolloutBatch
+    from align.rollout.batch import RolloutBatch
 
     rng = random.Random(seed)
     prompts = [
@@ -82,7 +82,7 @@ def rollout_batch(s: dict, vocab: int, device: str, seed: int):
 
 
 def side_logprobs(side: str, model, batch) -> torch.Tensor:
-    from align.shared_prefix import shared_prompt_logprobs
+    from align.rollout.shared_prefix import shared_prompt_logprobs
     from align.train.rl_common import response_logprobs
 
     if side == "shared":

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
-from align.evaluate_policy import add_cli_args, check_cli_args, lm_loss, load_lm, tax_rows, write_report
-from align.generation import verifier_accuracy
+from align.evaluation.generation import verifier_accuracy
+from align.evaluation.policy import add_cli_args, check_cli_args, lm_loss, load_lm, tax_rows, write_report
 from align.models import load_tokenizer
 from align.tasks import generate_tasks, read_tasks_jsonl
 

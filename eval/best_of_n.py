@@ -6,7 +6,7 @@
 On held-out tasks (eval/policy.py's: ``generate_tasks(split="heldout")``), samples n responses per prompt
 from the policy, scores them with the reward model and verifies them. Writes ``best_of_n.json``,
 ``best_of_n.md``, ``best_of_n.png`` (accuracy against n) and ``samples.jsonl`` into ``--out`` (see
-``align.evaluate_best_of_n``): gold accuracy and mean RM score of greedy, the mean sample and best-of-k
+``align.pipeline.best_of_n``): gold accuracy and mean RM score of greedy, the mean sample and best-of-k
 (k = 1, 2, 4, ..., n, from the same samples) with 95% Wilson intervals, and the gain of best-of-n over the
 mean sample in points. It tells, before any PPO, whether an RM is worth optimising against. Exit status: 0,
 or 2 for unusable input.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
-from align.evaluate_best_of_n import best_of_n_eval
+from align.pipeline.best_of_n import best_of_n_eval
 
 
 def main(argv: list[str] | None = None) -> int:

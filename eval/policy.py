@@ -3,7 +3,7 @@
     python eval/policy.py --policy outputs/ppo/final --baseline outputs/sft/final \
         --reward-model outputs/rm/rm/final --out outputs/ppo/eval
 
-Writes ``eval.json`` and ``eval.md`` into ``--out`` (see ``align.evaluate_policy.compare_policies``): win
+Writes ``eval.json`` and ``eval.md`` into ``--out`` (see ``align.evaluation.policy.compare_policies``): win
 rates judged by the reward model and the gold verifier with 95% Wilson intervals, gold accuracy with the
 paired test (exact McNemar), mean RM score, KL(policy || baseline) on the policy's own samples, response
 length, and the alignment tax (held-out LM loss and perplexity, task accuracy) before and after. Beside
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
-from align.evaluate_policy import add_cli_args, check_cli_args, compare_policies
+from align.evaluation.policy import add_cli_args, check_cli_args, compare_policies
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from align.data import DataError, load_preference, tokenize_preference
-from align.evaluate_rm import evaluate_pairs, format_result, write_report
+from align.evaluation.reward_model import evaluate_pairs, format_result, write_report
 from align.reward import load_reward_model
 from align.train.reward_data import dataset_name
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
-from align.evaluate_policy import (
+from align.evaluation.policy import (
     add_cli_args,
     check_cli_args,
     compare_policies,

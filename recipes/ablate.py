@@ -4,15 +4,15 @@
         [--grid ptx_coef=0,0.5,2 kl_coef=0.01,0.04,0.1] [--seeds 2] [--jobs N] [--out DIR]
 
 With no --config: the embedded default sweep (recipes/configs/ablate/ptx_kl.yaml). Resumable: run it again
-and finished runs are skipped. Writes results.csv, report.md, tradeoff.png and curves.png (align/ablate.py).
+and finished runs are skipped. Writes results.csv, report.md, tradeoff.png and curves.png (align/pipeline/ablate.py).
 """
 
 import argparse
 import sys
 from pathlib import Path
 
-from align.ablate import load_sweep, parse_grid, run_sweep
 from align.config_loader import ConfigError
+from align.pipeline.ablate import load_sweep, parse_grid, run_sweep
 
 DEFAULT = Path(__file__).resolve().parent / "configs" / "ablate" / "ptx_kl.yaml"
 

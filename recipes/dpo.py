@@ -11,8 +11,8 @@ before and after. `--help` lists every key.
 import sys
 
 from align.config import DPOConfig
-from align.recipe import run_recipe
 from align.train.dpo import run_dpo
+from align.train.recipe import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(DPOConfig, run_dpo, prog="recipes/dpo.py"))

@@ -12,8 +12,8 @@ every key.
 import sys
 
 from align.config import GRPOConfig
-from align.recipe import run_recipe
 from align.train.online import run_grpo
+from align.train.recipe import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(GRPOConfig, run_grpo, prog="recipes/grpo.py"))

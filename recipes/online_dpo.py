@@ -11,8 +11,8 @@ accuracy before and after. `--help` lists every key.
 import sys
 
 from align.config import OnlineDPOConfig
-from align.recipe import run_recipe
 from align.train.online import run_online_dpo
+from align.train.recipe import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(OnlineDPOConfig, run_online_dpo, prog="recipes/online_dpo.py"))

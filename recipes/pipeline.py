@@ -11,8 +11,8 @@ unless overwrite=true. `stage.key=value` sets one key of a stage's section. `--h
 import sys
 
 from align.config import PipelineConfig
-from align.pipeline import run_pipeline, split_stage_overrides
-from align.recipe import run_recipe
+from align.pipeline.run import run_pipeline, split_stage_overrides
+from align.train.recipe import run_recipe
 
 if __name__ == "__main__":
     argv, stage_overrides = split_stage_overrides(sys.argv[1:])

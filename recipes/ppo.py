@@ -10,8 +10,8 @@ verifier's score beside the reward model's. `--help` lists every key.
 import sys
 
 from align.config import PPOConfig
-from align.recipe import run_recipe
 from align.train.ppo import run_ppo
+from align.train.recipe import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(PPOConfig, run_ppo, prog="recipes/ppo.py"))

@@ -12,7 +12,7 @@ SmolLM2-135M-Instruct; held-out accuracy before and after each stage. `--help` l
 import sys
 
 from align.config import RMConfig
-from align.recipe import run_recipe
+from align.train.recipe import run_recipe
 from align.train.reward import run_reward
 
 if __name__ == "__main__":

@@ -9,13 +9,13 @@ recipes/dpo.py.
 A checker is a Python function imported by name (`module:function`, from sys.path or the current
 directory), called as fn(record, response) -> bool | float, with `record` the prompt file's JSON object.
 Writes pairs.jsonl ({prompt, chosen, rejected, group, source, ...}), samples.jsonl, report.json and
-report.md into output_dir (see align/sample_pairs.py). `--help` lists every key.
+report.md into output_dir (see align/pipeline/sample_pairs.py). `--help` lists every key.
 """
 
 import sys
 
-from align.recipe import run_recipe
-from align.sample_pairs import SamplePairsConfig, run_sample_pairs
+from align.pipeline.sample_pairs import SamplePairsConfig, run_sample_pairs
+from align.train.recipe import run_recipe
 
 if __name__ == "__main__":
     sys.exit(run_recipe(SamplePairsConfig, run_sample_pairs, prog="recipes/sample_pairs.py"))

@@ -9,7 +9,7 @@ answer; held-out accuracy before and after). `--help` lists every key.
 import sys
 
 from align.config import SFTConfig
-from align.recipe import run_recipe
+from align.train.recipe import run_recipe
 from align.train.sft import run_sft
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from align.ablate import (
+from align.config_loader import ConfigError
+from align.pipeline.ablate import (
     Run,
     _failure,
     aggregate,
@@ -16,7 +17,6 @@ from align.ablate import (
     parse_grid,
     run_sweep,
 )
-from align.config_loader import ConfigError
 
 
 def write_yaml(path, text):

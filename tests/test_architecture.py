@@ -1,4 +1,5 @@
-"""The shape of the code: no import circles between project modules, and no module over 700 lines.
+"""The shape of the code: imports flow one way down the layers, no import circles between project modules,
+and no module over 700 lines.
 
 Every module under `align/` and `chatml/` is read with `ast` (not imported), and every import of a
 project module counts wherever it is written: at the top, inside a function (a "lazy" import is still a
@@ -51,8 +52,8 @@ def imported_modules(module: str, path: Path, modules: dict[str, Path]) -> set[s
                 stem = ".".join(base + ([node.module] if node.module else []))
             else:
                 stem = node.module or ""
-            # `from align import rollout` imports the module align.rollout; `from align.rollout import X`
-            # imports align.rollout (X is an attribute, or a submodule when align.rollout is a package).
+            # `from align import rollout` imports the module align.rollout.batch; `from align.rollout.batch import X`
+            # imports align.rollout.batch (X is an attribute, or a submodule when align.rollout.batch is a package).
             names = [f"{stem}.{alias.name}" for alias in node.names] + [stem]
         else:
             continue
@@ -148,9 +149,72 @@ def test_the_checks_see_what_they_must():
     """The graph walker finds function-level imports and relative imports, and the cycle finder names a
     circle: so a passing test above means no circle, not a blind walker."""
     graph = import_graph()
-    assert {"align", "chatml", "align.train.sft", "align.rollout_engines"} <= set(graph)
-    assert "align.rollout_static" in graph["align.rollout_engines"]  # imported inside engine_class
-    assert "align.train.sft" in graph["align.pipeline"]  # imported inside default_runners
+    assert {"align", "chatml", "align.train.sft", "align.rollout.engines"} <= set(graph)
+    assert "align.rollout.static" in graph["align.rollout.engines"]  # imported inside engine_class
+    assert "align.train.sft" in graph["align.pipeline.run"]  # imported inside default_runners
     toy = {"a": {"b", "x"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "x": {"a"}}
     assert describe_circles(toy) == ["a -> x -> a  (modules in this circle: a, b, c, x)"]
     assert describe_circles({"a": {"b"}, "b": set()}) == []
+
+
+# The flow, top to bottom (README "Layout"): a module imports only from its own layer or the ones below. A
+# prefix names a module and everything under it; the longest matching prefix decides a module's layer.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    ("pipeline", ("align.pipeline",)),
+    ("train", ("align.train",)),
+    ("evaluation", ("align.evaluation",)),
+    ("reward", ("align.reward",)),
+    ("rollout, models, ptx", ("align.rollout", "align.models", "align.ptx")),
+    ("data, assets, fused log-probs", ("align.data", "align.assets", "align.fused_logprobs")),
+    (
+        "foundations",
+        (
+            "chatml", "align", "align.tasks", "align.rl_math", "align.losses", "align.attention", "align.packing",
+            "align.config", "align.config_loader", "align.checkpoint", "align.tracking", "align.hf_compat",
+        ),
+    ),
+]  # fmt: skip
+
+
+def layer_of(module: str) -> int:
+    """Index into LAYERS (0 = top) of `module`, by its longest matching prefix; KeyError if none."""
+    best: tuple[int, int] | None = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and (
+                best is None or len(prefix) > best[1]
+            ):
+                best = (i, len(prefix))
+    if best is None:
+        raise KeyError(
+            f"{module} is in no layer of tests/test_architecture.py::LAYERS; add it where it belongs"
+        )
+    return best[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """Each import of a module from a layer above the importer's, as "importer (layer) imports target (layer)"."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            if layer_of(target) < layer_of(module):
+                found.append(
+                    f"{module} ({LAYERS[layer_of(module)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+                )
+    return found
+
+
+def test_imports_flow_one_way_down_the_layers():
+    upward = upward_imports(import_graph())
+    assert not upward, "imports from a layer above:\n" + "\n".join(upward)
+
+
+def test_the_layer_check_names_an_upward_import():
+    graph = {
+        "align.rollout.static": {"align.train.ppo", "align.hf_compat"},
+        "align.train.ppo": {"align.rollout"},
+    }
+    assert upward_imports(graph) == [
+        "align.rollout.static (rollout, models, ptx) imports align.train.ppo (train)"
+    ]
+    assert layer_of("align.reward") == 3 and layer_of("align.rollout.shared_prefix") == 4

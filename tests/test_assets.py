@@ -105,7 +105,7 @@ def test_real_smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import chatml
-    from align.generation import generate
+    from align.evaluation.generation import generate
 
     d = smollm2_dir()
     assert (d / "model.safetensors").is_file() and (d / "config.json").is_file()

@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_sample_pairs import build_stopping_policy
 
-from align.evaluate_best_of_n import best_of_k, best_of_n_table, ks_up_to
-from align.evaluate_policy import Z95, wilson_interval
+from align.evaluation.policy import Z95, wilson_interval
+from align.pipeline.best_of_n import best_of_k, best_of_n_table, ks_up_to
 
 SCORES = [[0.1, 0.9, 0.3, 0.9], [2.0, 1.0, 3.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]
 CORRECT = [[False, True, False, False], [True, False, False, True], [False, False, False, True]]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from align.evaluate_policy import (
+from align.evaluation.policy import (
     compare_policies,
     lm_loss,
     sequence_kl,
@@ -181,7 +181,7 @@ def test_win_rate_and_tax_commands_end_to_end_on_a_tiny_model(tiny_qwen_dir, tmp
 def test_mcnemar_exact_on_worked_numbers_and_scipy():
     from scipy.stats import binomtest
 
-    from align.evaluate_policy import mcnemar_exact
+    from align.evaluation.policy import mcnemar_exact
 
     # 9 tasks gained, 1 lost: 2 x (C(10,0) + C(10,1)) / 2^10 = 22/1024.
     assert mcnemar_exact(9, 1) == pytest.approx(22 / 1024)
@@ -191,7 +191,7 @@ def test_mcnemar_exact_on_worked_numbers_and_scipy():
 
 
 def test_paired_accuracy_counts_discordant_tasks():
-    from align.evaluate_policy import paired_accuracy
+    from align.evaluation.policy import paired_accuracy
 
     before = [True, True, False, False, False, True, False, False, False, False]
     after = [True, False, True, True, True, True, True, False, False, True]
@@ -206,7 +206,7 @@ def test_paired_accuracy_counts_discordant_tasks():
 
 
 def test_portable_path_holds_no_machine_prefix(tmp_path):
-    from align.evaluate_policy import REPO_ROOT, portable_path
+    from align.evaluation.policy import REPO_ROOT, portable_path
 
     out = tmp_path / "run" / "eval"
     (tmp_path / "model").mkdir()
@@ -220,8 +220,8 @@ def test_portable_path_holds_no_machine_prefix(tmp_path):
 def test_per_task_records_recompute_the_paired_test(tmp_path, monkeypatch):
     from conftest import build_tiny_qwen2, byte_tokenizer
 
-    import align.evaluate_policy as ev
-    from align.evaluate_policy import mcnemar_exact
+    import align.evaluation.policy as ev
+    from align.evaluation.policy import mcnemar_exact
     from align.tasks import generate_tasks
 
     # Random models never answer right; a rule on the text makes some replies "correct" on either side.

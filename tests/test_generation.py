@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_qwen2
 
 import chatml
-from align.generation import generate, generate_ids, stop_token_ids, verifier_accuracy
+from align.evaluation.generation import generate, generate_ids, stop_token_ids, verifier_accuracy
 from align.tasks import KINDS, generate_tasks, wrong_answer
 
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from tiny_archs import ARCHITECTURES, tiny_causal_lm
 
-from align.rollout import HFRolloutEngine
-from align.rollout_manual import ManualRolloutEngine
-from align.rollout_static import StaticRolloutEngine
+from align.rollout.batch import HFRolloutEngine
+from align.rollout.manual import ManualRolloutEngine
+from align.rollout.static import StaticRolloutEngine
 
 # pad 0, eos 1 (tiny_config's); stop on eos, which random models rarely emit: rows end at max_new_tokens.
 TOKENIZER = SimpleNamespace(pad_token_id=0, eos_token_id=1)

@@ -1,4 +1,4 @@
-"""The switch matrix of the shared-prompt pass (align/shared_prefix.py).
+"""The switch matrix of the shared-prompt pass (align/rollout/shared_prefix.py).
 
 `rollout_logprobs`, what GRPO, online DPO and PPO call for the policy and the reference, against the
 per-row reference `response_logprobs` over `RolloutBatch.sequences(left_pad=True)`: log-probs (and
@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import align.train.rl_common as rl_common
-from align.rollout import RolloutBatch
-from align.shared_prefix import shares_prompts
+from align.rollout.batch import RolloutBatch
+from align.rollout.shared_prefix import shares_prompts
 from align.train.rl_common import micro_slices, response_logprobs, rollout_logprobs
 from tests.test_shared_prefix import _batch
 from tests.tiny_archs import ARCHITECTURES, tiny_causal_lm

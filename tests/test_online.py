@@ -148,7 +148,7 @@ def test_score_rollouts_marks_a_response_the_rm_cannot_read_as_unclosed(tiny_byt
     import chatml
     from align.reward import RewardModel
     from align.rl_math import group_scores
-    from align.rollout import RolloutBatch
+    from align.rollout.batch import RolloutBatch
     from align.train.rl_common import score_rollouts
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)

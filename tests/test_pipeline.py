@@ -8,7 +8,8 @@ import pytest
 
 from align.config import PipelineConfig
 from align.config_loader import ConfigError, load_config
-from align.pipeline import (
+from align.pipeline.layout import final_model
+from align.pipeline.run import (
     PipelineError,
     default_runners,
     read_state,
@@ -16,7 +17,6 @@ from align.pipeline import (
     split_stage_overrides,
     stage_configs,
 )
-from align.pipeline_layout import final_model
 from align.tracking import read_metrics
 from align.train.sft import run_sft
 
@@ -305,7 +305,7 @@ def test_lora_settings_leave_a_full_weight_stage_signature_alone():
     import dataclasses
 
     from align.config import PPOConfig
-    from align.pipeline import _same_signature, signature, signature_hash
+    from align.pipeline.run import _same_signature, signature, signature_hash
 
     full = PPOConfig(use_lora=False)
     sig = signature(full, {"rm": "abc"})
@@ -326,7 +326,7 @@ def test_a_key_added_since_a_stage_ran_is_unchanged_at_its_default():
     import dataclasses
 
     from align.config import PPOConfig
-    from align.pipeline import _same_signature, config_defaults, signature, signature_hash
+    from align.pipeline.run import _same_signature, config_defaults, signature, signature_hash
 
     cfg = PPOConfig()
     sig = signature(cfg, {"rm": "abc"})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from align.data import end_token_id
-from align.evaluate_rm import pairwise_accuracy, summarize, write_report
+from align.evaluation.reward_model import pairwise_accuracy, summarize, write_report
 from align.losses import pairwise_reward_loss
 from align.reward import (
     REWARD_CONFIG,

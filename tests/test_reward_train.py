@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 
 from align.config import RMConfig
 from align.config_loader import load_config
-from align.recipe import run_recipe
 from align.reward import REWARD_HEAD, RewardModel
 from align.tracking import read_metrics
 from align.train.process import RunSetupError
+from align.train.recipe import run_recipe
 from align.train.reward import load_reward_model_for_training, run_reward, train_reward_model
 from align.train.reward_data import embedded_pairs
 
@@ -243,7 +243,7 @@ def test_configs_carry_the_qwen_numbers():
 
 
 def test_onpolicy_config_reads_what_sample_pairs_and_the_default_rm_run_write():
-    from align.sample_pairs import SamplePairsConfig
+    from align.pipeline.sample_pairs import SamplePairsConfig
     from align.train.reward_data import eval_set_specs
 
     cfg = load_config(RMConfig, ROOT / "recipes" / "configs" / "rm" / "onpolicy.yaml")
@@ -585,7 +585,7 @@ def test_grouped_ensemble_update_does_not_depend_on_the_micro_batch_split(
 def _heldout_members(model_dir: Path, held: Path) -> torch.Tensor:
     """(P, 2, K): each head's reward of each held-out pair's chosen and rejected response."""
     from align.data import load_preference, tokenize_preference
-    from align.evaluate_rm import score_pairs
+    from align.evaluation.reward_model import score_pairs
     from align.models import load_tokenizer
 
     model = RewardModel.from_pretrained(model_dir)

@@ -180,7 +180,7 @@ def test_ppo_charges_the_controllers_kl_coefficient_not_kl_coef():
 
 def _rollout(tokenizer, responses, finished):
     import chatml
-    from align.rollout import RolloutBatch
+    from align.rollout.batch import RolloutBatch
 
     prompt = chatml.encode_prompt([{"role": "user", "content": "hi"}], tokenizer)
     ids = torch.tensor(responses)

@@ -13,7 +13,7 @@ from transformers import Qwen2ForCausalLM
 from transformers.generation.logits_process import TopPLogitsWarper
 
 import chatml
-from align.rollout import (
+from align.rollout.batch import (
     HFRolloutEngine,
     RolloutBatch,
     RolloutEngine,
@@ -21,10 +21,10 @@ from align.rollout import (
     stop_token_ids,
     teacher_forced_logprobs,
 )
-from align.rollout_engines import engine_class
-from align.rollout_manual import ManualRolloutEngine
-from align.rollout_static import StaticRolloutEngine
-from align.sampling import counter_token_keys, counter_uniforms, sample_tokens, top_p_filter
+from align.rollout.engines import engine_class
+from align.rollout.manual import ManualRolloutEngine
+from align.rollout.sampling import counter_token_keys, counter_uniforms, sample_tokens, top_p_filter
+from align.rollout.static import StaticRolloutEngine
 
 ENGINES = [HFRolloutEngine, ManualRolloutEngine, StaticRolloutEngine]
 

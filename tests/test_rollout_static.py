@@ -11,12 +11,12 @@ import pytest
 import torch
 from conftest import byte_tokenizer, tiny_qwen2
 
-import align.rollout_static as rollout_static
+import align.rollout.static as rollout_static
 from align.config import GRPOConfig, OnlineDPOConfig, PPOConfig
-from align.rollout import HFRolloutEngine
-from align.rollout_engines import engine_options
-from align.rollout_static import StaticRolloutEngine, _bucket, cudagraph_skips, require_graphs
-from align.sampling import counter_token_keys, counter_uniforms, sample_tokens
+from align.rollout.batch import HFRolloutEngine
+from align.rollout.engines import engine_options
+from align.rollout.sampling import counter_token_keys, counter_uniforms, sample_tokens
+from align.rollout.static import StaticRolloutEngine, _bucket, cudagraph_skips, require_graphs
 from align.train.process import make_accelerator
 from align.train.rl_run import RLRun
 
@@ -83,7 +83,7 @@ def test_graph_sampler_draws_what_sample_tokens_draws(vocab):
     """The sampler of the static engine (eager and compiled alike: a full sort, the knobs as tensors) gives
     the very tokens and log-probs of the reference sampler (top-k search, float knobs) on the same counter
     uniforms, across temperatures and top-p values, with ties at the cut and at the top."""
-    from align.sampling import sample_tokens_graph
+    from align.rollout.sampling import sample_tokens_graph
 
     rows, steps = torch.arange(4) * 7, torch.tensor([0, 2, 7, 30])
     keys = counter_token_keys(vocab, "cpu")
@@ -259,7 +259,7 @@ def test_cache_takes_the_autocast_dtype_and_logprobs_stay_float32(tok, prompts, 
     """Under autocast the KV cache is allocated in the autocast dtype (what the layers compute in), not the
     fp32 weights'; the log-probs stay float32. Greedy bf16 decoding is the model's own: the manual engine
     (dynamic cache) decodes the same tokens under the same autocast."""
-    from align.rollout_manual import ManualRolloutEngine
+    from align.rollout.manual import ManualRolloutEngine
 
     model = tiny_qwen2(tok, head_scale=10.0)
     engine = StaticRolloutEngine(model, tok, batch_size=3, logprobs="generate")
@@ -280,7 +280,7 @@ def test_rl_rollouts_decode_in_the_training_precision(name, tok, prompts, cache_
     accelerator) that changes nothing: the same tokens and log-probs as the engine called alone (the old
     path), and for the static engine what the reference sampler draws. With a bf16 autocast (what the
     accelerator gives on GPU; a stand-in here) the static engine's KV cache is bf16."""
-    from align.rollout_engines import engine_class
+    from align.rollout.engines import engine_class
 
     model = tiny_qwen2(tok, head_scale=10.0)
     engine = engine_class(name)(model, tok, batch_size=3, logprobs="generate")

@@ -20,7 +20,7 @@ from align.data.pairing import (
     merge_candidates,
     score_pairs,
 )
-from align.sample_pairs import SamplePairsConfig, run_sample_pairs
+from align.pipeline.sample_pairs import SamplePairsConfig, run_sample_pairs
 
 P_STOP = 0.3  # the stopping policy's chance of <|im_end|> at every step
 
@@ -199,7 +199,7 @@ def test_user_prompts_with_a_checker_give_the_recomputed_pairs(stopping_dir, use
     from align.models import load_tokenizer
 
     sp_checks = importlib.import_module("sp_checks")  # written by the user_files fixture, not a dependency
-    from align.rollout import HFRolloutEngine
+    from align.rollout.batch import HFRolloutEngine
 
     out = tmp_path / "out"
     cap = 5
@@ -210,7 +210,7 @@ def test_user_prompts_with_a_checker_give_the_recomputed_pairs(stopping_dir, use
     # The recorded samples are the policy's: one engine call (3 prompts x 6 <= batch_size) with seed 7.
     tokenizer = load_tokenizer(str(stopping_dir))
     import chatml
-    from align.evaluate_policy import load_lm
+    from align.evaluation.policy import load_lm
 
     prompt_ids = [chatml.encode_prompt(m, tokenizer, default_system="template") for m in
                   [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "What is 4 * 6?"}],
@@ -339,7 +339,7 @@ def test_a_missing_checker_is_refused_before_sampling(stopping_dir, user_files, 
 
 
 def test_the_recipe_exits_2_with_one_line(stopping_dir, user_files, tmp_path, capsys):
-    from align.recipe import run_recipe
+    from align.train.recipe import run_recipe
 
     argv = [f"model_name_or_path={stopping_dir}", f"dataset={user_files}", "reward=checker",
             "checker=sp_checks:missing", f"output_dir={tmp_path / 'out'}"]  # fmt: skip

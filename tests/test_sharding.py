@@ -288,7 +288,7 @@ def _engines_on_sharded_weights(rank: int) -> dict[str, dict]:
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from align.rollout_engines import engine_class
+    from align.rollout.engines import engine_class
     from align.train.sharding import full_weights, shard_model
 
     tokenizer = byte_tokenizer()

@@ -1,12 +1,12 @@
-"""The shared-prompt pass gives the per-row pass's log-probs and gradients (align/shared_prefix.py), and
+"""The shared-prompt pass gives the per-row pass's log-probs and gradients (align/rollout/shared_prefix.py), and
 refuses the training-mode switches under which it would not; every switch against `rollout_logprobs`:
 tests/test_matrix_shared_prompt.py."""
 
 import pytest
 import torch
 
-from align.rollout import RolloutBatch
-from align.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
+from align.rollout.batch import RolloutBatch
+from align.rollout.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.rl_common import response_logprobs
 from tests.conftest import tiny_qwen2
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from align.ablate import RECIPES, load_sweep
 from align.config import (
     BatchKeys,
     DPOConfig,
@@ -23,7 +22,9 @@ from align.config import (
     TrainConfig,
 )
 from align.config_loader import ConfigError, build_config, load_config, parse_cli
-from align.pipeline import (
+from align.pipeline.ablate import RECIPES, load_sweep
+from align.pipeline.layout import final_model, stage_dir
+from align.pipeline.run import (
     UPSTREAM,
     PipelineError,
     plan_pipeline,
@@ -31,8 +32,7 @@ from align.pipeline import (
     signature_hash,
     stage_configs,
 )
-from align.pipeline_layout import final_model, stage_dir
-from align.sample_pairs import SamplePairsConfig
+from align.pipeline.sample_pairs import SamplePairsConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 # The one thing `batch_size` counts in each stage.

@@ -29,7 +29,7 @@ class RolloutKeys:
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
         "hf",
         "Generation backend: hf, manual, static (fixed shapes, refilling), vllm (experimental, untested); "
-        "see align/rollout_engines.py.",
+        "see align/rollout/engines.py.",
     )
     rollout_compile: Literal["auto", "on", "off"] = doc(
         "auto",
@@ -141,7 +141,7 @@ class AdaptiveKLKeys:
 RL_LORA_DROPOUT_HELP = (
     "Dropout on the LoRA branch. 0 in the RL loops, which train with dropout off: the first update's "
     "log-probs then equal those the rollout scored (ratio 1), and the update can use the shared-prompt "
-    "pass (with dropout it takes the slower per-row pass: align/shared_prefix.py)."
+    "pass (with dropout it takes the slower per-row pass: align/rollout/shared_prefix.py)."
 )
 
 

@@ -1,4 +1,4 @@
-"""Pairing sampled responses into preferences: pure pieces of `align.sample_pairs` (no model, no files).
+"""Pairing sampled responses into preferences: pure pieces of `align.pipeline.sample_pairs` (no model, no files).
 
 Distinct responses of a prompt (`merge_candidates`), labelled by a verifier/checker (`checker_value`,
 `import_checker`) or a reward model, and paired (`verified_pairs`: correct against incorrect;

@@ -25,7 +25,7 @@ from align.data.tools import parse_tools
 # the shared conversation (ending in a user turn, usually) and chosen/rejected are the response turns
 # (ending in the assistant turn the reward model scores). A record may give several pairs (an
 # OpenAssistant tree), so a parser's value is a list of pairs. A pair, hh or sharegpt record may carry a
-# ``group`` (the prompt it was sampled for: `align.sample_pairs` writes the prompt's index), kept on the
+# ``group`` (the prompt it was sampled for: `align.pipeline.sample_pairs` writes the prompt's index), kept on the
 # pair as ``"group"`` only when present, so records without one load exactly as before.
 
 IDENTICAL_REASON = "chosen and rejected are identical"

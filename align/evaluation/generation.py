@@ -1,6 +1,6 @@
 """Batched generation for evaluation: ChatML prompts, left padding, KV cache, stop at ``<|im_end|>``.
 
-A thin front over the rollout engine (``align/rollout.py``), so evaluation and PPO sample through one path:
+A thin front over the rollout engine (``align/rollout/batch.py``), so evaluation and PPO sample through one path:
 conversations in, text out, no log-probs. Prompts are sorted by length before batching (less padding) and
 results are returned in the caller's order.
 """
@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import chatml
-from align.rollout import HFRolloutEngine, stop_token_ids
+from align.rollout.batch import HFRolloutEngine, stop_token_ids
 from align.tasks import Task, verify
 
 __all__ = ["generate", "generate_ids", "stop_token_ids", "verifier_accuracy"]

@@ -28,7 +28,7 @@ import torch
 
 import chatml
 from align.rl_math import kl_estimate, masked_sum, token_logprobs
-from align.rollout import HFRolloutEngine, RolloutBatch, teacher_forced_logprobs
+from align.rollout.batch import HFRolloutEngine, RolloutBatch, teacher_forced_logprobs
 from align.tasks import Task, generate_tasks, verify, write_jsonl
 
 __all__ = [

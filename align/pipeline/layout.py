@@ -1,5 +1,5 @@
 """Where the pipeline's stages live under its output_dir, and what each hands on: shared by the pipeline
-(:mod:`align.pipeline`) and its report (:mod:`align.pipeline_report`), which reads what the stages wrote."""
+(:mod:`align.pipeline.run`) and its report (:mod:`align.pipeline.report`), which reads what the stages wrote."""
 
 from __future__ import annotations
 

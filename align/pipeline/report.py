@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from align.pipeline_layout import STAGES, TITLES, final_model, stage_dir
+from align.pipeline.layout import STAGES, TITLES, final_model, stage_dir
 
 # (stage, metrics dirs under the stage dir, left-axis key, right-axis key or None) of the summary figure.
 CURVE_PANELS = (

@@ -31,8 +31,8 @@ from accelerate import PartialState
 
 from align.config import DPOConfig, PipelineConfig, PPOConfig, RMConfig, SFTConfig
 from align.config_loader import ConfigError, _parse_override, build_config
-from align.pipeline_layout import STAGES, final_model, is_complete, stage_dir
-from align.pipeline_report import write_report
+from align.pipeline.layout import STAGES, final_model, is_complete, stage_dir
+from align.pipeline.report import write_report
 from align.train.process import RunSetupError
 
 CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
@@ -325,7 +325,7 @@ def run_pipeline(
     """Plan, run the stages in order, evaluate, write report.md; return the pipeline summary.
 
     `runners` replaces stage functions by name (tests count calls or stop a stage early);
-    `evaluator` replaces align.evaluate_policy.compare_policies.
+    `evaluator` replaces align.evaluation.policy.compare_policies.
     A runner that returns {"stopped_at": n} (an interrupted stage) ends the pipeline there.
     """
     cfg = with_stage_overrides(cfg, stage_overrides)
@@ -438,9 +438,9 @@ def evaluate_policies(
         return {}
     if evaluator is None:
         try:
-            from align.evaluate_policy import compare_policies as evaluator
+            from align.evaluation.policy import compare_policies as evaluator
         except ImportError as err:
-            print(f"[pipeline] evaluation: align.evaluate_policy is unavailable ({err}); skipped")
+            print(f"[pipeline] evaluation: align.evaluation.policy is unavailable ({err}); skipped")
             return {}
     settings = {
         "num_prompts": cfg.eval_num_prompts,

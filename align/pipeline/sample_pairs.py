@@ -137,7 +137,7 @@ class SamplePairsConfig:
     top_p: float = doc(1.0, "Nucleus sampling mass.")
     max_new_tokens: int = doc(24, "Response budget.")
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
-        "hf", "Generation backend: hf, manual, static, vllm (see align/rollout_engines.py)."
+        "hf", "Generation backend: hf, manual, static, vllm (see align/rollout/engines.py)."
     )
     rollout_compile: Literal["auto", "on", "off"] = doc(
         "auto", "CUDA-graph decoding for rollout_engine=static (auto = on for CUDA, off on CPU)."
@@ -280,7 +280,7 @@ class Labeller:
 
 def _reference_batch(prompt_ids: list[list[int]], texts: list[str], tokenizer: Any, pad_id: int) -> Any:
     """Reference replies as closed responses (reply tokens + <|im_end|>), for the reward model to score."""
-    from align.rollout import RolloutBatch
+    from align.rollout.batch import RolloutBatch
 
     _, im_end = chatml.chatml_token_ids(tokenizer)
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [im_end] for t in texts]
@@ -334,7 +334,7 @@ class Tally:
 
 
 def _report(cfg: SamplePairsConfig, tally: Tally, total: int, seconds: float, stopped: dict | None) -> dict:
-    from align.evaluate_policy import portable_path
+    from align.evaluation.policy import portable_path
 
     out = Path(cfg.output_dir)
     per = tally.pairs_per_prompt
@@ -490,9 +490,9 @@ def _jsonl_line(fh: Any, record: dict[str, Any]) -> None:
 def run_sample_pairs(cfg: SamplePairsConfig) -> dict[str, Any]:
     """Sample, label, pair and write (see the module docstring); returns the report."""
     from align.assets import resolve_model, start_model
-    from align.evaluate_policy import load_lm
+    from align.evaluation.policy import load_lm
     from align.models import load_tokenizer
-    from align.rollout_engines import engine_class, engine_options
+    from align.rollout.engines import engine_class, engine_options
     from align.train.process import prepare_output_dir
     from align.train.rl_common import rl_default_system
 

@@ -8,18 +8,18 @@ it without touching the training loops. This module holds the interface, the bat
 * :class:`HFRolloutEngine`: transformers' ``model.generate`` (left padding, KV cache), every sampling
   knob set explicitly so a checkpoint's ``generation_config`` cannot change what is sampled.
 
-The others live in their own modules, picked by name with :func:`align.rollout_engines.engine_class` (the
-configs' ``rollout_engine``): :class:`align.rollout_manual.ManualRolloutEngine` (our own decoding loop:
-dynamic KV cache, :func:`align.sampling.top_p_filter`, per-row stop, finished rows dropped from the batch
-so they stop costing compute), :class:`align.rollout_static.StaticRolloutEngine` (pre-allocated KV slots,
+The others live in their own modules, picked by name with :func:`align.rollout.engines.engine_class` (the
+configs' ``rollout_engine``): :class:`align.rollout.manual.ManualRolloutEngine` (our own decoding loop:
+dynamic KV cache, :func:`align.rollout.sampling.top_p_filter`, per-row stop, finished rows dropped from the batch
+so they stop costing compute), :class:`align.rollout.static.StaticRolloutEngine` (pre-allocated KV slots,
 fixed-shape steps, finished slots refilled with the next prompt, batch-invariant counter-based sampling)
-and :class:`align.rollout_vllm.VLLMRolloutEngine` (optional, needs vLLM). The sampling itself is in
-:mod:`align.sampling`.
+and :class:`align.rollout.vllm.VLLMRolloutEngine` (optional, needs vLLM). The sampling itself is in
+:mod:`align.rollout.sampling`.
 
 Sampling semantics, shared by every engine:
 
 * ``temperature > 0``: sample from ``softmax(logits / temperature)`` restricted to the nucleus of mass
-  ``top_p`` (the smallest set of most likely tokens whose mass reaches ``top_p``; see :func:`align.sampling.top_p_filter`)
+  ``top_p`` (the smallest set of most likely tokens whose mass reaches ``top_p``; see :func:`align.rollout.sampling.top_p_filter`)
   and renormalised. ``temperature == 0``: greedy (argmax).
 * **Log-probs** (``RolloutBatch.logprobs``) are ``log_softmax(logits / temperature)[token]``: the model's
   plain softmax at the sampling temperature, *without* the top-p truncation and renormalisation (at

@@ -1,6 +1,6 @@
 """The engine registry: a config's ``rollout_engine`` name to its class.
 
-Its own module because the engines import :mod:`align.rollout` (the shared batching machinery), so the
+Its own module because the engines import :mod:`align.rollout.batch` (the shared batching machinery), so the
 registry cannot live there without an import circle.
 """
 
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from align.rollout import HFRolloutEngine
-from align.rollout_manual import ManualRolloutEngine
+from align.rollout.batch import HFRolloutEngine
+from align.rollout.manual import ManualRolloutEngine
 
 
 def engine_class(name: str) -> type:
     """The engine class for a config's ``rollout_engine``: ``hf``, ``manual``, ``static`` or ``vllm``.
 
-    ``static`` (:mod:`align.rollout_static`) and ``vllm`` (:mod:`align.rollout_vllm`, optional dependency)
+    ``static`` (:mod:`align.rollout.static`) and ``vllm`` (:mod:`align.rollout.vllm`, optional dependency)
     are imported only when asked for.
     """
     if name == "hf":
@@ -23,11 +23,11 @@ def engine_class(name: str) -> type:
     if name == "manual":
         return ManualRolloutEngine
     if name == "static":
-        from align.rollout_static import StaticRolloutEngine
+        from align.rollout.static import StaticRolloutEngine
 
         return StaticRolloutEngine
     if name == "vllm":
-        from align.rollout_vllm import VLLMRolloutEngine
+        from align.rollout.vllm import VLLMRolloutEngine
 
         return VLLMRolloutEngine
     raise ValueError(f"unknown rollout engine {name!r} (hf, manual, static, vllm)")

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import torch
 
 from align.hf_compat import cache_kwargs
-from align.rollout import _BatchedEngine, position_ids_from_mask
-from align.sampling import sample_tokens
+from align.rollout.batch import _BatchedEngine, position_ids_from_mask
+from align.rollout.sampling import sample_tokens
 
 
 class ManualRolloutEngine(_BatchedEngine):

@@ -2,7 +2,7 @@
 the exponential-race draw with its log-prob (:func:`sample_tokens`; its graph-safe twin for the static
 engine, :func:`sample_tokens_graph`), and batch-invariant counter-based noise.
 
-What is sampled and which log-prob is returned is specified in :mod:`align.rollout`'s module docstring.
+What is sampled and which log-prob is returned is specified in :mod:`align.rollout.batch`'s module docstring.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def sample_tokens(
 
     ``logits``: (B, V) raw next-token logits. ``temperature == 0`` is greedy. ``logprobs`` is
     ``log_softmax(logits / T)`` at the drawn token (T = 1 when greedy): the plain tempered softmax, not the
-    renormalised nucleus (see :mod:`align.rollout`). Sampling uses the exponential race
+    renormalised nucleus (see :mod:`align.rollout.batch`). Sampling uses the exponential race
     (``argmax p / E`` with ``E = -log U ~ Exp(1)``), which draws from ``p`` exactly like ``multinomial`` but
     needs no cumulative sum and no host sync. ``U`` (B, V) in [0, 1) is ``uniforms`` when given (e.g.
     :func:`counter_uniforms`), else drawn with ``generator`` (reproducible without the global RNG).

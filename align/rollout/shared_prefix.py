@@ -23,7 +23,7 @@ import torch
 
 from align.fused_logprobs import lm_logprobs
 from align.hf_compat import cache_kwargs, unwrap_data_parallel
-from align.rollout import RolloutBatch, left_padded, position_ids_from_mask
+from align.rollout.batch import RolloutBatch, left_padded, position_ids_from_mask
 
 
 def shares_prompts(batch: RolloutBatch) -> bool:

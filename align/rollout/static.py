@@ -1,7 +1,7 @@
 """A fixed-shape rollout engine: pre-allocated KV slots, continuous refilling, batch-invariant sampling.
 
 :class:`StaticRolloutEngine` sits behind the same :class:`~align.rollout.RolloutEngine` interface as the
-other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngine`:
+other engines. What differs from :class:`~align.rollout.manual.ManualRolloutEngine`:
 
 * **Static KV cache** (:class:`SlotKVCache`): per layer one (slots, kv_heads, capacity, head_dim) buffer,
   allocated once per ``generate`` call (kept per shape bucket when compiled). A decoding step writes each
@@ -13,12 +13,12 @@ other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngi
   emitted a stop token (or hit ``max_new_tokens``) is refilled with the next row (one prefill of the new
   prompts into their slots, once ``refill_fraction`` of the slots are idle) instead of idling until the
   whole batch is done.
-* **Counter-based sampling** (:func:`~align.sampling.counter_uniforms`): the race noise of row ``i`` at step
+* **Counter-based sampling** (:func:`~align.rollout.sampling.counter_uniforms`): the race noise of row ``i`` at step
   ``t`` is a hash of ``(seed, i, t, token)``, so a row samples the same tokens whichever slot it lands in
   and whoever shares the batch with it. That keeps sampling exactly reproducible given the seed *and*
   independent of ``batch_size`` and of refilling (up to float rounding of the logits, which differs a few
   ulps between batch compositions on any engine). It is a different random stream from
-  :class:`~align.rollout_manual.ManualRolloutEngine`'s ``torch.Generator`` (same distribution, other draws):
+  :class:`~align.rollout.manual.ManualRolloutEngine`'s ``torch.Generator`` (same distribution, other draws):
   the two agree token for token only when greedy.
 * **CUDA-graph decoding** (``compile``, the RL configs' ``rollout_compile``; default on for CUDA): the
   whole step (forward, top-p by one full sort, counter-based sampling, stop test:
@@ -34,7 +34,7 @@ other engines. What differs from :class:`~align.rollout_manual.ManualRolloutEngi
   ``FailOnRecompileLimitHit`` (it does not fall back to eager on its own: that would silently slow the
   run). Every compiled call reads inductor's CUDA-graph skip counter before and after (any call may
   compile: a failed guard recompiles within a shape), and the engine raises instead of running eager. The
-  eager engine runs the very same step and sampler (:func:`~align.sampling.sample_tokens_graph`), so
+  eager engine runs the very same step and sampler (:func:`~align.rollout.sampling.sample_tokens_graph`), so
   ``compile`` changes no token beyond the compiled kernels' float rounding. **Not yet measured on a GPU**;
   on CPU the same step function runs eager (tests), or compiled without graphs (``compile="on"``, a slow
   test).
@@ -63,8 +63,8 @@ from typing import Any
 import torch
 
 from align.hf_compat import cache_kwargs
-from align.rollout import _BatchedEngine, _device_of
-from align.sampling import counter_token_keys, counter_uniforms, sample_tokens_graph
+from align.rollout.batch import _BatchedEngine, _device_of
+from align.rollout.sampling import counter_token_keys, counter_uniforms, sample_tokens_graph
 
 
 class SlotKVCache:
@@ -155,7 +155,7 @@ class _DecodeState:
         """One ``generate`` call's scalars and stop set, written in place."""
         self.seed.fill_(seed)
         self.max_new.fill_(max_new)
-        # Greedy ignores the temperature; its log-probs are at T = 1 (see align.rollout).
+        # Greedy ignores the temperature; its log-probs are at T = 1 (see align.rollout.batch).
         self.temperature.fill_(temperature if temperature > 0 else 1.0)
         self.top_p.fill_(top_p)
         stops = sorted(set(stop))
@@ -186,7 +186,7 @@ def sample_into(
 
     ``token_keys`` ``None`` is greedy. The noise of a slot is ``counter_uniforms(seed, row, step)``, so a
     row draws the same tokens in any slot. Eager refills and the compiled step run this very function
-    (:func:`~align.sampling.sample_tokens_graph`: full sort, tensor knobs), so compile on or off samples
+    (:func:`~align.rollout.sampling.sample_tokens_graph`: full sort, tensor knobs), so compile on or off samples
     alike. Only live slots advance; a stop id, or the ``max_new``-th token, ends its slot. No host sync.
     """
     rows, t, live = state.row_ids[idx], state.steps[idx], state.live[idx]

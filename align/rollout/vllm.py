@@ -13,7 +13,7 @@ than updating). The vLLM side is built once from ``model_path`` (default: the po
 ``config._name_or_path``), ``dtype`` bf16, sharing the GPU (``gpu_memory_utilization``, default 0.3).
 
 Sampling: ``temperature``/``top_p`` as in the other engines, no top-k, one request per row seeded with
-``seed + row index`` (reproducible and independent of batching, like :class:`~align.rollout_static.
+``seed + row index`` (reproducible and independent of batching, like :class:`~align.rollout.static.
 StaticRolloutEngine`, though vLLM's random stream is its own). Stop tokens are passed as
 ``stop_token_ids`` with the model's own eos ignored. Log-probs: ``"forward"`` (default: the teacher-forced
 pass through the policy, so PPO's first ratio is 1 whatever kernels vLLM decoded with) or ``"none"``.
@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from align.rollout import _BatchedEngine
+from align.rollout.batch import _BatchedEngine
 
 INSTALL_HINT = (
     "VLLMRolloutEngine needs vLLM, which is not installed: pip install vllm (CUDA only), "

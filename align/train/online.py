@@ -45,7 +45,7 @@ from align.rl_math import (
     masked_mean,
     variance_order,
 )
-from align.rollout import RolloutBatch
+from align.rollout.batch import RolloutBatch
 from align.train.batching import total_steps
 from align.train.optimization import build_optimizer, build_scheduler
 from align.train.process import RunSetupError

@@ -43,7 +43,7 @@ from align.rl_math import (
     shape_scores,
     token_rewards,
 )
-from align.rollout import RolloutBatch
+from align.rollout.batch import RolloutBatch
 from align.train.batching import total_steps
 from align.train.optim_step import optimizer_step
 from align.train.optimization import build_optimizer, build_scheduler

@@ -42,7 +42,7 @@ from align.assets import resolve_model, start_model
 from align.config import RMConfig
 from align.data import end_token_id, tokenize_preference
 from align.data.groups import prompt_groups
-from align.evaluate_rm import evaluate_pairs, format_result, write_report
+from align.evaluation.reward_model import evaluate_pairs, format_result, write_report
 from align.losses import grouped_pairwise_loss, pairwise_reward_loss
 from align.models import announce_attention, load_tokenizer
 from align.packing import check_packed_attention
@@ -201,7 +201,7 @@ def _forward_groups(
 def check_rm_attention(cfg: RMConfig) -> None:
     """Refuse, before loading, an attention that would let a packed row's sequences see each other.
 
-    Training packs with `packing`; held-out scoring (`align.evaluate_rm.score_pairs`) always packs each
+    Training packs with `packing`; held-out scoring (`align.evaluation.reward_model.score_pairs`) always packs each
     micro-batch's pairs into one row, and there is held-out data with `eval_dataset`, `eval_fraction`,
     `eval_datasets` or the embedded data. The reward model's forward passes no varlen kwargs
     (`align.reward.RewardModel`)."""

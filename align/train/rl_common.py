@@ -4,7 +4,7 @@ around them (output directory, engine, resume, logger, summary) is `align.train.
 
 The phases of one RL iteration, named the same in both loops (`score_phase`, `advantages_phase`,
 `update_phase` in align/train/ppo.py and align/train/online.py):
-  rollout      the policy samples responses (`RLRun.rollout`, over `align.rollout_engines`);
+  rollout      the policy samples responses (`RLRun.rollout`, over `align.rollout.engines`);
   score        `score_rollouts`: reward-model scores (or a rule-based reward) and which responses closed;
                then `guard_scores`, the over-optimisation guards both loops share (`RewardGuards`:
                ensemble -> clip -> anchor, all off by default);
@@ -35,8 +35,8 @@ from align.data import DataError, load_prompt_file
 from align.fused_logprobs import lm_logprobs
 from align.reward import RewardModel
 from align.rl_math import AdaptiveKLController, ensemble_and_clip, guarded_scores
-from align.rollout import RolloutBatch, position_ids_from_mask, stop_token_ids
-from align.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
+from align.rollout.batch import RolloutBatch, position_ids_from_mask, stop_token_ids
+from align.rollout.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
 from align.train.sharding import full_weights, is_sharded
@@ -136,7 +136,7 @@ def rollout_logprobs(
     model: Any, sub: RolloutBatch, temperature: float, with_entropy: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, R) log-probs of a rollout (sub-)batch's responses: rows that answer the same prompt run it once
-    (`align.shared_prefix`: GRPO's G samples, online DPO's pairs, PPO's 2 samples), else one left-padded
+    (`align.rollout.shared_prefix`: GRPO's G samples, online DPO's pairs, PPO's 2 samples), else one left-padded
     pass (the reference computation). The shared pass is taken only where it equals that pass to float
     rounding, values and gradients: not in training mode with gradient checkpointing or active
     dropout (`shared_pass_inexact_reason`; tests/test_matrix_shared_prompt.py), and not on a sharded model."""

@@ -35,8 +35,8 @@ import chatml
 from align.config_loader import config_to_dict
 from align.data import DataError
 from align.models import save_final_model
-from align.rollout import RolloutBatch
-from align.rollout_engines import engine_class, engine_options
+from align.rollout.batch import RolloutBatch
+from align.rollout.engines import engine_class, engine_options
 from align.tracking import MetricsLogger, plot_metrics
 from align.train.batching import global_batch_indices
 from align.train.checkpointing import RunCheckpointer, fingerprint_rows
@@ -111,7 +111,7 @@ def sample_rollouts(
     `autocast()`, the training forward's precision (`accelerator.autocast`: bf16 autocast over the fp32
     master weights on GPU, nothing on CPU). Without it a GPU rollout would decode in fp32, and the static
     engine would allocate its KV cache, and capture its CUDA graphs, in fp32 (see
-    `align.rollout_static.compute_dtype`). Log-probs come back float32 either way."""
+    `align.rollout.static.compute_dtype`). Log-probs come back float32 either way."""
     with autocast():
         return engine.generate(
             prompts,

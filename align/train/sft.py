@@ -136,7 +136,7 @@ def load_sft_data(cfg: SFTConfig, out: Path, is_main: bool) -> tuple[list[list[d
 
 def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: SFTConfig) -> dict[str, Any]:
     """Gold-verifier accuracy on held-out generated tasks (embedded data only)."""
-    from align.generation import verifier_accuracy
+    from align.evaluation.generation import verifier_accuracy
     from align.tasks import generate_tasks
 
     tasks = generate_tasks(cfg.eval_tasks, seed=cfg.seed, split="heldout")
@@ -182,7 +182,7 @@ def record_accuracy_after(
     before_oks = state.get("accuracy_before_oks")
     test = ""
     if before_oks is not None and len(before_oks) == len(result.get("oks", ())):
-        from align.evaluate_policy import paired_accuracy
+        from align.evaluation.policy import paired_accuracy
 
         summary["accuracy_test"] = t = paired_accuracy([bool(x) for x in before_oks], result["oks"])
         test = (

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 import chatml
-from align.evaluate_policy import Z95, portable_path, wilson_interval
+from align.evaluation.policy import Z95, portable_path, wilson_interval
 from align.tasks import Task, generate_tasks, verify, write_jsonl
 
 # --------------------------------------------------------------------------------------------------------
@@ -228,10 +228,10 @@ def best_of_n_eval(
     the first ``num_prompts`` of a tasks JSONL. The prompts carry the system prompt the RM was trained with.
     """
     from align.assets import resolve_model
-    from align.evaluate_policy import load_lm
+    from align.evaluation.policy import load_lm
     from align.models import load_tokenizer
     from align.reward import RewardModel
-    from align.rollout import HFRolloutEngine
+    from align.rollout.batch import HFRolloutEngine
     from align.train.rl_common import check_same_vocabulary, score_rollouts
 
     t0 = time.perf_counter()
