@@ -189,7 +189,7 @@ def tax_rows(
     return chunk_tokens(load_text(source, split="heldout"), tokenizer, length)[:max_rows]
 
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]  # align/evaluation/policy.py -> the repository
 
 
 def portable_path(path: str | Path, out_dir: str | Path) -> str:

@@ -46,7 +46,7 @@ import yaml
 from align.config import DPOConfig, GRPOConfig, OnlineDPOConfig, PPOConfig, RMConfig, SFTConfig
 from align.config_loader import ConfigError, _parse_override, build_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # align/pipeline/ablate.py -> the repository
 RECIPES: dict[str, type] = {
     "sft": SFTConfig,
     "rm": RMConfig,
