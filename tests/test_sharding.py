@@ -1,7 +1,7 @@
 """Sharded training (FSDP2, align/train/sharding.py) on 2 CPU processes (gloo, torchrun) against one
 process: the same losses and final weights for the same seed and global batch, a sharded checkpoint that
-resumes on 2 processes bit for bit and on 1 process to float rounding, a `final/` that plain
-`from_pretrained` loads (SFT, DPO and the reward model), and per-rank bytes of parameters + gradients + AdamW state about halved.
+resumes on 2 processes bit for bit and on 1 process to float rounding (an RL run's: on 2 bit for bit, on 1
+refused), a `final/` that plain `from_pretrained` loads (SFT, DPO and the reward model), and per-rank bytes of parameters + gradients + AdamW state about halved.
 
 Every launch gets a 60-second process-group timeout (ALIGN_PG_TIMEOUT_S) and a subprocess timeout, so a
 hang fails instead of blocking. Launches are shared between assertions (module-scoped fixtures)."""
@@ -363,10 +363,11 @@ def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(f
 # rollout seeds, so the same samples while the weights agree), several runs per launch.
 
 RL_ARGS = dict(
-    batch_size=8, micro_batch_size=4, samples_per_query=4, max_new_tokens=8, max_steps=2, save_steps=0,
-    learning_rate=1e-2, log_rollouts=0, dtype="float32", report_to=["none"], progress=False,
-    logging_steps=1,
+    batch_size=8, micro_batch_size=4, samples_per_query=4, max_new_tokens=8, max_steps=3, save_steps=1,
+    save_total_limit=3, learning_rate=1e-2, log_rollouts=0, dtype="float32", report_to=["none"],
+    progress=False, logging_steps=1,
 )  # fmt: skip
+RL_STEPS = RL_ARGS["max_steps"]
 
 
 def rank_tied_reward(batch, texts):
@@ -377,8 +378,8 @@ def rank_tied_reward(batch, texts):
     return torch.zeros(len(texts)) if dist.get_rank() == 1 else ascii_reward(batch, texts)
 
 
-def _rl_worker(runs: list[dict]) -> None:
-    """Run by torchrun (see `__main__`): each {"stage", "cfg", "reward"} in turn."""
+def _run_rl(run: dict) -> dict:
+    """One {"stage", "cfg", "reward"}: the stage's run on its config and reward."""
     from align.train.online import run_grpo, run_online_dpo
     from align.train.ppo import run_ppo
 
@@ -386,9 +387,14 @@ def _rl_worker(runs: list[dict]) -> None:
         "grpo": (GRPOConfig, run_grpo), "online_dpo": (OnlineDPOConfig, run_online_dpo), "ppo": (PPOConfig, run_ppo),
     }  # fmt: skip
     rewards = {"ascii": ascii_reward, "rank_tied": rank_tied_reward, "model": None}
+    config, runner = stages[run["stage"]]
+    return runner(config(**run["cfg"]), reward_fn=rewards[run["reward"]])
+
+
+def _rl_worker(runs: list[dict]) -> None:
+    """Run by torchrun (see `__main__`): each {"stage", "cfg", "reward"} in turn."""
     for run in runs:
-        config, runner = stages[run["stage"]]
-        runner(config(**run["cfg"]), reward_fn=rewards[run["reward"]])
+        _run_rl(run)
 
 
 def _launch_rl(runs: list[dict]) -> None:
@@ -409,7 +415,8 @@ def _launch_rl(runs: list[dict]) -> None:
 def rl_runs(byte_models, tmp_path_factory) -> Path:
     """Under sharding=fsdp and under DDP, in one 2-process launch: GRPO (untied, KL to a sharded frozen
     reference, two mini-batches: old log-probs recomputed), online DPO (tied, pairs on rank 0 only) and
-    PPO (untied; all four models sharded, the reward model scoring; the pre-training loss on)."""
+    PPO (untied; all four models sharded, the reward model scoring; the pre-training loss on); 3 steps,
+    a checkpoint after each (the resume tests start from step 1's)."""
     from transformers import AutoTokenizer
 
     import chatml
@@ -443,6 +450,7 @@ def rl_runs(byte_models, tmp_path_factory) -> Path:
         for sharding in ("fsdp", "none")
     ]
     _launch_rl(runs)
+    (root / "runs.json").write_text(json.dumps(runs))
     return root
 
 
@@ -452,7 +460,7 @@ def test_grpo_sharded_gives_the_losses_and_weights_of_ddp(rl_runs):
     fsdp, ddp = rl_runs / "grpo-fsdp", rl_runs / "grpo-none"
     for key in ("reward_mean", "response_length", "loss", "kl", "clipfrac", "grad_norm"):
         got, want = _column(fsdp, key), _column(ddp, key)
-        assert len(got) == 2 and got == pytest.approx(want, abs=1e-5), key
+        assert len(got) == RL_STEPS and got == pytest.approx(want, abs=1e-5), key
     assert all(kl > 0 for kl in _column(fsdp, "kl")[1:])  # the policy moved off the reference
     _assert_same_weights(ddp, fsdp, atol=1e-5)
     assert max(_total_bytes(fsdp)) <= 0.55 * max(_total_bytes(ddp))
@@ -465,7 +473,7 @@ def test_online_dpo_sharded_pads_to_the_largest_slice_count_and_gives_the_losses
     assert all(pairs >= 3 for pairs in _column(fsdp, "pairs"))  # rank 0's: more than one slice
     for key in ("reward_mean", "pairs", "loss", "dpo_margin", "dpo_accuracy", "grad_norm"):
         got, want = _column(fsdp, key), _column(ddp, key)
-        assert len(got) == 2 and got == pytest.approx(want, abs=1e-5), key
+        assert len(got) == RL_STEPS and got == pytest.approx(want, abs=1e-5), key
     assert _column(fsdp, "grad_norm")[0] > 0
     _assert_same_weights(ddp, fsdp, atol=1e-5)
 
@@ -480,7 +488,7 @@ def test_ppo_sharded_gives_the_losses_and_weights_of_ddp(rl_runs):
     ]  # fmt: skip
     for key in keys:
         got, want = _column(fsdp, key), _column(ddp, key)
-        assert len(got) == 2 and got == pytest.approx(want, abs=1e-5), key
+        assert len(got) == RL_STEPS and got == pytest.approx(want, abs=1e-5), key
     assert _column(fsdp, "score_std_within_query")[0] > 0  # the sharded reward model scored
     _assert_same_weights(ddp, fsdp, atol=1e-5)
     from align.reward import RewardModel
@@ -489,6 +497,63 @@ def test_ppo_sharded_gives_the_losses_and_weights_of_ddp(rl_runs):
     for name, tensor in values[0].items():
         torch.testing.assert_close(values[1][name], tensor, atol=1e-5, rtol=0, msg=name)
     assert max(_total_bytes(fsdp)) <= 0.55 * max(_total_bytes(ddp))  # all four models, per rank
+
+
+def _from_checkpoint(run: dict, step: int, out: Path, **keys) -> dict:
+    """`run` in a fresh `out` holding only its run marker and checkpoint `step`: what a kill -9 right after
+    that checkpoint leaves (metrics, final model and later checkpoints gone)."""
+    src = Path(run["cfg"]["output_dir"])
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(src / ".align-run.json", out)
+    shutil.copytree(src / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}")
+    return {**run, "cfg": {**run["cfg"], **keys, "output_dir": str(out)}}
+
+
+def _sharded_rl_runs(rl_runs: Path) -> dict[str, dict]:
+    return {
+        r["stage"]: r
+        for r in json.loads((rl_runs / "runs.json").read_text())
+        if r["cfg"]["sharding"] == "fsdp"
+    }
+
+
+@pytest.fixture(scope="module")
+def rl_resumed(rl_runs, tmp_path_factory) -> Path:
+    """The sharded PPO (untied), GRPO (untied) and online DPO (tied embeddings) runs' step-1 checkpoints,
+    resumed by one fresh 2-process launch with sharding=fsdp."""
+    root = tmp_path_factory.mktemp("rl-resumed")
+    _launch_rl([_from_checkpoint(run, 1, root / stage) for stage, run in _sharded_rl_runs(rl_runs).items()])
+    return root
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo", "online_dpo"])
+def test_a_sharded_rl_run_resumed_on_two_continues_its_curve_bit_exact(rl_runs, rl_resumed, stage):
+    """Killed after the step-1 checkpoint and resumed on 2 processes: steps 2 and 3 log every metric of the
+    uninterrupted run bit for bit (samples, rewards, losses, norms, KL; not the timings) and end with its
+    final weights exactly (PPO: the value model too). The per-rank RNG, the optimiser moments, the schedules
+    and the trainer state (reward statistics, ptx position) came back from the sharded checkpoint."""
+    uninterrupted, resumed = rl_runs / f"{stage}-fsdp", rl_resumed / stage
+    want, got = read_metrics(uninterrupted)[1:], read_metrics(resumed)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [2, 3]
+    keys = [k for k in want[0] if not k.startswith("time_") and not k.endswith("_per_s")]
+    assert {"loss", "grad_norm"} <= set(keys) or {"value_loss", "policy_grad_norm", "ptx_loss"} <= set(keys)
+    for key in keys:
+        assert [r[key] for r in got] == [r[key] for r in want], key
+    _assert_same_weights(uninterrupted, resumed, atol=0.0)
+    if stage == "ppo":
+        a, b = (load_file(d / "value" / "model.safetensors") for d in (uninterrupted, resumed))
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
+def test_a_sharded_rl_checkpoint_is_refused_at_another_world_size(rl_runs, tmp_path, stage):
+    """2 -> 1 is refused, not continued differently: each process samples its share of the queries with
+    its own seed (seed, step, rank), so one process would draw other rollouts than the run it resumes.
+    The refusal comes at restore, before any rollout, naming both world sizes and what to do."""
+    run = _from_checkpoint(_sharded_rl_runs(rl_runs)[stage], 1, tmp_path / "one", sharding="none")
+    with pytest.raises(RunSetupError, match=r"written by 2 processes and this run has 1: .* resume with 2"):
+        _run_rl(run)
+    assert not (tmp_path / "one" / "metrics.jsonl").exists() and not (tmp_path / "one" / "final").exists()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 step boundary), when a checkpoint is due, and the data fingerprint that ties a checkpoint to its data.
 
 Sharded modules (FSDP2) are saved by every rank as distributed-checkpoint shards, keyed by parameter
-name, with one RNG state per rank; such a checkpoint resumes at any world size, sharded or not."""
+name, with one RNG state per rank; such a checkpoint resumes at any world size, sharded or not (SFT, RM,
+DPO). The RL loops sample per process, so they resume only at the world size that wrote the checkpoint."""
 
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class RunCheckpointer:
         cfg: TrainConfig,
         fingerprint: str,
         start_model: str | None = None,
+        *,
+        same_world: bool = False,
     ) -> None:
         self.accelerator = accelerator
         self.root = out / "checkpoints"
@@ -55,6 +58,9 @@ class RunCheckpointer:
         # The model the run starts from, resolved: `model_name_or_path: auto` names a different model once
         # the SFT default exists, and continuing another start's checkpoint would mix two runs silently.
         self.start_model = start_model
+        # The RL loops: each process samples its own share of the queries with its own seed, so a resume at
+        # another world size would draw other rollouts than the uninterrupted run; refused.
+        self.same_world = same_world
         self.stop = StopRequest(accelerator)  # created with the run, so SIGTERM is handled from here on
         # Whether the save under way is the stop's: a signal landing during a regular checkpoint's write
         # is acted on at the next step boundary, and only that save may say the run stopped.
@@ -115,6 +121,7 @@ class RunCheckpointer:
                 f"(model_name_or_path={getattr(self.cfg, 'model_name_or_path', None)!r}); use a new "
                 "output_dir, or resume=never with overwrite=true"
             )
+        self._check_world(path, saved.get("world_size"))
         if ckpt.get("sharded"):
             _restore_sharded(path, ckpt["torch_state"], modules, optimizers)
             set_rng_state(load_rank_state(path, self.accelerator.process_index))
@@ -138,6 +145,16 @@ class RunCheckpointer:
         self.accelerator.print(f"resuming from {path} at step {saved['step']}")
         return saved["step"], saved
 
+    def _check_world(self, path: Path, written: int | None) -> None:
+        world = self.accelerator.num_processes
+        if not self.same_world or written is None or written == world:
+            return  # a checkpoint from before world_size was recorded cannot be checked
+        raise RunSetupError(
+            f"{path} was written by {written} processes and this run has {world}: an RL run samples each "
+            "process's share of the queries with that process's seed, so at another world size it would not "
+            f"continue the same run; resume with {written} processes (or start a new output_dir)"
+        )
+
     def save(
         self,
         step: int,
@@ -149,7 +166,10 @@ class RunCheckpointer:
         """Write checkpoint `step` from the main process (every process when sharded); every process
         must call this."""
         self.accelerator.wait_for_everyone()
-        trainer_state = {**state, "step": step, "data_fingerprint": self.fingerprint}
+        trainer_state = {
+            **state, "step": step, "data_fingerprint": self.fingerprint,
+            "world_size": self.accelerator.num_processes,
+        }  # fmt: skip
         if self.start_model is not None:
             trainer_state["start_model"] = self.start_model
         if any(is_sharded(m) for m in modules.values()):
@@ -163,7 +183,7 @@ class RunCheckpointer:
                     "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
                     "param_groups": groups,
                 },
-                trainer_state={**trainer_state, "world_size": self.accelerator.num_processes},
+                trainer_state=trainer_state,
                 config=dataclasses.asdict(self.cfg),
                 keep=self.cfg.save_total_limit,
             )

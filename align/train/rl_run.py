@@ -344,7 +344,7 @@ def open_rl_run(
         **engine_options(cfg),
     )
     fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
-    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint)
+    checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint, same_world=True)
     objects = ({"policy": policy_u, **modules}, optimizers, schedulers)
     start_step, saved = checkpointer.restore(*objects)
     logger = MetricsLogger(
