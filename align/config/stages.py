@@ -79,6 +79,11 @@ class RMConfig(RecordFileKeys, DropoutKeys, TrainConfig):
         None, "Force a preference record format (pair, hh, sharegpt, oasst); default: detect per record."
     )
     rm_dataset: str = doc("embedded", "With stage=pmp+rm: the data of the RM stage (`dataset` feeds PMP).")
+    rm_num_epochs: float | None = doc(
+        None,
+        "With stage=pmp+rm: passes of the RM stage over rm_dataset when max_steps is -1; none: num_epochs "
+        "(which PMP reads).",
+    )
     eval_dataset: str | None = doc(
         None,
         "Held-out pairs scored before training, after each epoch and at the end; `embedded`: generated "

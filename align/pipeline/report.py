@@ -77,13 +77,36 @@ def stage_numbers(root: str | Path) -> dict[str, dict[str, Any]]:
             "accuracy_before": sft.get("accuracy_before"),
             "accuracy_after": sft.get("accuracy_after"),
         }
+    sampled = _read_json(stage_dir(root, "sample_pairs") / "summary.json")
+    if sampled:
+        numbers["sample_pairs"] = {
+            run: {
+                k: (sampled[run].get("report") or {}).get(k)
+                for k in ("prompts", "samples", "share_correct", "pairs", "prompts_without_pair")
+            }
+            for run in ("train", "heldout")
+            if sampled.get(run)
+        }
     rm = _read_json(stage_dir(root, "rm") / "summary.json")
     if rm:
+        pmp_run, rm_run = rm.get("pmp") or {}, rm.get("rm") or {}
+        # The named held-out sets beside the main one (eval_datasets, e.g. the sampled `onpolicy` pairs): the
+        # main set comes first in eval_sets where there is one.
+        names = list(rm_run.get("eval_sets") or {})
+        extra = names[1:] if rm_run.get("eval_pairs") else names
         numbers["rm"] = {
             "accuracy_before_pmp": rm.get("accuracy_before_pmp"),
             "accuracy_after_pmp": rm.get("accuracy_after_pmp"),
             "accuracy_after_rm": rm.get("accuracy_after_rm"),
-            "eval_pairs": (rm.get("rm") or {}).get("eval_pairs"),
+            "eval_pairs": rm_run.get("eval_pairs"),
+            "sets": {
+                name: (
+                    (pmp_run.get("accuracies_before") or {}).get(name),
+                    (pmp_run.get("accuracies_after") or {}).get(name),
+                    (rm_run.get("accuracies_after") or {}).get(name),
+                )
+                for name in extra
+            },
         }
     if _read_json(stage_dir(root, "ppo") / "summary.json"):
         ppo_dir = [stage_dir(root, "ppo")]
@@ -209,7 +232,8 @@ def write_report(root: str | Path, state: dict[str, Any]) -> Path:
     lines = [
         "# Pipeline report",
         "",
-        f"`{root}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}. Stages: SFT -> PMP -> RM -> PPO, and "
+        f"`{root}`, written {time.strftime('%Y-%m-%d %H:%M:%S')}. Stages: SFT -> "
+        f"{'sample_pairs -> ' if 'sample_pairs' in state['stages'] else ''}PMP -> RM -> PPO, and "
         "SFT -> DPO; records in `pipeline_state.json`.",
         "",
         "| stage | status | wall time (all attempts) | attempts (outcome, time) | output |",
@@ -217,6 +241,8 @@ def write_report(root: str | Path, state: dict[str, Any]) -> Path:
     ]
     for stage in STAGES:
         record = state["stages"].get(stage)
+        if record is None and stage == "sample_pairs":
+            continue  # the on-policy chain's stage: listed where it ran
         if record is None:
             lines.append(f"| {stage} | not run | - | - | - |")
             continue
@@ -232,17 +258,27 @@ def write_report(root: str | Path, state: dict[str, Any]) -> Path:
             f"| eval {policy} vs sft | done | {_secs(record.get('seconds'))} | - | `{root / 'eval' / policy}` |"
         )
     lines += ["", "## Key numbers", ""]
-    sft, rm, ppo, dpo = (numbers.get(s) for s in STAGES)
+    sft, sampled, rm, ppo, dpo = (numbers.get(s) for s in STAGES)
     if sft:
         lines.append(
             f"- **sft**: held-out gold accuracy {_pct(sft['accuracy_before'])} -> {_pct(sft['accuracy_after'])}"
             f"; steps: {sft['steps']}, final loss {_num(sft['final_loss'])}"
+        )
+    for run, r in (sampled or {}).items():
+        lines.append(
+            f"- **sample_pairs** ({run} prompts): {r['prompts']} prompts, {r['samples']} samples, "
+            f"{_pct(r['share_correct'])} correct; {r['pairs']} pairs ({r['prompts_without_pair']} prompts "
+            "without one)"
         )
     if rm:
         lines.append(
             f"- **rm**: held-out pair accuracy {_pct(rm['accuracy_before_pmp'])} before, "
             f"{_pct(rm['accuracy_after_pmp'])} after PMP, {_pct(rm['accuracy_after_rm'])} after RM "
             f"({rm['eval_pairs'] or '-'} pairs)"
+            + "".join(
+                f"; {name}: {_pct(before)} before, {_pct(pmp)} after PMP, {_pct(after)} after RM"
+                for name, (before, pmp, after) in rm["sets"].items()
+            )
         )
     if ppo:
         lines.append(

@@ -1,4 +1,5 @@
-"""The whole chain: SFT -> PMP -> RM -> PPO, and SFT -> DPO, then an evaluation and one report.
+"""The whole chain: SFT -> PMP -> RM -> PPO, and SFT -> DPO, then an evaluation and one report; with
+rm_data=sampled the on-policy chain SFT -> sample_pairs -> PMP -> RM -> PPO (:mod:`align.pipeline.sampled`).
 
 Each stage runs in-process with the existing loop (run_sft, run_pmp_then_rm, run_ppo, run_dpo) on a
 config the pipeline builds: the user's section for that stage, validated strictly against the stage's
@@ -11,7 +12,8 @@ reads). `pipeline_state.json` records each stage's config signature and timings,
   stage's old outputs are deleted and it runs again).
 
 A stage's signature holds its own config and its earlier stages' signature hashes, so changing SFT
-makes RM, PPO and DPO out of date too.
+makes RM, PPO and DPO out of date too. The default chain (rm_data and dpo_data = own) signs each stage as
+it did before the sample_pairs stage existed: its inputs and wiring are unchanged.
 """
 
 from __future__ import annotations
@@ -33,13 +35,31 @@ from align.config import DPOConfig, PipelineConfig, PPOConfig, RMConfig, SFTConf
 from align.config_loader import ConfigError, _parse_override, build_config
 from align.pipeline.layout import STAGES, final_model, is_complete, stage_dir
 from align.pipeline.report import write_report
+from align.pipeline.sampled import (
+    SAMPLE_PAIRS_WIRED,
+    SAMPLED_REASON,
+    SamplePairsStageConfig,
+    check_stage_config,
+    run_sample_pairs_stage,
+    sample_pairs_wiring,
+    sampled_wired,
+    sampled_wiring,
+    with_onpolicy_eval,
+)
 from align.train.process import RunSetupError
 
-CONFIG_CLASSES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "dpo": DPOConfig}
-UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm"), "dpo": ("sft",)}
+CONFIG_CLASSES: dict[str, type] = {
+    "sft": SFTConfig,
+    "sample_pairs": SamplePairsStageConfig,
+    "rm": RMConfig,
+    "ppo": PPOConfig,
+    "dpo": DPOConfig,
+}
+UPSTREAM = {"sft": (), "sample_pairs": ("sft",), "rm": ("sft",), "ppo": ("sft", "rm"), "dpo": ("sft",)}
 # Keys the pipeline sets from the stage layout; a user value would break the chain silently.
 WIRED = {
     "sft": {"output_dir", "overwrite"},
+    "sample_pairs": SAMPLE_PAIRS_WIRED,
     "rm": {"output_dir", "overwrite", "model_name_or_path", "init_from", "stage"},
     "ppo": {
         "output_dir",
@@ -101,6 +121,16 @@ def with_stage_overrides(cfg: PipelineConfig, overrides: Sequence[str]) -> Pipel
     return dataclasses.replace(cfg, **sections)
 
 
+def upstream(cfg: PipelineConfig) -> dict[str, tuple[str, ...]]:
+    """Each stage's input stages: UPSTREAM, plus sample_pairs for a stage that reads its pairs."""
+    inputs = dict(UPSTREAM)
+    if cfg.rm_data == "sampled":
+        inputs["rm"] = ("sft", "sample_pairs")
+    if cfg.dpo_data == "sampled":
+        inputs["dpo"] = ("sft", "sample_pairs")
+    return inputs
+
+
 def _section(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
     section = getattr(cfg, stage)
     if section is None:
@@ -113,11 +143,12 @@ def _section(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
     """Every stage's config: its section, checked strictly, plus the wiring between stages.
 
-    All four are built (and so validated) whichever stages run, so a typo anywhere fails at once.
+    All five are built (and so validated) whichever stages run, so a typo anywhere fails at once.
     """
     root = Path(cfg.output_dir)
     wiring: dict[str, dict[str, Any]] = {
         "sft": {"output_dir": str(stage_dir(root, "sft"))},
+        "sample_pairs": sample_pairs_wiring(root),
         "rm": {
             "output_dir": str(stage_dir(root, "rm")),
             "stage": "pmp+rm",
@@ -137,7 +168,8 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
             "ref_model_path": None,  # the reference is the starting (SFT) policy
         },
     }
-    configs = {}
+    configs: dict[str, Any] = {}
+    sampled = sampled_wired(cfg)
     for stage in STAGES:
         section = _section(cfg, stage)
         source = f"pipeline section '{stage}'"
@@ -147,7 +179,17 @@ def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
                 f"{source}: {', '.join(wired)} is set by the pipeline (it wires each stage to the previous "
                 "one's output under output_dir); remove it"
             )
-        configs[stage] = build_config(CONFIG_CLASSES[stage], {**section, **wiring[stage]}, source=source)
+        wired = sorted(sampled.get(stage, set()) & set(section))
+        if wired:
+            raise ConfigError(
+                f"{source}: {', '.join(wired)} is set by the pipeline ({SAMPLED_REASON[stage]}); remove it"
+            )
+        values = {**section, **wiring[stage], **sampled_wiring(cfg, stage, configs.get("sample_pairs"))}
+        configs[stage] = build_config(CONFIG_CLASSES[stage], values, source=source)
+        if stage == "sample_pairs":
+            check_stage_config(configs[stage], source)
+        if stage == "rm":
+            configs[stage] = with_onpolicy_eval(cfg, configs[stage], configs["sample_pairs"], source)
     return configs
 
 
@@ -250,11 +292,12 @@ def plan_pipeline(cfg: PipelineConfig, configs: dict[str, Any], state: dict[str,
     """Decide, before anything runs, what each requested stage does; refuse all conflicts in one error."""
     root = Path(cfg.output_dir)
     requested = [s for s in STAGES if s in cfg.stages]
+    inputs = upstream(cfg)
     hashes: dict[str, str] = {}
     actions: dict[str, str] = {}
     plans, refusals = [], []
     for stage in STAGES:
-        sig = signature(configs[stage], {up: hashes[up] for up in UPSTREAM[stage]})
+        sig = signature(configs[stage], {up: hashes[up] for up in inputs[stage]})
         digest = hashes[stage] = signature_hash(sig)
         record = state["stages"].get(stage)
         same = record is not None and _same_signature(record, sig, digest, config_defaults(configs[stage]))
@@ -267,7 +310,7 @@ def plan_pipeline(cfg: PipelineConfig, configs: dict[str, Any], state: dict[str,
             # Not run now: a later stage may still read it, which needs it complete and current.
             actions[stage] = "skip" if (same and complete) else "absent"
             continue
-        missing = [up for up in UPSTREAM[stage] if actions.get(up) == "absent"]
+        missing = [up for up in inputs[stage] if actions.get(up) == "absent"]
         if missing:
             refusals.append(
                 f"{stage} needs the output of {', '.join(missing)}, which is not complete under {root} "
@@ -275,7 +318,7 @@ def plan_pipeline(cfg: PipelineConfig, configs: dict[str, Any], state: dict[str,
             )
             actions[stage] = "absent"
             continue
-        upstream_runs = any(actions[up] != "skip" for up in UPSTREAM[stage])
+        upstream_runs = any(actions[up] != "skip" for up in inputs[stage])
         if same and complete and not upstream_runs:
             action, reason = "skip", "complete, same config"
         elif same and not complete and not upstream_runs:
@@ -312,7 +355,13 @@ def default_runners() -> dict[str, Runner]:
     from align.train.reward import run_pmp_then_rm
     from align.train.sft import run_sft
 
-    return {"sft": run_sft, "rm": run_pmp_then_rm, "ppo": run_ppo, "dpo": run_dpo}
+    return {
+        "sft": run_sft,
+        "sample_pairs": run_sample_pairs_stage,
+        "rm": run_pmp_then_rm,
+        "ppo": run_ppo,
+        "dpo": run_dpo,
+    }
 
 
 def run_pipeline(

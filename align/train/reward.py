@@ -247,6 +247,7 @@ def run_pmp_then_rm(cfg: RMConfig, *, stop_after_step: int | None = None) -> dic
         cfg,
         stage="rm",
         dataset=cfg.rm_dataset,
+        num_epochs=cfg.num_epochs if cfg.rm_num_epochs is None else cfg.rm_num_epochs,
         init_from=pmp["final_model"],
         output_dir=str(out / "rm"),
         eval_before=False,  # the PMP model's held-out accuracy is already known
