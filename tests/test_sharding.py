@@ -6,6 +6,7 @@ refused), a `final/` that plain `from_pretrained` loads (SFT, DPO and the reward
 Every launch gets a 60-second process-group timeout (ALIGN_PG_TIMEOUT_S) and a subprocess timeout, so a
 hang fails instead of blocking. Launches are shared between assertions (module-scoped fixtures)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -234,7 +235,8 @@ def _full_weights_worker(out: Path) -> None:
     from torch.distributed.tensor import DTensor
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from align.train.sharding import full_weights, shard_model
+    from align.rollout.manual import ManualRolloutEngine
+    from align.train.sharding import full_weights, resharded_after, shard_model
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
@@ -260,6 +262,16 @@ def _full_weights_worker(out: Path) -> None:
                 ids = torch.cat([ids, logits[:, -1:].argmax(-1)], 1)
         return ids[0].tolist(), logits[0, -1]
 
+    def lockstep_decode(of: torch.nn.Module) -> tuple[list[int], torch.Tensor]:
+        """Greedy through the manual engine, in lockstep over the shards when `of` is the sharded model;
+        rank 1's row stops at its first token (every id a stop), rank 0's runs to the limit."""
+        sharded = of is model
+        engine = ManualRolloutEngine(of, None, stop=[], pad_id=0, logprobs="generate", lockstep=sharded)
+        with torch.no_grad(), resharded_after(model) if sharded else contextlib.nullcontext():
+            got = engine.generate([data[rank, :4].tolist()], n=1, max_new_tokens=6, temperature=0.0,
+                                  stop=list(range(97)) if rank else [])  # fmt: skip
+        return got.response_ids[0].tolist(), got.logprobs[0]
+
     result = {}
     for phase in ("first", "second"):
         train_step()
@@ -270,12 +282,17 @@ def _full_weights_worker(out: Path) -> None:
         ids, last = decode(steps=6 if rank == 0 else 1)  # rank 1 stops at its first token
         with torch.no_grad():
             expected = replica(input_ids=torch.tensor([ids[:-1]])).logits[0, -1]
+        (lock_ids, lock_logps), (want_ids, want_logps) = lockstep_decode(model), lockstep_decode(replica)
         result[phase] = {
             "max_diff": (last - expected).abs().max().item(),
             "new_tokens": len(ids) - 4,
             "all_sharded": all(isinstance(p, DTensor) for p in model.parameters()),
+            "lockstep_tokens": len(lock_ids),
+            "lockstep_same_tokens": lock_ids == want_ids,
+            "lockstep_max_diff": (lock_logps - want_logps).abs().max().item(),
         }
     result["engines"] = _engines_on_sharded_weights(rank)
+    result["lockstep"] = _lockstep_on_sharded_weights(rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
@@ -321,6 +338,65 @@ def _engines_on_sharded_weights(rank: int) -> dict[str, dict]:
     return result
 
 
+def _lockstep_on_sharded_weights(rank: int) -> dict[str, dict]:
+    """The manual and hf engines decoding a sharded model in lockstep (no `full_weights`), greedy and
+    sampled, against the same engine under `full_weights` (unshard) with the same seed. Rank 0 has 3 prompts
+    x 2 samples (two chunks of 4 rows) and no stop token, so its rows run to the limit; rank 1 has 2 x 2
+    rows (one chunk) and every id is a stop, so its rows stop at their first token and it runs an idle
+    chunk. Sampled, rank 0 stops on half the vocabulary, so its rows end at different steps. Every forward
+    of the model is counted; the static engine is refused."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from align.rollout.engines import engine_class
+    from align.train.sharding import full_weights, resharded_after, shard_model
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(2)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = shard_model(copy.deepcopy(Qwen2ForCausalLM(config).eval()))
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    prompts = [[40, 41, 42, 43], [44, 45], [46, 47, 48]] if rank == 0 else [[50, 51], [52, 53, 54]]
+    everything = list(range(len(tokenizer)))
+    cases = {
+        "greedy": dict(temperature=0.0, stop=everything if rank else []),
+        "sampled": dict(
+            temperature=1.0, top_p=0.9, seed=11 + rank, stop=everything if rank else everything[::2]
+        ),
+    }
+    result = {}
+    for name in ("hf", "manual"):
+        for case, call in cases.items():
+            options = {"batch_size": 4, "logprobs": "none"}
+            forwards[0] = 0
+            with torch.no_grad(), resharded_after(model):
+                lock = engine_class(name)(model, tokenizer, lockstep=True, **options).generate(
+                    prompts, n=2, max_new_tokens=6, **call
+                )
+            lock_forwards = forwards[0]
+            with torch.no_grad(), full_weights(model):
+                unshard = engine_class(name)(model, tokenizer, **options).generate(
+                    prompts, n=2, max_new_tokens=6, **call
+                )
+            result[f"{name}-{case}"] = {
+                "lengths": lock.lengths.tolist(),
+                "same": lock.response_ids.tolist() == unshard.response_ids.tolist()
+                and lock.lengths.tolist() == unshard.lengths.tolist(),
+                "forwards": lock_forwards,
+            }
+    try:
+        engine_class("static")(model, tokenizer, compile="off", logprobs="none", lockstep=True)
+        result["static_refused"] = ""
+    except ValueError as err:
+        result["static_refused"] = str(err)
+    return result
+
+
 @pytest.fixture(scope="module")
 def full_weights_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full-weights")
@@ -356,6 +432,38 @@ def test_full_weights_lets_ranks_decode_different_lengths_with_the_new_weights(f
             assert result[phase]["new_tokens"] == new_tokens
             assert result[phase]["max_diff"] < 1e-5, (rank, phase)
             assert result[phase]["all_sharded"], (rank, phase)
+
+
+def test_lockstep_decodes_sharded_weights_to_the_unshard_samples_without_a_hang(full_weights_run):
+    """rollout_sharded=lockstep, manual and hf engines: with the weights left sharded, rank 1 (rows stopping
+    at their first token, one chunk) runs as many forwards as rank 0 (rows to the limit, two chunks) and
+    both ranks get exactly the tokens of the unshard mode, greedy and sampled with the same seed."""
+    ranks = [json.loads((full_weights_run / f"rank{r}.json").read_text())["lockstep"] for r in (0, 1)]
+    for engine in ("hf", "manual"):
+        greedy = [ranks[r][f"{engine}-greedy"] for r in (0, 1)]
+        assert greedy[0]["lengths"] == [6] * 6 and greedy[1]["lengths"] == [1] * 4, engine
+        sampled = [ranks[r][f"{engine}-sampled"] for r in (0, 1)]
+        assert len(set(sampled[0]["lengths"])) > 1 and sampled[1]["lengths"] == [1] * 4, engine
+        for case in (greedy, sampled):
+            assert case[0]["same"] and case[1]["same"], engine
+            assert case[0]["forwards"] == case[1]["forwards"] > 2, engine  # rank 1 kept step with rank 0
+    for rank in ranks:
+        assert (
+            "cannot decode in lockstep" in rank["static_refused"]
+            and "rollout_engine=manual" in rank["static_refused"]
+        )
+
+
+def test_lockstep_decodes_the_weights_of_the_latest_optimiser_step(full_weights_run):
+    """After each of two optimiser steps (tied embeddings), a lockstep decode of the sharded model gives the
+    tokens and, to 1e-5, the log-probs of an unsharded replica built from the gathered new weights (a stale
+    whole unit would be off by the step); rank 1 stops at its first token while rank 0 decodes 6."""
+    for rank, length in ((0, 6), (1, 1)):
+        result = json.loads((full_weights_run / f"rank{rank}.json").read_text())
+        for phase in ("first", "second"):
+            assert result[phase]["lockstep_tokens"] == length, (rank, phase)
+            assert result[phase]["lockstep_same_tokens"], (rank, phase)
+            assert result[phase]["lockstep_max_diff"] < 1e-5, (rank, phase)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -397,7 +505,7 @@ def _rl_worker(runs: list[dict]) -> None:
         _run_rl(run)
 
 
-def _launch_rl(runs: list[dict]) -> None:
+def _launch_rl(runs: list[dict]) -> str:
     env = {
         **os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}", "ACCELERATE_USE_CPU": "true",
         "OMP_NUM_THREADS": "1", "ALIGN_PG_TIMEOUT_S": "60",
@@ -409,6 +517,7 @@ def _launch_rl(runs: list[dict]) -> None:
     )  # fmt: skip
     first = proc.stderr.find("Traceback")  # the first failing rank's, not torchrun's summary
     assert proc.returncode == 0, proc.stderr[first : first + 4000] if first >= 0 else proc.stderr[-4000:]
+    return proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -519,10 +628,18 @@ def _sharded_rl_runs(rl_runs: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def rl_resumed(rl_runs, tmp_path_factory) -> Path:
-    """The sharded PPO (untied), GRPO (untied) and online DPO (tied embeddings) runs' step-1 checkpoints,
-    resumed by one fresh 2-process launch with sharding=fsdp."""
+    """One fresh 2-process launch with sharding=fsdp: the sharded PPO (untied), GRPO (untied) and online DPO
+    (tied embeddings) runs' step-1 checkpoints resumed, and the GRPO run again from the start with
+    rollout_sharded=lockstep (`grpo-lockstep`)."""
     root = tmp_path_factory.mktemp("rl-resumed")
-    _launch_rl([_from_checkpoint(run, 1, root / stage) for stage, run in _sharded_rl_runs(rl_runs).items()])
+    runs = _sharded_rl_runs(rl_runs)
+    resumed = [_from_checkpoint(run, 1, root / stage) for stage, run in runs.items()]
+    grpo = runs["grpo"]
+    lockstep = {
+        **grpo,
+        "cfg": {**grpo["cfg"], "rollout_sharded": "lockstep", "output_dir": str(root / "grpo-lockstep")},
+    }
+    (root / "stdout.txt").write_text(_launch_rl([*resumed, lockstep]))
     return root
 
 
@@ -556,6 +673,20 @@ def test_a_sharded_rl_checkpoint_is_refused_at_another_world_size(rl_runs, tmp_p
     assert not (tmp_path / "one" / "metrics.jsonl").exists() and not (tmp_path / "one" / "final").exists()
 
 
+def test_grpo_with_lockstep_rollouts_is_the_grpo_run_with_unshard_rollouts(rl_runs, rl_resumed):
+    """rollout_sharded=lockstep (hf engine, synced_gpus; the policy decoded from its shards, all 3 steps):
+    every metric of the rollout_sharded=unshard run bit for bit, the same final weights."""
+    unshard, lockstep = rl_runs / "grpo-fsdp", rl_resumed / "grpo-lockstep"
+    want, got = read_metrics(unshard), read_metrics(lockstep)
+    assert (rl_resumed / "stdout.txt").read_text().count(
+        "rollout_engine=hf decodes the sharded policy in lockstep"
+    ) == 1
+    assert len(got) == RL_STEPS
+    for key in [k for k in want[0] if not k.startswith("time_") and not k.endswith("_per_s")]:
+        assert [r[key] for r in got] == [r[key] for r in want], key
+    _assert_same_weights(unshard, lockstep, atol=0.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # Refusals and the launch switch (no processes started)
 
@@ -570,6 +701,14 @@ def test_a_sharded_rl_checkpoint_is_refused_at_another_world_size(rl_runs, tmp_p
             "rollout_compile=off",
         ),
         (SFTConfig(sharding="fsdp", use_lora=True), "sharding=fsdp with use_lora=true"),
+        (
+            GRPOConfig(eval_tasks=0, rollout_sharded="lockstep"),
+            "rollout_sharded=lockstep without sharding=fsdp",
+        ),
+        (
+            GRPOConfig(sharding="fsdp", eval_tasks=0, rollout_engine="static", rollout_sharded="lockstep"),
+            "only the manual and hf engines decode in lockstep",
+        ),
         (DPOConfig(sharding="fsdp", eval_tasks=4), "eval_tasks>0"),
     ],
 )

@@ -125,7 +125,8 @@ class RunKeys:
     sharding: Literal["none", "fsdp"] = doc(
         "none",
         "fsdp: shard weights, gradients and AdamW state over the processes (FSDP2, one unit per decoder "
-        "layer); SFT and DPO so far. Launching with accelerate_configs/fsdp.yaml implies it.",
+        "layer); every stage (RL: the frozen reference and reward model too; see rollout_sharded). Launching "
+        "with accelerate_configs/fsdp.yaml implies it.",
     )
 
 

@@ -38,6 +38,14 @@ class RolloutKeys:
         "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
         "Other engines run eager (on is an error there).",
     )
+    rollout_sharded: Literal["unshard", "lockstep"] = doc(
+        "unshard",
+        "With sharding=fsdp, how the policy's shards are decoded: unshard = gather the whole weights once per "
+        "rollout, then each rank decodes on its own (fast; the whole model must fit next to the shards); "
+        "lockstep = keep the weights sharded, every rank runs a forward per decoding step (each gathering "
+        "the weights layer by layer) until every rank's rows have stopped: for a model that does not fit "
+        "unsharded. Same samples either way; lockstep needs rollout_engine=manual or hf.",
+    )
     ref_dtype: Literal["float32", "bfloat16"] = doc(
         "float32", "Precision of the frozen reference and reward models (bfloat16 halves their memory)."
     )

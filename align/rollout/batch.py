@@ -62,6 +62,7 @@ from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 import torch
 
 import chatml
+from align.rollout.lockstep import distributed, world_max
 
 LogprobSource = Literal["forward", "generate", "none"]
 
@@ -322,7 +323,8 @@ def _check_whole_weights(model: Any) -> None:
     if any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise RuntimeError(
             "rollout from a sharded model: call the engine inside align.train.sharding.full_weights(model), "
-            "which gathers the whole weights once for the rollout"
+            "which gathers the whole weights once for the rollout (or build it with lockstep=True: "
+            "rollout_sharded=lockstep)"
         )
 
 
@@ -378,11 +380,20 @@ class _BatchedEngine:
         stop: list[int] | None = None,
         pad_id: int | None = None,
         show_progress: bool = False,
+        lockstep: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if logprobs not in ("forward", "generate", "none"):
             raise ValueError(f"logprobs must be 'forward', 'generate' or 'none', got {logprobs!r}")
+        if lockstep and logprobs == "forward":
+            raise ValueError(
+                "lockstep decoding with logprobs='forward': the teacher-forced pass count follows each rank's "
+                "own row count, so sharded ranks would wait for each other; use logprobs='none' or 'generate'"
+            )
+        # Decode a sharded model in step with the other ranks (`align.rollout.lockstep`); the engines that
+        # cannot refuse it in their constructor.
+        self.lockstep = lockstep
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -414,6 +425,10 @@ class _BatchedEngine:
         row's first stop token is ignored by the caller."""
         raise NotImplementedError
 
+    def _idle_chunk(self, max_new_tokens: int) -> None:
+        """Lockstep: the forwards of a chunk this rank does not have, in step with the ranks that do."""
+        raise NotImplementedError
+
     def _decode_rows(
         self,
         rows: list[list[int]],
@@ -426,10 +441,17 @@ class _BatchedEngine:
         done: Any,
     ) -> None:
         """Decode every row (taken in ``order``), calling ``done(i, new_tokens, new_logps_or_None)`` once per
-        row. Here: chunks of ``batch_size`` rows, left-padded, each through :meth:`_decode`."""
+        row. Here: chunks of ``batch_size`` rows, left-padded, each through :meth:`_decode`. In lockstep every
+        rank runs as many chunks as the rank with the most, idle ones (:meth:`_idle_chunk`) after its own."""
         device = _device_of(self.model)
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+        chunks = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if self.lockstep:
+            for _ in range(world_max(len(chunks), device) - len(chunks)):
+                chunks.append([])
+        for idx in chunks:
+            if not idx:
+                self._idle_chunk(max_new_tokens)
+                continue
             # Left padding: every prompt ends where generation starts.
             input_ids, attention_mask = left_padded([rows[i] for i in idx], self.pad_id, device)
             new, new_logps = self._decode(
@@ -491,7 +513,7 @@ class _BatchedEngine:
                 bar.set_postfix(tok_s=f"{n_new / max(time.perf_counter() - t0, 1e-9):.0f}")
 
         sharded = fsdp_sharded(self.model)
-        if sharded:
+        if sharded and not self.lockstep:
             _check_whole_weights(self.model)
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling: the log-probs are those of the eval-mode model
@@ -571,10 +593,11 @@ class HFRolloutEngine(_BatchedEngine):
             # repetition_penalty 1.05) cannot change what is sampled.
             "repetition_penalty": 1.0,
         }
-        if fsdp_sharded(self.model):
-            # transformers would decode an FSDP model in lockstep across ranks (an all-reduce per token);
-            # the whole weights are gathered here (`full_weights`), so each rank stops on its own rows.
-            kwargs["synced_gpus"] = False
+        if self.lockstep or fsdp_sharded(self.model):
+            # transformers would decode an FSDP model in lockstep across ranks (an all-reduce per token, and
+            # a finished rank keeps running forwards): what lockstep asks for. Otherwise the whole weights
+            # are gathered here (`full_weights`), so each rank stops on its own rows.
+            kwargs["synced_gpus"] = self.lockstep and distributed()
         if temperature > 0:
             kwargs.update(
                 do_sample=True, temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0
@@ -593,3 +616,12 @@ class HFRolloutEngine(_BatchedEngine):
         temp = temperature if temperature > 0 else 1.0
         logits = torch.stack(out.logits, dim=1).float() / temp
         return new, logits.log_softmax(dim=-1).gather(-1, new[..., None])[..., 0]
+
+    def _idle_chunk(self, max_new_tokens: int) -> None:
+        # One token of one padding row: under synced_gpus this rank then keeps running transformers' loop
+        # (an all-reduce and a forward per step) until every rank's chunk has finished.
+        ids = torch.full((1, 1), self.pad_id, dtype=torch.long, device=_device_of(self.model))
+        self.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+            eos_token_id=None, pad_token_id=self.pad_id, use_cache=True, synced_gpus=distributed(),
+        )  # fmt: skip

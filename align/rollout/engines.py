@@ -34,10 +34,14 @@ def engine_class(name: str) -> type:
 
 
 def engine_options(cfg: Any) -> dict[str, Any]:
-    """The engine constructor's extra arguments from an RL config (``rollout_engine``, ``rollout_compile``)."""
+    """The engine constructor's extra arguments from an RL config (``rollout_engine``, ``rollout_compile``,
+    ``rollout_sharded``: lockstep decoding of a sharded policy, :mod:`align.rollout.lockstep`)."""
     compile = getattr(cfg, "rollout_compile", "auto")
+    options: dict[str, Any] = (
+        {"lockstep": True} if getattr(cfg, "rollout_sharded", "unshard") == "lockstep" else {}
+    )
     if cfg.rollout_engine == "static":
-        return {"compile": compile}
+        return {"compile": compile, **options}
     if compile == "on":
         raise ValueError(f"rollout_compile=on needs rollout_engine=static, not {cfg.rollout_engine}")
-    return {}
+    return options

@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import torch
 
 from align.hf_compat import cache_kwargs
-from align.rollout.batch import _BatchedEngine, position_ids_from_mask
+from align.rollout.batch import _BatchedEngine, _device_of, position_ids_from_mask
+from align.rollout.lockstep import idle_forward, world_any
 from align.rollout.sampling import sample_tokens
 
 
@@ -21,6 +22,11 @@ class ManualRolloutEngine(_BatchedEngine):
     and the cache at once, so they stop costing compute (``generate`` keeps running them). With
     ``logprobs="generate"`` the log-probs come from the decoding logits at no extra cost or memory.
     Same constructor as :class:`HFRolloutEngine`.
+
+    ``lockstep=True`` (a model sharded over the ranks, :mod:`align.rollout.lockstep`): every step first asks
+    whether any rank still has a row decoding; a rank whose rows have all stopped feeds one row of padding
+    through the model until none has. Its own rows are decoded exactly as without lockstep (the same
+    batches, forwards and draws), so the samples are those of the whole weights.
     """
 
     @contextlib.contextmanager
@@ -66,15 +72,23 @@ class ManualRolloutEngine(_BatchedEngine):
         next_pos = positions[:, -1:] + 1
         steps = 0
         for step in range(max_new_tokens):
-            tok, lp = sample_tokens(logits, temperature, top_p, generator)
-            tokens[active, step] = tok
-            logps[active, step] = lp
-            steps = step + 1
+            if len(active):  # else (lockstep) this rank's rows have all stopped: nothing to sample
+                tok, lp = sample_tokens(logits, temperature, top_p, generator)
+                tokens[active, step] = tok
+                logps[active, step] = lp
+                steps = step + 1
             if step == max_new_tokens - 1:
                 break
-            keep = ~torch.isin(tok, stop_t)
-            if not bool(keep.any()):
+            keep = (
+                ~torch.isin(tok, stop_t) if len(active) else torch.zeros(0, dtype=torch.bool, device=device)
+            )
+            alive = bool(keep.any())
+            if not (world_any(alive, device) if self.lockstep else alive):
                 break
+            if not alive:  # lockstep: another rank's rows go on, and this rank's forwards with them
+                active = active[:0]
+                idle_forward(model, self.pad_id, device)
+                continue
             if not bool(keep.all()):
                 kept = keep.nonzero().squeeze(1)
                 cache.batch_select_indices(kept)
@@ -94,3 +108,13 @@ class ManualRolloutEngine(_BatchedEngine):
             ).logits[:, -1]
             next_pos = next_pos + 1
         return tokens[:, :steps], (logps[:, :steps] if self.logprobs == "generate" else None)
+
+    def _idle_chunk(self, max_new_tokens: int) -> None:
+        # The forwards of `_decode` for a rank without rows: the prefill, then one per step while any rank
+        # has a row decoding.
+        device = _device_of(self.model)
+        idle_forward(self.model, self.pad_id, device)
+        for _ in range(max_new_tokens - 1):
+            if not world_any(False, device):
+                break
+            idle_forward(self.model, self.pad_id, device)

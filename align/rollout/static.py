@@ -64,6 +64,7 @@ import torch
 
 from align.hf_compat import cache_kwargs
 from align.rollout.batch import _BatchedEngine, _device_of
+from align.rollout.lockstep import refuse_lockstep
 from align.rollout.sampling import counter_token_keys, counter_uniforms, sample_tokens_graph
 
 
@@ -260,6 +261,13 @@ class StaticRolloutEngine(_BatchedEngine):
         check_every: int | None = None,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("lockstep"):
+            refuse_lockstep(
+                "static",
+                "it refills finished slots with waiting rows and decodes each rank's slots to their own end, "
+                "so ranks would run different numbers of forwards (and a compiled step cannot run FSDP's "
+                "hooks); use rollout_engine=manual or hf, or rollout_sharded=unshard",
+            )
         super().__init__(model, tokenizer, **kwargs)
         # Resolved here, not in the traced step: dynamo does not honour functools.cache.
         (self._cache_key,) = cache_kwargs(model, None)

@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from align.rollout.batch import _BatchedEngine
+from align.rollout.lockstep import refuse_lockstep
 
 INSTALL_HINT = (
     "VLLMRolloutEngine needs vLLM, which is not installed: pip install vllm (CUDA only), "
@@ -47,6 +48,8 @@ class VLLMRolloutEngine(_BatchedEngine):
         sync: Literal["every_call", "manual"] = "every_call",
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("lockstep"):
+            refuse_lockstep("vllm", "vLLM decodes its own whole copy of the weights, not the sharded model")
         try:
             import vllm
         except ImportError as e:

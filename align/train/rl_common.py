@@ -39,7 +39,7 @@ from align.rollout.batch import RolloutBatch, position_ids_from_mask, stop_token
 from align.rollout.shared_prefix import shared_pass_inexact_reason, shared_prompt_logprobs, shares_prompts
 from align.train.optim_step import optimizer_step
 from align.train.process import RunSetupError
-from align.train.sharding import full_weights, is_sharded
+from align.train.sharding import full_weights, is_sharded, resharded_after
 
 
 def query_count(cfg: PPOConfig | OnlineConfig) -> int:
@@ -462,9 +462,13 @@ def guard_scores(
 def rollout_weights(engine: Any) -> Any:
     """The block a rollout runs in: the engine's model gathered whole when it is sharded (`full_weights`:
     every rank enters, then each decodes its own rows to their own lengths; resharded on exit, so the next
-    optimiser step updates what the next rollout reads). An engine without a torch model passes through."""
+    optimiser step updates what the next rollout reads), or with `rollout_sharded: lockstep` left sharded
+    while the engine decodes in step with the other ranks (`resharded_after`). An engine without a torch
+    model passes through."""
     model = getattr(engine, "model", None)
-    return full_weights(model) if isinstance(model, torch.nn.Module) else nullcontext()
+    if not isinstance(model, torch.nn.Module):
+        return nullcontext()
+    return resharded_after(model) if getattr(engine, "lockstep", False) else full_weights(model)
 
 
 def reference_anchors(

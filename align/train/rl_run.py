@@ -343,6 +343,10 @@ def open_rl_run(
         logprobs="none",
         **engine_options(cfg),
     )
+    if getattr(engine, "lockstep", False):
+        accelerator.print(
+            f"rollouts: rollout_engine={cfg.rollout_engine} decodes the sharded policy in lockstep"
+        )
     fingerprint = fingerprint_rows([{"input_ids": ids} for ids in prompt_ids], keys=("input_ids",))
     checkpointer = RunCheckpointer(accelerator, out, cfg, fingerprint, same_world=True)
     objects = ({"policy": policy_u, **modules}, optimizers, schedulers)

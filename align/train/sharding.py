@@ -15,7 +15,8 @@ reduce in bf16). What this module gives a loop:
 * `clip_grad_norm`: the global norm over the shards (`torch.nn.utils.clip_grad_norm_` on DTensor
   gradients returns a replicated DTensor holding the global norm; checked against one process).
 * `full_state_dict`: the gathered weights on rank 0 for `final/` (every rank must call it).
-* `full_weights`: a block with the whole weights on every rank and no collectives inside (rollouts).
+* `full_weights`: a block with the whole weights on every rank and no collectives inside (rollouts);
+  `resharded_after`: the block of a lockstep rollout (`rollout_sharded: lockstep`), weights left sharded.
 * `memory_report`: this rank's bytes of parameters, gradients and AdamW state.
 
 The optimiser must be built after `shard_model`, so that it holds the sharded parameters.
@@ -50,7 +51,13 @@ def wants_sharding(cfg: Any) -> bool:
 
 def check_sharding(cfg: Any) -> None:
     """Refuse, with a one-line reason naming the keys, what sharding cannot do (yet); before loading."""
+    lockstep = getattr(cfg, "rollout_sharded", "unshard") == "lockstep"
     if not wants_sharding(cfg):
+        if lockstep:
+            raise ValueError(
+                "rollout_sharded=lockstep without sharding=fsdp: an unsharded policy decodes on each process "
+                "on its own, there is nothing to keep in step; set sharding=fsdp or rollout_sharded=unshard"
+            )
         return
     if cfg.use_lora:
         raise ValueError(
@@ -72,6 +79,12 @@ def check_sharding(cfg: Any) -> None:
         raise ValueError(
             "sharding=fsdp with rollout_engine=vllm: the weight sync would hand vLLM shards, not whole "
             "tensors (not built yet); use rollout_engine=hf, manual or static"
+        )
+    if lockstep and engine not in ("hf", "manual"):
+        raise ValueError(
+            f"rollout_sharded=lockstep with rollout_engine={engine}: only the manual and hf engines decode in "
+            "lockstep (the static engine refills finished slots per rank, so ranks' forward counts differ); "
+            "use rollout_engine=manual or hf, or rollout_sharded=unshard"
         )
     compiled = getattr(cfg, "rollout_compile", "auto")
     if engine == "static" and (compiled == "on" or (compiled == "auto" and torch.cuda.is_available())):
@@ -225,6 +238,21 @@ def full_weights(model: nn.Module) -> Iterator[None]:
         for unit, flag in zip(units, before, strict=True):
             unit.reshard()
             unit.set_reshard_after_forward(flag, recurse=False)
+
+
+@contextmanager
+def resharded_after(model: nn.Module) -> Iterator[None]:
+    """The block of a lockstep rollout (`align.rollout.lockstep`): the weights stay shards, every forward
+    gathers them unit by unit with every rank in step. On exit every unit is resharded, so one a no-grad
+    forward left whole (the root keeps its weights until a backward) cannot serve stale weights after the
+    next optimiser step. Every rank must enter and leave together."""
+    from torch.distributed.fsdp import FSDPModule
+
+    try:
+        yield
+    finally:
+        for unit in [m for m in model.modules() if isinstance(m, FSDPModule)]:
+            unit.reshard()
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
