@@ -144,6 +144,53 @@ def test_sharded_bytes_per_rank_are_about_half_of_one_process(sft_runs, tie):
     assert sum(two) >= one  # every byte is held somewhere (the shards pad a little)
 
 
+@pytest.mark.parametrize("tie", ["untied", "tied"])
+def test_planned_memory_is_what_the_sharded_processes_measured(sft_runs, byte_models, tie):
+    """`planned_memory` (from the parameter shapes alone, what bench/memory.py reports for 8 or 64 ranks)
+    gives byte for byte what each of the 2 sharded SFT processes and the 1 unsharded process measured on
+    their own tensors (memory.json), on a model whose 259-word vocabulary does not split evenly."""
+    from transformers import AutoModelForCausalLM
+
+    from align.train.sharding import planned_memory
+
+    model = AutoModelForCausalLM.from_pretrained(byte_models[tie], dtype=torch.float32)
+    assert model.get_input_embeddings().weight.shape[0] % 2 == 1  # the two shards differ
+    for run, world, accumulation in (("two", 2, 2), ("one", 1, 4)):
+        measured = json.loads((sft_runs[tie][run] / "memory.json").read_text())["ranks"]
+        assert planned_memory(model, world, accumulation) == measured, run
+    assert len({r["params"] for r in planned_memory(model, 2)}) == 2
+
+
+def test_the_memory_bench_reports_1_2_and_8_ranks(tmp_path):
+    """bench/memory.py, shapes only (no launch): Qwen2.5-7B's parameter count as published (7.62B), every
+    byte held by exactly one rank at each rank count, the largest rank at most 0.55x of one process with 2
+    ranks and about 1/8 with 8 (the 152,064 x 3,584 embedding splits evenly; the norms' 3,584 too)."""
+    from bench import memory
+
+    record = memory.main(
+        [
+            "--models",
+            "tiny,qwen2.5-7b",
+            "--ranks",
+            "1,2,8",
+            "--measure",
+            "",
+            "--out",
+            str(tmp_path / "m.json"),
+        ]
+    )
+    assert json.loads((tmp_path / "m.json").read_text())["models"].keys() == {"tiny", "qwen2.5-7b"}
+    seven = record["models"]["qwen2.5-7b"]
+    assert seven["parameters"] == 7_615_616_512 and not seven["tied_embeddings"]
+    one = seven["ranks"]["1"]["largest_total"]
+    assert one == 16 * seven["parameters"]  # fp32 weights, gradients and two moments
+    for world in ("2", "8"):
+        rows = seven["ranks"][world]["per_rank"]
+        assert len(rows) == int(world) and sum(r["total"] for r in rows) == one
+    assert seven["ranks"]["2"]["largest_over_one_process"] <= 0.55
+    assert seven["ranks"]["8"]["largest_over_one_process"] == pytest.approx(1 / 8, abs=1e-3)
+
+
 def test_sharded_checkpoint_resumes_on_two_bit_exact_and_on_one(sft_runs, tmp_path):
     """The step-2 checkpoint of the 2-process run, as a kill after step 2 would leave it: resumed on 2
     processes it continues the uninterrupted loss curve and weights bit for bit; read by 1 unsharded

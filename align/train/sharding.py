@@ -17,7 +17,8 @@ reduce in bf16). What this module gives a loop:
 * `full_state_dict`: the gathered weights on rank 0 for `final/` (every rank must call it).
 * `full_weights`: a block with the whole weights on every rank and no collectives inside (rollouts);
   `resharded_after`: the block of a lockstep rollout (`rollout_sharded: lockstep`), weights left sharded.
-* `memory_report`: this rank's bytes of parameters, gradients and AdamW state.
+* `memory_report`: this rank's bytes of parameters, gradients and AdamW state; `planned_memory`: the
+  same for every rank of any world size, from the parameter shapes alone (bench/memory.py).
 
 The optimiser must be built after `shard_model`, so that it holds the sharded parameters.
 """
@@ -280,3 +281,32 @@ def memory_report(model: nn.Module, accumulation_steps: int = 1) -> dict[str, in
         "total": param_bytes + grad_bytes + optim_bytes,
         "grads_accumulating": full if sharded and accumulation_steps > 1 else 0,
     }
+
+
+def planned_memory(model: nn.Module, world: int, accumulation_steps: int = 1) -> list[dict[str, int]]:
+    """What `memory_report` gives each of `world` ranks once `shard_model` has sharded `model` over them,
+    from the parameter shapes alone: `model` may live on the meta device (a 72B model costs nothing) and
+    the ranks need not exist. FSDP2 cuts every parameter along its first dimension as `torch.chunk` does:
+    chunks of ceil(rows / world) rows, so the last ranks may hold fewer rows or none. `world` 1: the
+    unsharded model. Checked against the bytes measured on 2 processes (tests/test_sharding.py)."""
+    params = list({id(p): p for p in model.parameters()}.values())
+    full = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    ranks = []
+    for rank in range(world):
+        held = {"params": 0, "grads": 0, "optimizer": 0}
+        for p in params:
+            rows = p.shape[0] if p.dim() else 1
+            chunk = -(-rows // world)
+            numel = max(0, min(chunk, rows - rank * chunk)) * (p.numel() // rows if rows else 0)
+            held["params"] += numel * p.element_size()
+            if p.requires_grad:
+                held["grads"] += numel * p.element_size()
+                held["optimizer"] += 2 * numel * 4  # AdamW's two fp32 moments
+        ranks.append(
+            {
+                **held,
+                "total": sum(held.values()),
+                "grads_accumulating": full if world > 1 and accumulation_steps > 1 else 0,
+            }
+        )
+    return ranks
