@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 from align.config import (
     BatchKeys,
@@ -101,16 +102,25 @@ def test_the_rl_stages_default_to_lora_dropout_off():
 
 def test_the_shipped_rl_configs_keep_the_over_optimisation_guards_off():
     """Qwen used none of them (issue 21): every shipped RL config leaves them at their off defaults, and
-    the embedded query set at the count and seed it had before they were keys."""
+    the embedded query set at the count and seed it had before they were keys; except the issue-21 PPO arm
+    (ppo/rlhf.yaml), which picks PAR and the RM's query set, checked below."""
     directory = {cls: name for name, cls in RECIPES.items()}
+    arm = CONFIGS / "ppo" / "rlhf.yaml"
     for cls in (PPOConfig, OnlineDPOConfig, GRPOConfig):
         for path in sorted(CONFIGS.joinpath(directory[cls]).glob("*.yaml")):
+            if path == arm:
+                continue
             cfg = load_config(cls, path)
             guards = (cfg.reward_clip, cfg.reward_anchor, cfg.rm_ensemble_objective, cfg.rm_ensemble_penalty)
             assert guards == (None, "none", "mean", 0.0), path
             assert getattr(cfg, "kl_target", None) is None and cfg.query_seed is None, path
     assert load_config(GRPOConfig, CONFIGS / "grpo" / "verifier.yaml").query_count == 1200
     assert load_config(PPOConfig, CONFIGS / "ppo" / "embedded.yaml").query_count is None  # 16 x batch_size
+    rlhf = load_config(PPOConfig, arm)
+    assert (rlhf.reward_anchor, rlhf.reward_clip, rlhf.kl_target) == ("reference", None, None)
+    # The RM's query set is the RL query set: the prompts recipes/configs/sample_pairs/embedded.yaml sampled.
+    sampled = yaml.safe_load((CONFIGS / "sample_pairs" / "embedded.yaml").read_text())
+    assert (rlhf.query_count, rlhf.query_seed) == (sampled["embedded_prompts"], sampled["embedded_seed"])
 
 
 def test_ppo_with_skip_bad_is_refused_naming_the_key(tmp_path):
