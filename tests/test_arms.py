@@ -103,4 +103,4 @@ def test_the_cli_writes_the_table_and_exits_2_on_a_bad_record(tmp_path):
     assert "| dpo | 1 | 30.0% | 60.0% | +30.0 | 4 / 1 |" in (tmp_path / "arms.md").read_text()
     (tmp_path / "dpo" / "seed-1" / "per_task.jsonl").write_text("{not json\n")
     done = subprocess.run(run, capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 2 and "per_task.jsonl:1: not JSON" in done.stderr
+    assert done.returncode == 2 and "per_task.jsonl:1: invalid JSON" in done.stderr

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from align.evaluation.policy import mcnemar_exact
+from align.data.sources import iter_jsonl_values
+from align.evaluation.policy import mcnemar_exact, paired_accuracy
 
 __all__ = ["SeedRecord", "load_seed_record", "load_arms", "pool_arm", "arms_markdown", "plot_arms"]
 
@@ -53,19 +54,6 @@ class SeedRecord:
         return (self.gained - self.lost) / self.n
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open() as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not JSON ({err.msg})") from err
-    return rows
-
-
 def load_seed_record(seed_dir: str | Path, arm: str | None = None) -> SeedRecord:
     """Read ``seed_dir`` (``.../<arm>/seed-<N>``). Raises ValueError when ``eval.json`` and
     ``per_task.jsonl`` disagree on the paired counts, or a file is missing."""
@@ -77,11 +65,11 @@ def load_seed_record(seed_dir: str | Path, arm: str | None = None) -> SeedRecord
         if not (seed_dir / name).is_file():
             raise ValueError(f"{seed_dir}: no {name}")
     result = json.loads((seed_dir / "eval.json").read_text())
-    tasks = _read_jsonl(seed_dir / "per_task.jsonl")
+    tasks = [value for _, value in iter_jsonl_values(seed_dir / "per_task.jsonl")]
     before = [bool(t["baseline_correct"]) for t in tasks]
     after = [bool(t["policy_correct"]) for t in tasks]
-    gained = sum(a and not b for b, a in zip(before, after, strict=True))
-    lost = sum(b and not a for b, a in zip(before, after, strict=True))
+    recomputed = paired_accuracy(before, after)
+    gained, lost = recomputed["gained"], recomputed["lost"]
     paired = result["gold_paired"]
     if (paired["n"], paired["gained"], paired["lost"]) != (len(tasks), gained, lost):
         raise ValueError(
@@ -95,11 +83,11 @@ def load_seed_record(seed_dir: str | Path, arm: str | None = None) -> SeedRecord
         arm=arm or seed_dir.parent.name,
         seed=int(match.group(1)),
         n=len(tasks),
-        before=sum(before) / len(tasks),
-        after=sum(after) / len(tasks),
+        before=recomputed["before"],
+        after=recomputed["after"],
         gained=gained,
         lost=lost,
-        p_mcnemar=mcnemar_exact(gained, lost),
+        p_mcnemar=recomputed["p_mcnemar"],
         kl=result.get("kl_to_baseline"),
         unfinished=unfinished.get("policy"),
         rm_before=rm.get("baseline"),
