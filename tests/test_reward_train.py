@@ -358,6 +358,10 @@ def test_grouped_comparisons_score_each_distinct_response_once(
     assert len(rows_scored) == 4 and sum(rows_scored[:2]) == sum(rows_scored[2:]) == distinct
     metrics = [r for r in read_metrics(tmp_path / "grouped") if "loss" in r]
     assert [(r["pairs"], r["responses"]) for r in metrics] == [(20, 25), (20, 25)]
+    # Throughput counts training time only: each log follows an evaluation, and its window holds one step,
+    # so tokens/s x the step's seconds is at most the tokens scored in it (a clock restarted after the
+    # evaluation, as it once was, gave ~0 s and ~1e9 tokens/s).
+    assert all(0 < r["tokens_per_s"] * r["step_seconds"] <= distinct * cfg.max_length for r in metrics)
 
     # Step 1's loss is the per-pair loss, computed independently: each pair's two replies scored again
     # (duplicates included) by the untrained model, -log sigmoid(r_c - r_r) averaged per prompt, then

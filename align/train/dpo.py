@@ -329,7 +329,7 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
     bar = tqdm(total=num_steps, initial=start_step, desc="dpo", disable=not (is_main and cfg.progress))
     ipo = cfg.loss_type == "ipo"
     last: dict[str, Any] = {}
-    window_start = time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
     t_train = time.perf_counter()
     for step in range(start_step, num_steps):
         indices = global_batch_indices(step, len(examples), cfg.batch_size, cfg.seed)
@@ -388,12 +388,14 @@ def run_dpo(cfg: DPOConfig, *, stop_after_step: int | None = None) -> dict[str, 
         last = metrics
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss:.4f}", acc=f"{metrics['rewards_accuracy']:.2f}")
+        window_steps += 1
         if done % cfg.logging_steps == 0 or done == num_steps:
+            # The steps since the last log: fewer than logging_steps at the end and after a resume.
             metrics["pairs_per_s"] = (
-                cfg.batch_size * cfg.logging_steps / max(time.perf_counter() - window_start, 1e-9)
+                cfg.batch_size * window_steps / max(time.perf_counter() - window_start, 1e-9)
             )
             logger.log(metrics, step=done)
-            window_start = time.perf_counter()
+            window_start, window_steps = time.perf_counter(), 0
         if run.checkpointer.end_of_step(done, num_steps, lambda step: run.save(step, state), stop_after_step):
             bar.close()
             logger.close()
