@@ -392,3 +392,64 @@ def test_bad_groups_are_reported_with_line_numbers(tmp_path):
     assert [b.line for b in err.value.bad] == [5]  # the blank line 2 is layout
     assert f"{path}:5: group 4 mixes prompts" in str(err.value)
     assert f"the group's first pair ({path} line 1)" in str(err.value)
+
+
+def test_merge_pairs_gives_each_prompt_one_group_across_sampling_runs(tmp_path):
+    from align.data.groups import prompt_groups
+
+    def write(name, records):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        return path
+
+    # Two runs, each numbering its groups from 0: group 0 is "2+2?" in one and "5+5?" in the other.
+    first = write(
+        "round1.jsonl",
+        [
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5", "group": 0, "source": "r1"},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "22", "group": 0},
+            {"prompt": "3+3?", "chosen": "6", "rejected": "7", "group": 1},
+        ],
+    )
+    second = write(
+        "round2.jsonl",
+        [
+            {"prompt": "5+5?", "chosen": "10", "rejected": "55", "group": 0},
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5", "group": 1},  # round 1's first pair again
+            {"prompt": "2+2?", "chosen": "4", "rejected": "8", "group": 1},
+            {"prompt": "1+1?", "chosen": "2", "rejected": "3"},  # no group: stays without
+        ],
+    )
+    catted = write(
+        "cat.jsonl", [json.loads(line) for f in (first, second) for line in f.read_text().splitlines()]
+    )
+    with pytest.raises(DataError, match="group 0 mixes prompts"):
+        prompt_groups(load_preference(catted)[0], catted)
+
+    out = tmp_path / "merged" / "pairs.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.data", "merge-pairs", str(first), str(second), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "6 pairs from 2 file(s) (7 read, 1 exact duplicates dropped), 3 prompt groups" in proc.stdout
+    merged = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt"], r["rejected"], r.get("group")) for r in merged] == [
+        ("2+2?", "5", "p0"), ("2+2?", "22", "p0"), ("3+3?", "7", "p1"),
+        ("5+5?", "55", "p2"), ("2+2?", "8", "p0"), ("1+1?", "3", None),
+    ]  # fmt: skip
+    assert merged[0]["source"] == "r1"  # other fields kept
+    pairs, _ = load_preference(out)
+    assert prompt_groups(pairs, out) == [[0, 1, 4], [2], [3], [5]]
+
+    # A bad line is named by file and line, and nothing is written.
+    bad = write("bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "group": 0}])
+    with bad.open("a") as f:
+        f.write("{not json\n")
+    out.unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.data", "merge-pairs", str(first), str(bad), "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"{bad}:2:" in proc.stderr
+    assert not out.exists() and not out.with_name("pairs.jsonl.tmp").exists()

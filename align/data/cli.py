@@ -1,5 +1,6 @@
 """``python -m align.data validate FILE...``: check data files and print a summary.
-``python -m align.data show FILE``: print examples as the model will see them, trained spans marked."""
+``python -m align.data show FILE``: print examples as the model will see them, trained spans marked.
+``python -m align.data merge-pairs FILE... --out OUT``: join sampled pair files, one group per prompt."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
+from align.data.groups import merge_grouped_pairs
 from align.data.loading import load_preference, load_records
-from align.data.records import _FORMATS, DataSourceError, formats
+from align.data.records import _FORMATS, DataError, DataSourceError, formats
 from align.data.tokenize import tokenize_preference, tokenize_sft
 
 # Names of the offline Qwen tokenizer for --tokenizer, with the chat template each brings.
@@ -104,6 +106,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--n", type=int, default=3, help="how many examples (default 3)")
     s.add_argument("--tokenizer", default="qwen2.5", help="qwen2.5 (default), qwen, or a local directory")
     s.add_argument("--train-on", default="all_assistant", choices=["all_assistant", "last_assistant"])
+    m = sub.add_parser(
+        "merge-pairs", help="join pair files of several sample_pairs runs (their group ids collide)"
+    )
+    m.add_argument("files", nargs="+", metavar="FILE")
+    m.add_argument(
+        "--out", required=True, metavar="PATH", help="the merged JSONL (written whole or not at all)"
+    )
     for p in (v, s):
         p.add_argument(
             "--default-system",
@@ -111,6 +120,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="system prompt for conversations without one: template (its own default), none, or text",
         )
     args = parser.parse_args(argv)
+    if args.command == "merge-pairs":
+        if any(Path(f).resolve() == Path(args.out).resolve() for f in args.files):
+            parser.error("--out must not be one of the input files")
+        try:
+            counts = merge_grouped_pairs(args.files, args.out)
+        except (DataError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(
+            f"{args.out}: {counts['written']} pairs from {counts['files']} file(s) ({counts['read']} read, "
+            f"{counts['duplicates']} exact duplicates dropped), {counts['groups']} prompt groups"
+        )
+        return 0
 
     known = formats(args.kind)
     if args.command == "validate" and args.format is not None and args.format not in known:

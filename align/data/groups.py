@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from align.data.loading import _parse_record
 from align.data.records import _FORMATS, BadRecord, DataError, RecordError
-from align.data.sources import _expand, _iter_raw
+from align.data.sources import _expand, _iter_raw, iter_jsonl_values
 
 GROUP_MIXES_PROMPTS = "mixes prompts"
 
@@ -84,3 +85,46 @@ def prompt_groups(
 
 def _prompt_key(pair: dict[str, Any]) -> str:
     return json.dumps([pair["prompt"], pair.get("tools")], sort_keys=True, ensure_ascii=False)
+
+
+def merge_grouped_pairs(paths: Sequence[str | Path], out: str | Path) -> dict[str, int]:
+    """Concatenate preference JSONL files whose ``group`` ids are each file's own (one file per
+    `recipes/sample_pairs.py` run or refresh round) into ``out``, regrouped so one prompt is one group.
+
+    Each run numbers its groups from 0, so a plain ``cat`` puts two prompts under one id, which
+    `prompt_groups` refuses. Here a grouped pair's id becomes ``p<k>`` for the k-th distinct prompt (and
+    tools) across all files, in order of first appearance: the same prompt sampled in two rounds is one
+    group, as InstructGPT trains all comparisons of a prompt together. A pair repeated exactly (same prompt,
+    chosen and rejected) is kept once, so no comparison weighs double. Pairs without a group stay without.
+    Every other field is kept. A line that is not JSON raises `DataError` as ``file:line: reason``; ``out``
+    is written whole or not at all. Returns counts: files, read, written, duplicates, groups.
+    """
+    group_of_prompt: dict[str, str] = {}
+    seen: set[str] = set()
+    merged: list[dict[str, Any]] = []
+    counts = {"files": len(paths), "read": 0, "written": 0, "duplicates": 0, "groups": 0}
+    for path in paths:
+        for line, record in iter_jsonl_values(path):
+            counts["read"] += 1
+            if not isinstance(record, dict) or "prompt" not in record:
+                raise DataError(
+                    f"{path}:{line}: not a pair with a prompt (merge-pairs reads {{prompt, chosen, rejected}})"
+                )
+            key = _prompt_key(record)
+            pair_key = json.dumps([key, record.get("chosen"), record.get("rejected")], sort_keys=True)
+            if pair_key in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(pair_key)
+            if record.get("group") is not None:
+                record = {**record, "group": group_of_prompt.setdefault(key, f"p{len(group_of_prompt)}")}
+            merged.append(record)
+    counts["written"], counts["groups"] = len(merged), len(group_of_prompt)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in merged:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return counts
