@@ -21,6 +21,7 @@ from pathlib import Path
 
 from align.assets import AssetError
 from align.data import DataError
+from align.evaluation.policy import check_cli_args
 from align.pipeline.best_of_n import best_of_n_eval
 
 
@@ -41,14 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out tasks and of the sampling")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
-    problem = None
-    for name in ("policy", "reward_model", "prompts"):
-        value = getattr(args, name)
-        if value and not Path(value).exists() and value.lower() not in ("smollm2", "smollm2-135m-instruct"):
-            problem = f"--{name.replace('_', '-')} {value}: no such file or directory"
-            break
-    if problem is None and min(args.num_prompts, args.n, args.max_new_tokens, args.batch_size) < 1:
-        problem = "--num-prompts, --n, --max-new-tokens and --batch-size must be >= 1"
+    problem = check_cli_args(args)  # the checks eval/policy.py makes (paths, counts), then --n
+    if problem is None and args.n < 1:
+        problem = "--n must be >= 1"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
