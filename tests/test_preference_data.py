@@ -452,4 +452,4 @@ def test_merge_pairs_gives_each_prompt_one_group_across_sampling_runs(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 2 and f"{bad}:2:" in proc.stderr
-    assert not out.exists() and not out.with_name("pairs.jsonl.tmp").exists()
+    assert list(out.parent.iterdir()) == []  # no output, and no temp file left beside it

@@ -15,6 +15,7 @@ from typing import Any
 from align.data.loading import _parse_record
 from align.data.records import _FORMATS, BadRecord, DataError, RecordError
 from align.data.sources import _expand, _iter_raw, iter_jsonl_values
+from align.tasks import write_jsonl
 
 GROUP_MIXES_PROMPTS = "mixes prompts"
 
@@ -120,11 +121,5 @@ def merge_grouped_pairs(paths: Sequence[str | Path], out: str | Path) -> dict[st
                 record = {**record, "group": group_of_prompt.setdefault(key, f"p{len(group_of_prompt)}")}
             merged.append(record)
     counts["written"], counts["groups"] = len(merged), len(group_of_prompt)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in merged:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+    write_jsonl(out, merged)  # atomic: a temp file beside it, then a rename
     return counts
