@@ -543,7 +543,7 @@ def test_rlhf_run_trains_rm_ppo_and_dpo_on_the_sampled_pairs(rlhf_finished):
     held_tasks = {t.messages[-1]["content"] for t in generate_tasks(2, seed=7, split="heldout")}
     assert {p["prompt"][-1]["content"] for p in pairs} == train_tasks
     assert {p["prompt"][-1]["content"] for p in held} == held_tasks and not train_tasks & held_tasks
-    assert {p["source"].rsplit(":", 1)[0] for p in held} == {"embedded:heldout"}
+    assert {p["source"].rsplit(":", 1)[0] for p in held} == {"embedded:heldout:seed7"}
 
     rm = json.loads((root / "rm" / "summary.json").read_text())
     assert rm["pmp"]["dataset"].endswith("data/train.jsonl")  # PMP on the generated comparisons

@@ -269,7 +269,7 @@ def test_embedded_prompts_with_the_verifier_pair_the_answer_against_wrong_sample
     samples = _lines(out / "samples.jsonl")
     expected = []
     for group, (task, rec) in enumerate(zip(tasks, samples, strict=True)):
-        assert rec["source"] == f"embedded:train:{group}" and rec["reference"] == task.answer
+        assert rec["source"] == f"embedded:train:seed3:{group}" and rec["reference"] == task.answer
 
         def ok(text, closed, task=task):
             return closed and verify(task, text)

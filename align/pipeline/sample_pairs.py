@@ -186,7 +186,7 @@ def check_config(cfg: SamplePairsConfig) -> None:
 @dataclasses.dataclass
 class PromptItem:
     """One prompt: its conversation, the record the checker sees, where it came from (`file:line` or
-    `embedded:<split>:<i>`), its reference reply and, for the verifier, its task."""
+    `embedded:<split>:seed<seed>:<i>`), its reference reply and, for the verifier, its task."""
 
     messages: list[dict[str, Any]]
     record: dict[str, Any]
@@ -205,7 +205,7 @@ def load_items(cfg: SamplePairsConfig) -> list[PromptItem]:
             PromptItem(
                 [dict(m) for m in t.messages],
                 t.to_dict(),
-                f"embedded:{cfg.embedded_split}:{i}",
+                f"embedded:{cfg.embedded_split}:seed{cfg.embedded_seed}:{i}",
                 t.answer if cfg.reference else None,
                 t,
             )
