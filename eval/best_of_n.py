@@ -8,8 +8,14 @@ from the policy, scores them with the reward model and verifies them. Writes ``b
 ``best_of_n.md``, ``best_of_n.png`` (accuracy against n) and ``samples.jsonl`` into ``--out`` (see
 ``align.pipeline.best_of_n``): gold accuracy and mean RM score of greedy, the mean sample and best-of-k
 (k = 1, 2, 4, ..., n, from the same samples) with 95% Wilson intervals, and the gain of best-of-n over the
-mean sample in points. It tells, before any PPO, whether an RM is worth optimising against. Exit status: 0,
-or 2 for unusable input.
+mean sample in points. It tells, before any PPO, whether an RM is worth optimising against.
+
+    python eval/best_of_n.py --rescore outputs/best_of_n --reward-model outputs/rm/other/final \
+        --out outputs/best_of_n-other
+
+judges an earlier gate's samples with another reward model instead of sampling again: the same prompts,
+samples and gold verdicts, new scores, so two RMs are compared on identical samples in the minutes scoring
+takes. Exit status: 0, or 2 for unusable input.
 """
 
 from __future__ import annotations
@@ -22,12 +28,16 @@ from pathlib import Path
 from align.assets import AssetError
 from align.data import DataError
 from align.evaluation.policy import check_cli_args
-from align.pipeline.best_of_n import best_of_n_eval
+from align.pipeline.best_of_n import best_of_n_eval, rescore_best_of_n
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eval/best_of_n.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--policy", required=True, help="the policy to sample from (e.g. outputs/sft/final)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--policy", help="the policy to sample from (e.g. outputs/sft/final)")
+    source.add_argument(
+        "--rescore", metavar="GATE_DIR", help="an earlier gate's --out: judge its samples with --reward-model"
+    )
     parser.add_argument("--reward-model", required=True, help="a reward model directory (recipes/rm.py)")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the reports and the plot go")
     parser.add_argument("--num-prompts", type=int, default=200, help="held-out prompts (default 200)")
@@ -45,24 +55,35 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_cli_args(args)  # the checks eval/policy.py makes (paths, counts), then --n
     if problem is None and args.n < 1:
         problem = "--n must be >= 1"
+    if problem is None and args.rescore and not Path(args.rescore, "samples.jsonl").is_file():
+        problem = f"--rescore {args.rescore}: no samples.jsonl there (not a best-of-n gate's --out)"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        result = best_of_n_eval(
-            args.policy,
-            args.reward_model,
-            out_dir=args.out,
-            num_prompts=args.num_prompts,
-            n=args.n,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            device=args.device,
-            prompts_file=args.prompts,
-        )
+        if args.rescore:
+            result = rescore_best_of_n(
+                args.rescore,
+                args.reward_model,
+                out_dir=args.out,
+                batch_size=args.batch_size,
+                device=args.device,
+            )
+        else:
+            result = best_of_n_eval(
+                args.policy,
+                args.reward_model,
+                out_dir=args.out,
+                num_prompts=args.num_prompts,
+                n=args.n,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                batch_size=args.batch_size,
+                seed=args.seed,
+                device=args.device,
+                prompts_file=args.prompts,
+            )
     except (AssetError, DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -118,3 +118,88 @@ def test_eval_best_of_n_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert code == 2 and err == "error: --reward-model no/such/rm: no such file or directory"
     assert _main()(["--policy", ".", "--reward-model", ".", "--out", str(tmp_path), "--n", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_rescore_judges_the_gate_samples_with_another_reward_model(tiny_rm_dir, tiny_byte_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    import chatml
+    from align.reward import RewardModel
+
+    policy = build_stopping_policy(tmp_path / "policy")
+    gate = tmp_path / "gate"
+    args = ["--policy", str(policy), "--reward-model", str(tiny_rm_dir), "--out", str(gate), "--num-prompts", "4",
+            "--n", "4", "--max-new-tokens", "6", "--seed", "5", "--device", "cpu"]  # fmt: skip
+    assert _main()(args) == 0
+    gate_rows = [json.loads(line) for line in (gate / "samples.jsonl").read_text().splitlines()]
+    gate_result = json.loads((gate / "best_of_n.json").read_text())
+
+    def rescore(src, rm_dir, out):
+        assert _main()(["--rescore", str(src), "--reward-model", str(rm_dir), "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+        return json.loads((out / "best_of_n.json").read_text()), rows
+
+    # The same RM on the recorded token ids gives back the gate's scores and table.
+    same, rows = rescore(gate, tiny_rm_dir, tmp_path / "same")
+    assert same["response_ids"] == "stored" and same["rescored_from"] == "../gate"
+    assert same["policy"] == "../policy" and same["seed"] == 5
+    for a, b in zip(gate_rows, rows, strict=True):
+        assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)
+        assert b["greedy_score"] == pytest.approx(a["greedy_score"], abs=1e-5)
+    assert same["best_of"] == gate_result["best_of"] and same["gain"] == pytest.approx(gate_result["gain"])
+
+    # Another RM (a new head, seed 1): samples and gold verdicts kept, every score that RM's on the ids.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)
+    _, im_end = chatml.chatml_token_ids(tokenizer)
+    other = RewardModel.from_backbone(tiny_byte_dir, end_token_id=im_end, seed=1)
+    other_dir = other.save_pretrained(tmp_path / "rm-1", tokenizer)
+    result, rows = rescore(gate, other_dir, tmp_path / "other")
+    other.eval()
+    for a, b in zip(gate_rows, rows, strict=True):
+        assert (b["samples"], b["correct"], b["sample_ids"]) == (a["samples"], a["correct"], a["sample_ids"])
+        prompt = chatml.encode_prompt(a["messages"], tokenizer, default_system=other.config.default_system)
+        for ids, closed, score in zip(a["sample_ids"], a["finished"], b["scores"], strict=True):
+            if closed:  # an unclosed reply gets the RM's placeholder, not a judgement
+                with torch.no_grad():
+                    assert other(torch.tensor([prompt + ids])).rewards.item() == pytest.approx(
+                        score, abs=1e-5
+                    )
+    assert any(
+        b["scores"] != pytest.approx(a["scores"], abs=1e-3) for a, b in zip(gate_rows, rows, strict=True)
+    )
+    table = best_of_n_table([r["scores"] for r in rows], [r["correct"] for r in rows],
+                            [r["greedy_correct"] for r in rows], [r["greedy_score"] for r in rows])  # fmt: skip
+    assert all(result[k] == table[k] for k in ("greedy", "mean_sample", "best_of", "any_correct_of", "gain"))
+
+    # A gate written before ids and messages were recorded: the texts are re-encoded (closed ones end in
+    # <|im_end|>) and the prompts rebuilt from the gate's seed; a row whose text re-encodes to its sampled
+    # ids scores as before.
+    old = tmp_path / "old-gate"
+    old.mkdir()
+    (old / "best_of_n.json").write_text((gate / "best_of_n.json").read_text())
+    stripped = [
+        {k: v for k, v in r.items() if k not in ("sample_ids", "greedy_ids", "messages")} for r in gate_rows
+    ]
+    (old / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stripped))
+    result, rows = rescore(old, tiny_rm_dir, tmp_path / "old-same")
+    assert result["response_ids"] == "re-encoded"
+    checked = 0
+    for a, b in zip(gate_rows, rows, strict=True):
+        for text, ids, closed, before, after in zip(
+            a["samples"], a["sample_ids"], a["finished"], a["scores"], b["scores"], strict=True
+        ):
+            if tokenizer(text, add_special_tokens=False)["input_ids"] + [im_end] * closed == ids:
+                assert after == pytest.approx(before, abs=1e-5)
+                checked += 1
+    assert checked >= 4
+
+
+def test_rescore_refuses_a_directory_that_is_not_a_gate(tiny_rm_dir, tmp_path, capsys):
+    code = _main()(
+        ["--rescore", str(tmp_path), "--reward-model", str(tiny_rm_dir), "--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --rescore {tmp_path}: no samples.jsonl there (not a best-of-n gate's --out)"
+    )

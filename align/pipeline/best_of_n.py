@@ -26,13 +26,16 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import chatml
-from align.evaluation.policy import Z95, portable_path, wilson_interval
+from align.evaluation.policy import REPO_ROOT, Z95, portable_path, wilson_interval
 from align.tasks import Task, generate_tasks, verify, write_jsonl
+
+if TYPE_CHECKING:
+    from align.rollout.batch import RolloutBatch
 
 # --------------------------------------------------------------------------------------------------------
 # Pure pieces
@@ -222,7 +225,8 @@ def best_of_n_eval(
 ) -> dict[str, Any]:
     """Sample ``n`` responses per held-out task from ``policy`` (plus one greedy), score them with the reward
     model, verify them; write ``best_of_n.json``, ``best_of_n.md``, ``best_of_n.png`` and ``samples.jsonl``
-    (per prompt: the greedy answer and every sample with its verdict and score) into ``out_dir``.
+    (per prompt: its messages, the greedy answer and every sample with its verdict, score and token ids, so
+    `rescore_best_of_n` can judge the same samples with another RM) into ``out_dir``.
 
     Prompts: ``generate_tasks(num_prompts, seed, split="heldout")`` (eval/policy.py's held-out tasks), or
     the first ``num_prompts`` of a tasks JSONL. The prompts carry the system prompt the RM was trained with.
@@ -264,14 +268,14 @@ def best_of_n_eval(
         raw, _, _ = score_rollouts(batch, texts, reward_model=rm, micro_batch_size=batch_size)
         return texts, raw.tolist()
 
-    greedy_texts, greedy_scores = scored(
-        engine.generate(prompt_ids, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    )
+    greedy = engine.generate(prompt_ids, n=1, max_new_tokens=max_new_tokens, temperature=0.0)
+    greedy_texts, greedy_scores = scored(greedy)
+    greedy_finished, greedy_ids = greedy.finished.tolist(), greedy.responses()
     sampled = engine.generate(
         prompt_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
     texts, flat_scores = scored(sampled)
-    finished = sampled.finished.tolist()
+    finished, sample_ids = sampled.finished.tolist(), sampled.responses()
     rows = [range(i * n, (i + 1) * n) for i in range(len(tasks))]  # prompt i's samples: rows i*n .. i*n+n-1
     scores = [[flat_scores[j] for j in r] for r in rows]
     correct = [[verify(t, texts[j]) for j in r] for t, r in zip(tasks, rows, strict=True)]
@@ -288,25 +292,162 @@ def best_of_n_eval(
         "unclosed_share": 1 - sum(finished) / len(finished),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    (out / "best_of_n.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "best_of_n.md").write_text(format_markdown(result))
-    plot_best_of_n(result, out / "best_of_n.png")
+    _write_reports(result, out)
     write_jsonl(
         out / "samples.jsonl",
         (
             {
                 "prompt": t.prompt,
+                "messages": t.messages,
                 "key": t.key,
                 "answer": t.answer,
                 "greedy": greedy_texts[i],
                 "greedy_correct": greedy_correct[i],
                 "greedy_score": greedy_scores[i],
+                "greedy_finished": greedy_finished[i],
+                "greedy_ids": greedy_ids[i],
                 "samples": [texts[j] for j in rows[i]],
                 "correct": correct[i],
                 "scores": scores[i],
                 "finished": [finished[j] for j in rows[i]],
+                "sample_ids": [sample_ids[j] for j in rows[i]],
             }  # fmt: skip
             for i, t in enumerate(tasks)
         ),
     )
+    return result
+
+
+def _write_reports(result: dict[str, Any], out: Path) -> None:
+    (out / "best_of_n.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "best_of_n.md").write_text(format_markdown(result))
+    plot_best_of_n(result, out / "best_of_n.png")
+
+
+def _recorded_path(recorded: str, report_dir: Path) -> str | Path:
+    """A path as `portable_path` recorded it in a report in `report_dir`, usable from here."""
+    if recorded.startswith(("./", "../")):
+        return report_dir / recorded
+    return REPO_ROOT / recorded if (REPO_ROOT / recorded).exists() else recorded
+
+
+def responses_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    finished: Sequence[bool],
+    pad_id: int,
+) -> RolloutBatch:
+    """Recorded responses (token ids, stop token included where emitted) as a RolloutBatch of one sample per
+    prompt row, for `score_rollouts`: right-padded with `pad_id`, no log-probs."""
+    from align.rollout.batch import RolloutBatch
+
+    if not len(prompt_ids) == len(responses) == len(finished):
+        raise ValueError("prompt_ids, responses and finished must have one entry per row")
+    width = max([len(r) for r in responses] + [1])
+    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(responses):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return RolloutBatch(
+        prompt_ids=[list(p) for p in prompt_ids],
+        response_ids=ids,
+        response_mask=mask,
+        logprobs=None,
+        finished=torch.tensor(list(finished), dtype=torch.bool),
+        prompt_index=torch.arange(len(responses)),
+        lengths=mask.sum(1),
+        n=1,
+        pad_id=pad_id,
+    )
+
+
+def rescore_best_of_n(
+    gate_dir: str | Path,
+    reward_model: str | Path,
+    *,
+    out_dir: str | Path,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Judge an earlier gate's samples (``gate_dir``: its best_of_n.json and samples.jsonl) with another
+    reward model: the same prompts, samples and gold verdicts, new scores, so two RMs are compared on
+    identical samples (paired) in the time scoring takes, not sampling's. Writes the same four files into
+    ``out_dir`` (samples.jsonl with the new scores); ``rescored_from`` names the gate.
+
+    Each response is scored from its recorded token ids. A gate written before the ids were recorded is
+    re-encoded from the text (plus ``<|im_end|>`` where the sample closed; a greedy answer counts as closed),
+    and ``response_ids`` says ``re-encoded``: a re-tokenised text can differ from the sampled ids, so its
+    scores can differ slightly from the gate's own. Its prompts without ``messages`` are rebuilt from the
+    gate's seed (``generate_tasks(prompts, seed, split="heldout")``) and must match the recorded keys.
+    """
+    from align.data.sources import iter_jsonl_values
+    from align.models import load_tokenizer
+    from align.reward import RewardModel
+    from align.train.rl_common import score_rollouts
+
+    t0 = time.perf_counter()
+    gate = Path(gate_dir)
+    for name in ("best_of_n.json", "samples.jsonl"):
+        if not (gate / name).is_file():
+            raise ValueError(f"{gate}: no {name} (not a best-of-n gate's output directory)")
+    meta = json.loads((gate / "best_of_n.json").read_text())
+    records = [record for _, record in iter_jsonl_values(gate / "samples.jsonl")]
+    if not records:
+        raise ValueError(f"{gate / 'samples.jsonl'}: no samples")
+    if any("messages" not in r for r in records):
+        tasks = generate_tasks(len(records), seed=meta["seed"], split="heldout")
+        if [t.key for t in tasks] != [r["key"] for r in records]:
+            raise ValueError(
+                f"{gate / 'samples.jsonl'} records no messages and its keys are not the held-out tasks of "
+                f"seed {meta['seed']} (a --prompts gate written before messages were recorded): rerun the gate"
+            )
+        for r, t in zip(records, tasks, strict=True):
+            r.setdefault("messages", t.messages)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(str(reward_model))
+    rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
+    rm.requires_grad_(False)
+    _, im_end = chatml.chatml_token_ids(tokenizer)
+    stored = all("sample_ids" in r and "greedy_ids" in r for r in records)
+
+    def encoded(text: str, closed: bool) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] + ([im_end] if closed else [])
+
+    prompts, responses, finished = [], [], []
+    for r in records:
+        prompt = chatml.encode_prompt(r["messages"], tokenizer, default_system=rm.config.default_system)
+        closed = [r.get("greedy_finished", True), *r["finished"]]
+        ids = [r["greedy_ids"], *r["sample_ids"]] if stored else [
+            encoded(text, c) for text, c in zip([r["greedy"], *r["samples"]], closed, strict=True)
+        ]  # fmt: skip
+        prompts += [prompt] * len(ids)
+        responses += ids
+        finished += closed
+    batch = responses_batch(prompts, responses, finished, tokenizer.pad_token_id or 0).to(device)
+    raw, _, _ = score_rollouts(batch, [""] * len(batch), reward_model=rm, micro_batch_size=batch_size)
+    flat = raw.tolist()
+    per = [len(r["samples"]) + 1 for r in records]
+    starts = [sum(per[:i]) for i in range(len(records))]
+    for r, start, width in zip(records, starts, per, strict=True):
+        r["greedy_score"], r["scores"] = flat[start], flat[start + 1 : start + width]
+    table = best_of_n_table(
+        [r["scores"] for r in records],
+        [r["correct"] for r in records],
+        [r["greedy_correct"] for r in records],
+        [r["greedy_score"] for r in records],
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "policy": portable_path(_recorded_path(meta["policy"], gate), out),
+        "reward_model": portable_path(reward_model, out),
+        **table,
+        **{k: meta[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "unclosed_share")},
+        "rescored_from": portable_path(gate, out),
+        "response_ids": "stored" if stored else "re-encoded",
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    _write_reports(result, out)
+    write_jsonl(out / "samples.jsonl", records)
     return result
