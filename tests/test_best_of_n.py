@@ -67,18 +67,25 @@ def _main():
     return module.main
 
 
+def _gate(tmp_path, rm_dir, seed):
+    """Run the gate (4 held-out prompts, 4 samples of at most 6 tokens) from the stopping policy; its report
+    and sample rows."""
+    policy = build_stopping_policy(tmp_path / "policy")
+    out = tmp_path / "bon"
+    args = ["--policy", str(policy), "--reward-model", str(rm_dir), "--out", str(out), "--num-prompts", "4",
+            "--n", "4", "--max-new-tokens", "6", "--seed", str(seed), "--device", "cpu"]  # fmt: skip
+    assert _main()(args) == 0
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    return out, json.loads((out / "best_of_n.json").read_text()), rows
+
+
 def test_eval_best_of_n_end_to_end(tiny_rm_dir, tmp_path, capsys):
     import chatml
     from align.reward import RewardModel
     from align.tasks import generate_tasks, verify
 
-    policy = build_stopping_policy(tmp_path / "policy")
-    out = tmp_path / "bon"
-    args = ["--policy", str(policy), "--reward-model", str(tiny_rm_dir), "--out", str(out), "--num-prompts", "4",
-            "--n", "4", "--max-new-tokens", "6", "--seed", "3", "--device", "cpu"]  # fmt: skip
-    assert _main()(args) == 0
-    result = json.loads((out / "best_of_n.json").read_text())
-    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    out, result, rows = _gate(tmp_path, tiny_rm_dir, seed=3)
+    policy = tmp_path / "policy"
     tasks = generate_tasks(4, seed=3, split="heldout")
     assert [r["key"] for r in rows] == [t.key for t in tasks]
     # The recorded verdicts are the gold verifier's, and the table is the one the samples give.
@@ -126,13 +133,7 @@ def test_rescore_judges_the_gate_samples_with_another_reward_model(tiny_rm_dir, 
     import chatml
     from align.reward import RewardModel
 
-    policy = build_stopping_policy(tmp_path / "policy")
-    gate = tmp_path / "gate"
-    args = ["--policy", str(policy), "--reward-model", str(tiny_rm_dir), "--out", str(gate), "--num-prompts", "4",
-            "--n", "4", "--max-new-tokens", "6", "--seed", "5", "--device", "cpu"]  # fmt: skip
-    assert _main()(args) == 0
-    gate_rows = [json.loads(line) for line in (gate / "samples.jsonl").read_text().splitlines()]
-    gate_result = json.loads((gate / "best_of_n.json").read_text())
+    gate, gate_result, gate_rows = _gate(tmp_path, tiny_rm_dir, seed=5)
 
     def rescore(src, rm_dir, out):
         assert _main()(["--rescore", str(src), "--reward-model", str(rm_dir), "--out", str(out)]) == 0
@@ -141,7 +142,7 @@ def test_rescore_judges_the_gate_samples_with_another_reward_model(tiny_rm_dir, 
 
     # The same RM on the recorded token ids gives back the gate's scores and table.
     same, rows = rescore(gate, tiny_rm_dir, tmp_path / "same")
-    assert same["response_ids"] == "stored" and same["rescored_from"] == "../gate"
+    assert same["response_ids"] == "stored" and same["rescored_from"] == "../bon"
     assert same["policy"] == "../policy" and same["seed"] == 5
     for a, b in zip(gate_rows, rows, strict=True):
         assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)
