@@ -205,6 +205,20 @@ def test_write_sft_jsonl_round_trip(tmp_path):
     assert len(path.read_text().splitlines()) == 3
 
 
+def test_write_jsonl_gives_the_mode_a_plain_open_would(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o027)
+    try:
+        path = T.write_jsonl(tmp_path / "rows.jsonl", [{"a": 1}])
+        (tmp_path / "plain").write_text("x")
+    finally:
+        os.umask(old)
+    # not mkstemp's private 0o600: what open() gives under the umask (0o640 here)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == 0o640
+
+
 def test_preference_pairs(tmp_path):
     ts = generate_tasks(40, seed=8)
     pairs = preference_pairs(ts, seed=1)
