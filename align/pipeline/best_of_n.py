@@ -381,6 +381,8 @@ def rescore_best_of_n(
     scores can differ slightly from the gate's own. Its prompts without ``messages`` are rebuilt from the
     gate's seed (``generate_tasks(prompts, seed, split="heldout")``) and must match the recorded keys.
     """
+    from tqdm.auto import tqdm
+
     from align.data.sources import iter_jsonl_values
     from align.models import load_tokenizer
     from align.reward import RewardModel
@@ -424,9 +426,14 @@ def rescore_best_of_n(
         prompts += [prompt] * len(ids)
         responses += ids
         finished += closed
-    batch = responses_batch(prompts, responses, finished, tokenizer.pad_token_id or 0).to(device)
-    raw, _, _ = score_rollouts(batch, [""] * len(batch), reward_model=rm, micro_batch_size=batch_size)
-    flat = raw.tolist()
+    flat: list[float] = []
+    for start in tqdm(range(0, len(responses), batch_size), desc="rescore", unit="batch"):
+        rows = slice(start, start + batch_size)
+        batch = responses_batch(prompts[rows], responses[rows], finished[rows], tokenizer.pad_token_id or 0)
+        raw, _, _ = score_rollouts(
+            batch.to(device), [""] * len(batch), reward_model=rm, micro_batch_size=batch_size
+        )
+        flat += raw.tolist()
     per = [len(r["samples"]) + 1 for r in records]
     starts = [sum(per[:i]) for i in range(len(records))]
     for r, start, width in zip(records, starts, per, strict=True):
