@@ -194,6 +194,12 @@ def test_rescore_judges_the_gate_samples_with_another_reward_model(tiny_rm_dir, 
                 checked += 1
     assert checked >= 4
 
+    # The policy gone from disk: its ids cannot be checked against the RM's vocabulary, so the text is
+    # re-encoded, and the report says so.
+    (tmp_path / "policy").rename(tmp_path / "policy-moved")
+    result, _ = rescore(gate, tiny_rm_dir, tmp_path / "no-policy")
+    assert result["response_ids"] == "re-encoded" and result["policy"] == "../policy"
+
 
 def test_rescore_refuses_a_directory_that_is_not_a_gate(tiny_rm_dir, tmp_path, capsys):
     code = _main()(

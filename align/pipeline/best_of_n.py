@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -331,6 +332,32 @@ def _recorded_path(recorded: str, report_dir: Path) -> str | Path:
     return REPO_ROOT / recorded if (REPO_ROOT / recorded).exists() else recorded
 
 
+def _moved_record(recorded: str, report_dir: Path, out: Path) -> str:
+    """A path recorded in a report in `report_dir`, as a report in `out` records it (relative to `out`
+    when it was relative to its report, even if nothing is there any more)."""
+    path = _recorded_path(recorded, report_dir)
+    if isinstance(path, Path) and not path.exists():
+        rel = Path(os.path.relpath(path.resolve(), out.resolve())).as_posix()
+        return rel if rel.startswith("..") else f"./{rel}"
+    return portable_path(path, out)
+
+
+def _same_vocabulary(policy: str | Path, tokenizer: Any) -> bool:
+    """Whether the tokenizer at `policy` exists and has `tokenizer`'s vocabulary (the recorded ids then mean
+    the same tokens to the RM)."""
+    from transformers import AutoTokenizer
+
+    from align.assets import AssetError, resolve_model
+
+    try:
+        policy = resolve_model(str(policy))  # a model alias (smollm2-135m-instruct) too
+    except AssetError:
+        return False
+    if not (Path(policy) / "tokenizer_config.json").is_file():
+        return False
+    return AutoTokenizer.from_pretrained(policy).get_vocab() == tokenizer.get_vocab()
+
+
 def responses_batch(
     prompt_ids: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
@@ -375,10 +402,12 @@ def rescore_best_of_n(
     identical samples (paired) in the time scoring takes, not sampling's. Writes the same four files into
     ``out_dir`` (samples.jsonl with the new scores); ``rescored_from`` names the gate.
 
-    Each response is scored from its recorded token ids. A gate written before the ids were recorded is
-    re-encoded from the text (plus ``<|im_end|>`` where the sample closed; a greedy answer counts as closed),
-    and ``response_ids`` says ``re-encoded``: a re-tokenised text can differ from the sampled ids, so its
-    scores can differ slightly from the gate's own. Its prompts without ``messages`` are rebuilt from the
+    Each response is scored from its recorded token ids when the policy's tokenizer (found at the gate's
+    recorded path) has the RM's vocabulary. Otherwise (a gate written before the ids were recorded, a
+    policy no longer on disk, an RM with another vocabulary) the text is re-encoded by the RM's tokenizer
+    (plus ``<|im_end|>`` where the sample closed; an old gate's greedy answer counts as closed), and
+    ``response_ids`` says ``re-encoded``: a re-tokenised text can differ from the sampled ids, so scores by
+    the gate's own RM can differ slightly from the gate's. Its prompts without ``messages`` are rebuilt from the
     gate's seed (``generate_tasks(prompts, seed, split="heldout")``) and must match the recorded keys.
     """
     from tqdm.auto import tqdm
@@ -411,7 +440,9 @@ def rescore_best_of_n(
     rm = RewardModel.from_pretrained(reward_model, dtype=torch.float32).eval().to(device)
     rm.requires_grad_(False)
     _, im_end = chatml.chatml_token_ids(tokenizer)
-    stored = all("sample_ids" in r and "greedy_ids" in r for r in records)
+    stored = all("sample_ids" in r and "greedy_ids" in r for r in records) and _same_vocabulary(
+        _recorded_path(meta["policy"], gate), tokenizer
+    )
 
     def encoded(text: str, closed: bool) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] + ([im_end] if closed else [])
@@ -447,7 +478,7 @@ def rescore_best_of_n(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "policy": portable_path(_recorded_path(meta["policy"], gate), out),
+        "policy": _moved_record(meta["policy"], gate, out),
         "reward_model": portable_path(reward_model, out),
         **table,
         **{k: meta[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "unclosed_share")},
