@@ -455,3 +455,16 @@ def test_manual_decoding_uses_no_deprecated_cache_keyword(qwen_tokenizer, prompt
         warnings.simplefilter("always")
         ManualRolloutEngine(model, qwen_tokenizer).generate(prompts, n=1, max_new_tokens=3, temperature=0.0)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+def test_rollout_batch_from_responses_pads_right_and_keeps_what_was_recorded():
+    from align.rollout.batch import RolloutBatch
+
+    batch = RolloutBatch.from_responses([[1, 2], [3]], [[7, 8, 9], [5]], [True, False], pad_id=0)
+    assert batch.response_ids.tolist() == [[7, 8, 9], [5, 0, 0]]
+    assert batch.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.lengths.tolist() == [3, 1] and batch.finished.tolist() == [True, False]
+    assert batch.prompt_ids == [[1, 2], [3]] and batch.n == 1 and batch.logprobs is None
+    assert batch.responses() == [[7, 8, 9], [5]]
+    with pytest.raises(ValueError, match="one entry per row"):
+        RolloutBatch.from_responses([[1]], [[2], [3]], [True, True], pad_id=0)

@@ -27,16 +27,13 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 import chatml
 from align.evaluation.policy import REPO_ROOT, Z95, portable_path, wilson_interval
 from align.tasks import Task, generate_tasks, verify, write_jsonl
-
-if TYPE_CHECKING:
-    from align.rollout.batch import RolloutBatch
 
 # --------------------------------------------------------------------------------------------------------
 # Pure pieces
@@ -358,37 +355,6 @@ def _same_vocabulary(policy: str | Path, tokenizer: Any) -> bool:
     return AutoTokenizer.from_pretrained(policy).get_vocab() == tokenizer.get_vocab()
 
 
-def responses_batch(
-    prompt_ids: Sequence[Sequence[int]],
-    responses: Sequence[Sequence[int]],
-    finished: Sequence[bool],
-    pad_id: int,
-) -> RolloutBatch:
-    """Recorded responses (token ids, stop token included where emitted) as a RolloutBatch of one sample per
-    prompt row, for `score_rollouts`: right-padded with `pad_id`, no log-probs."""
-    from align.rollout.batch import RolloutBatch
-
-    if not len(prompt_ids) == len(responses) == len(finished):
-        raise ValueError("prompt_ids, responses and finished must have one entry per row")
-    width = max([len(r) for r in responses] + [1])
-    ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(responses):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return RolloutBatch(
-        prompt_ids=[list(p) for p in prompt_ids],
-        response_ids=ids,
-        response_mask=mask,
-        logprobs=None,
-        finished=torch.tensor(list(finished), dtype=torch.bool),
-        prompt_index=torch.arange(len(responses)),
-        lengths=mask.sum(1),
-        n=1,
-        pad_id=pad_id,
-    )
-
-
 def rescore_best_of_n(
     gate_dir: str | Path,
     reward_model: str | Path,
@@ -415,6 +381,7 @@ def rescore_best_of_n(
     from align.data.sources import iter_jsonl_values
     from align.models import load_tokenizer
     from align.reward import RewardModel
+    from align.rollout.batch import RolloutBatch
     from align.train.rl_common import score_rollouts
 
     t0 = time.perf_counter()
@@ -460,7 +427,9 @@ def rescore_best_of_n(
     flat: list[float] = []
     for start in tqdm(range(0, len(responses), batch_size), desc="rescore", unit="batch"):
         rows = slice(start, start + batch_size)
-        batch = responses_batch(prompts[rows], responses[rows], finished[rows], tokenizer.pad_token_id or 0)
+        batch = RolloutBatch.from_responses(
+            prompts[rows], responses[rows], finished[rows], tokenizer.pad_token_id or 0
+        )
         raw, _, _ = score_rollouts(
             batch.to(device), [""] * len(batch), reward_model=rm, micro_batch_size=batch_size
         )

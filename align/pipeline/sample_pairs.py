@@ -284,16 +284,7 @@ def _reference_batch(prompt_ids: list[list[int]], texts: list[str], tokenizer: A
 
     _, im_end = chatml.chatml_token_ids(tokenizer)
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [im_end] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return RolloutBatch(
-        prompt_ids=prompt_ids, response_ids=ids, response_mask=mask, logprobs=None,
-        finished=torch.ones(len(rows), dtype=torch.bool), prompt_index=torch.arange(len(rows)),
-        lengths=mask.sum(1), n=1, pad_id=pad_id,
-    )  # fmt: skip
+    return RolloutBatch.from_responses(prompt_ids, rows, [True] * len(rows), pad_id)
 
 
 def _assistant(text: str) -> list[dict[str, str]]:

@@ -138,6 +138,36 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.prompt_ids)
 
+    @classmethod
+    def from_responses(
+        cls,
+        prompt_ids: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        finished: Sequence[bool],
+        pad_id: int,
+    ) -> RolloutBatch:
+        """Responses given as token ids (stop token included where emitted), one row per prompt (``n`` = 1,
+        no log-probs), right-padded with ``pad_id``: replies recorded earlier or written by hand, for the
+        reward model to score (`align.train.rl_common.score_rollouts`)."""
+        if not len(prompt_ids) == len(responses) == len(finished):
+            raise ValueError("prompt_ids, responses and finished need one entry per row")
+        width = max([len(r) for r in responses] + [1])
+        ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(responses):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(list(r), dtype=torch.long), 1
+        return cls(
+            prompt_ids=[list(p) for p in prompt_ids],
+            response_ids=ids,
+            response_mask=mask,
+            logprobs=None,
+            finished=torch.tensor(list(finished), dtype=torch.bool),
+            prompt_index=torch.arange(len(responses)),
+            lengths=mask.sum(1),
+            n=1,
+            pad_id=pad_id,
+        )
+
     def select(self, rows: list[int]) -> RolloutBatch:
         """These rows as a batch of their own (``n`` = 1, no log-probs), trimmed to their longest response
         (at least one column)."""
