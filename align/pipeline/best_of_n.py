@@ -341,10 +341,10 @@ def _moved_record(recorded: str, report_dir: Path, out: Path) -> str:
 
 def _same_vocabulary(policy: str | Path, tokenizer: Any) -> bool:
     """Whether the tokenizer at `policy` exists and has `tokenizer`'s vocabulary (the recorded ids then mean
-    the same tokens to the RM)."""
-    from transformers import AutoTokenizer
-
+    the same tokens to the RM): the check PPO makes of its four models, as a yes or no."""
     from align.assets import AssetError, resolve_model
+    from align.train.process import RunSetupError
+    from align.train.rl_common import check_same_vocabulary
 
     try:
         policy = resolve_model(str(policy))  # a model alias (smollm2-135m-instruct) too
@@ -352,7 +352,11 @@ def _same_vocabulary(policy: str | Path, tokenizer: Any) -> bool:
         return False
     if not (Path(policy) / "tokenizer_config.json").is_file():
         return False
-    return AutoTokenizer.from_pretrained(policy).get_vocab() == tokenizer.get_vocab()
+    try:
+        check_same_vocabulary(tokenizer, policy)
+    except RunSetupError:
+        return False
+    return True
 
 
 def rescore_best_of_n(
@@ -434,10 +438,10 @@ def rescore_best_of_n(
             batch.to(device), [""] * len(batch), reward_model=rm, micro_batch_size=batch_size
         )
         flat += raw.tolist()
-    per = [len(r["samples"]) + 1 for r in records]
-    starts = [sum(per[:i]) for i in range(len(records))]
-    for r, start, width in zip(records, starts, per, strict=True):
-        r["greedy_score"], r["scores"] = flat[start], flat[start + 1 : start + width]
+    start = 0
+    for r in records:  # each record's rows: its greedy answer, then its samples
+        r["greedy_score"], r["scores"] = flat[start], flat[start + 1 : start + 1 + len(r["samples"])]
+        start += 1 + len(r["samples"])
     table = best_of_n_table(
         [r["scores"] for r in records],
         [r["correct"] for r in records],
