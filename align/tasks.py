@@ -21,7 +21,7 @@ import json
 import os
 import random
 import re
-import tempfile
+import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -421,20 +421,14 @@ def preference_pairs(
     ]
 
 
-def _new_file_mode() -> int:
-    """The mode `open()` gives a new file: 0o666 less the process umask (read by setting it back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Write rows as JSONL atomically (temp file in the same directory, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+    # O_EXCL: a fresh file of our own; mode 0o666 less the umask, as open() gives (mkstemp's would be 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, _new_file_mode())  # mkstemp makes the file private; the output is an ordinary file
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
