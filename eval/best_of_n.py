@@ -30,6 +30,8 @@ from align.data import DataError
 from align.evaluation.policy import check_cli_args
 from align.pipeline.best_of_n import best_of_n_eval, rescore_best_of_n
 
+_SAMPLING = ("num_prompts", "prompts", "n", "max_new_tokens", "temperature", "top_p", "seed")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="eval/best_of_n.py", description=__doc__.split("\n\n")[0])
@@ -55,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     problem = check_cli_args(args)  # the checks eval/policy.py makes (paths, counts), then --n
     if problem is None and args.n < 1:
         problem = "--n must be >= 1"
-    if problem is None and args.rescore and not Path(args.rescore, "samples.jsonl").is_file():
-        problem = f"--rescore {args.rescore}: no samples.jsonl there (not a best-of-n gate's --out)"
+    if problem is None and args.rescore:  # the gate's samples are fixed: a sampling option would be ignored
+        given = [f"--{o.replace('_', '-')}" for o in _SAMPLING if getattr(args, o) != parser.get_default(o)]
+        if given:
+            problem = f"--rescore reads the gate's samples as they are; {', '.join(given)} cannot apply"
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

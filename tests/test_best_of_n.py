@@ -201,12 +201,16 @@ def test_rescore_judges_the_gate_samples_with_another_reward_model(tiny_rm_dir, 
     assert result["response_ids"] == "re-encoded" and result["policy"] == "../policy"
 
 
-def test_rescore_refuses_a_directory_that_is_not_a_gate(tiny_rm_dir, tmp_path, capsys):
+def test_rescore_refuses_a_directory_that_is_not_a_gate_and_sampling_options(tiny_rm_dir, tmp_path, capsys):
     code = _main()(
         ["--rescore", str(tmp_path), "--reward-model", str(tiny_rm_dir), "--out", str(tmp_path / "o")]
     )
     assert code == 2
-    assert (
-        capsys.readouterr().err.strip()
-        == f"error: --rescore {tmp_path}: no samples.jsonl there (not a best-of-n gate's --out)"
-    )
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {tmp_path}: no best_of_n.json (not a best-of-n gate's output directory)"
+    args = ["--rescore", str(tmp_path), "--reward-model", str(tiny_rm_dir), "--out", str(tmp_path / "o"),
+            "--n", "4", "--temperature", "0.7"]  # fmt: skip
+    assert _main()(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --rescore reads the gate's samples as they are; --n, --temperature cannot apply"
+    assert not (tmp_path / "o").exists()  # nothing written on a refusal
