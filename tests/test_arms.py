@@ -84,6 +84,36 @@ def test_seeds_pool_by_summing_discordant_counts(tmp_path):
     assert "| dpo | not run |" in table
 
 
+def test_repeated_prompts_are_pooled_once_per_seed_beside_the_per_task_test(tmp_path):
+    # 10 tasks asking 4 prompts: "a" four times (gained), "b" three times (gained), "c" twice (lost), "d" once.
+    keys = ["a"] * 4 + ["b"] * 3 + ["c"] * 2 + ["d"]
+    before = [False] * 7 + [True, True, False]
+    after = [True] * 7 + [False, False, False]
+    write_record(tmp_path / "ppo" / "seed-1", before, after, keys=keys)
+    write_record(tmp_path / "ppo" / "seed-2", before, after, keys=keys)
+    rec = load_arms(tmp_path, ["ppo"])["ppo"]
+    assert (rec[0].gained, rec[0].lost) == (7, 2)
+    assert rec[0].by_prompt == {
+        "n": 4,
+        "gained": 2,
+        "lost": 1,
+        "p_mcnemar": 1.0,
+        "repeats": 6,
+        "inconsistent": 0,
+    }
+    pooled = pool_arm(rec)
+    assert (pooled["gained"], pooled["lost"], pooled["gained_by_prompt"], pooled["lost_by_prompt"]) == (
+        14,
+        4,
+        4,
+        2,
+    )
+    # exact McNemar on 14 vs 4: 2 * (1 + 18 + 153 + 816 + 3060) / 2^18; on 4 vs 2: 2 * (1 + 6 + 15) / 64
+    assert pooled["p_pooled"] == pytest.approx(2 * 4048 / 2**18)
+    assert pooled["p_pooled_by_prompt"] == pytest.approx(2 * 22 / 64)
+    assert "| **0.0309** (pooled) | 0.688 (4 / 2 of 4) |" in arms_markdown({"ppo": rec})
+
+
 def test_seeds_on_different_tasks_are_not_pooled(tmp_path):
     before, after = verdicts(gained=1, lost=0, both=1, neither=2)
     write_record(tmp_path / "grpo" / "seed-1", before, after)

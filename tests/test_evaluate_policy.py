@@ -205,6 +205,25 @@ def test_paired_accuracy_counts_discordant_tasks():
     assert (r["after_lo"], r["after_hi"]) == pytest.approx(wilson_interval(7, 10))
 
 
+def test_paired_by_prompt_counts_each_distinct_prompt_once():
+    from align.evaluation.policy import mcnemar_exact, paired_by_prompt
+
+    # Prompt "a" asked 7 times and gained each time, "b" lost once, "c" right on both sides twice.
+    ids = ["a"] * 7 + ["b", "c", "c"]
+    before = [False] * 7 + [True, True, True]
+    after = [True] * 7 + [False, True, True]
+    r = paired_by_prompt(ids, before, after)
+    assert (r["n"], r["gained"], r["lost"], r["repeats"], r["inconsistent"]) == (3, 1, 1, 7, 0)
+    assert r["p_mcnemar"] == 1.0
+    # Per task the same verdicts read 7 gained / 1 lost: p = 2 * (C(8,0) + C(8,1)) / 2^8 = 0.0703.
+    assert mcnemar_exact(7, 1) == pytest.approx(2 * 9 / 256)
+    # Repeats judged differently are counted (first verdict kept), not hidden.
+    r = paired_by_prompt(["a", "a", "b"], [False, False, True], [True, False, True])
+    assert (r["n"], r["gained"], r["lost"], r["inconsistent"]) == (2, 1, 0, 1)
+    with pytest.raises(ValueError, match="3 prompts, 2 before"):
+        paired_by_prompt(["a", "b", "c"], [True, False], [True, False])
+
+
 def test_portable_path_holds_no_machine_prefix(tmp_path):
     from align.evaluation.policy import REPO_ROOT, portable_path
 
@@ -248,3 +267,19 @@ def test_per_task_records_recompute_the_paired_test(tmp_path, monkeypatch):
     # The report names the models relative to itself (they live outside the repository), never absolutely.
     saved = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert (saved["policy"], saved["baseline"]) == ("../other", "../base")
+    assert r["gold_paired_by_prompt"]["repeats"] == 0  # 12 distinct prompts: the two tests agree
+    assert (r["gold_paired_by_prompt"]["gained"], r["gold_paired_by_prompt"]["lost"]) == (gained, lost)
+
+    # Each task asked twice (shuffled into one batch with other lengths): greedy answers repeat exactly, so
+    # the per-prompt test counts half the discordant tasks, and no repeat is judged differently.
+    from align.tasks import write_tasks_jsonl
+
+    twice = tasks[:6] + tasks[5::-1]
+    write_tasks_jsonl(tmp_path / "twice.jsonl", twice)
+    r2 = compare_policies(other, base, reward_model=None, out_dir=tmp_path / "ev2", num_prompts=12,
+                          max_new_tokens=5, batch_size=12, tax_max_rows=0, device="cpu",
+                          prompts_file=tmp_path / "twice.jsonl")  # fmt: skip
+    by_prompt, per_task = r2["gold_paired_by_prompt"], r2["gold_paired"]
+    assert (by_prompt["n"], by_prompt["repeats"], by_prompt["inconsistent"]) == (6, 6, 0)
+    assert (per_task["gained"], per_task["lost"]) == (2 * by_prompt["gained"], 2 * by_prompt["lost"])
+    assert "12 tasks ask 6 distinct prompts (6 repeats)" in (tmp_path / "ev2" / "eval.md").read_text()

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from align.data.sources import iter_jsonl_values
-from align.evaluation.policy import mcnemar_exact, paired_accuracy
+from align.evaluation.policy import conversation_id, mcnemar_exact, paired_accuracy, paired_by_prompt
 
 __all__ = ["SeedRecord", "load_seed_record", "load_arms", "pool_arm", "arms_markdown", "plot_arms"]
 
@@ -41,6 +41,7 @@ class SeedRecord:
     gained: int
     lost: int
     p_mcnemar: float
+    by_prompt: dict[str, Any]  # the paired test with each distinct prompt once (`paired_by_prompt`)
     kl: float | None
     unfinished: float | None
     rm_before: float | None
@@ -69,6 +70,9 @@ def load_seed_record(seed_dir: str | Path, arm: str | None = None) -> SeedRecord
     before = [bool(t["baseline_correct"]) for t in tasks]
     after = [bool(t["policy_correct"]) for t in tasks]
     recomputed = paired_accuracy(before, after)
+    # Older records lack `messages`; key plus final turn then names the prompt.
+    prompt_ids = [conversation_id(t["messages"]) if "messages" in t else f"{t.get('key')}\x1f{t['prompt']}"
+                  for t in tasks]  # fmt: skip
     gained, lost = recomputed["gained"], recomputed["lost"]
     paired = result["gold_paired"]
     if (paired["n"], paired["gained"], paired["lost"]) != (len(tasks), gained, lost):
@@ -88,6 +92,7 @@ def load_seed_record(seed_dir: str | Path, arm: str | None = None) -> SeedRecord
         gained=gained,
         lost=lost,
         p_mcnemar=recomputed["p_mcnemar"],
+        by_prompt=paired_by_prompt(prompt_ids, before, after),
         kl=result.get("kl_to_baseline"),
         unfinished=unfinished.get("policy"),
         rm_before=rm.get("baseline"),
@@ -142,6 +147,13 @@ def pool_arm(records: Sequence[SeedRecord]) -> dict[str, Any]:
         "gained": gained,
         "lost": lost,
         "p_pooled": mcnemar_exact(gained, lost),
+        # The same pooling with each distinct prompt counted once per seed (repeats add no evidence).
+        "n_prompts": first.by_prompt["n"],
+        "gained_by_prompt": sum(r.by_prompt["gained"] for r in records),
+        "lost_by_prompt": sum(r.by_prompt["lost"] for r in records),
+        "p_pooled_by_prompt": mcnemar_exact(
+            sum(r.by_prompt["gained"] for r in records), sum(r.by_prompt["lost"] for r in records)
+        ),
         "kl_mean": _mean([r.kl for r in records]),
         "unfinished_mean": _mean([r.unfinished for r in records]),
         "rm_before": first.rm_before,
@@ -166,21 +178,26 @@ def _minutes(s: float | None) -> str:
     return "-" if s is None else f"{s / 60:.1f}"
 
 
+def _by_prompt(t: dict[str, Any]) -> str:
+    return f"{t['p_mcnemar']:.3g} ({t['gained']} / {t['lost']} of {t['n']})"
+
+
 def arms_markdown(arms: dict[str, list[SeedRecord]]) -> str:
     """One table: a row per seed and a pooled row per arm (mean change, summed gained/lost, pooled p)."""
     lines = [
         "| arm | seed | gold before | gold after | change (points) | gained / lost | p (exact McNemar) "
-        "| RM score before -> after | KL (nats) | unclosed | train min |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| p, each distinct prompt once | RM score before -> after | KL (nats) | unclosed | train min |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, records in arms.items():
         if not records:
-            lines.append(f"| {arm} | not run | | | | | | | | | |")
+            lines.append(f"| {arm} | not run | | | | | | | | | | |")
             continue
         for r in records:
             lines.append(
                 f"| {arm} | {r.seed} | {_pct(r.before)} | {_pct(r.after)} | {_pts(r.delta)} | "
-                f"{r.gained} / {r.lost} | {r.p_mcnemar:.3g} | {_num(r.rm_before)} -> {_num(r.rm_after)} | "
+                f"{r.gained} / {r.lost} | {r.p_mcnemar:.3g} | {_by_prompt(r.by_prompt)} | "
+                f"{_num(r.rm_before)} -> {_num(r.rm_after)} | "
                 f"{_num(r.kl, '.3f')} | {_pct(r.unfinished)} | {_minutes(r.train_seconds)} |"
             )
         if len(records) > 1:
@@ -188,7 +205,9 @@ def arms_markdown(arms: dict[str, list[SeedRecord]]) -> str:
             lines.append(
                 f"| **{arm}** | **mean of {len(records)}** | {_pct(p['before'])} | {_pct(p['after_mean'])} | "
                 f"**{_pts(p['delta_mean'])}** (min {_pts(p['delta_min'])}) | {p['gained']} / {p['lost']} | "
-                f"**{p['p_pooled']:.3g}** (pooled) | {_num(p['rm_before'])} -> {_num(p['rm_after_mean'])} | "
+                f"**{p['p_pooled']:.3g}** (pooled) | {p['p_pooled_by_prompt']:.3g} "
+                f"({p['gained_by_prompt']} / {p['lost_by_prompt']} of {p['n_prompts']}) | "
+                f"{_num(p['rm_before'])} -> {_num(p['rm_after_mean'])} | "
                 f"{_num(p['kl_mean'], '.3f')} | {_pct(p['unfinished_mean'])} | "
                 f"{_minutes(p['train_seconds_mean'])} |"
             )

@@ -40,6 +40,8 @@ __all__ = [
     "lm_loss",
     "mcnemar_exact",
     "paired_accuracy",
+    "paired_by_prompt",
+    "conversation_id",
     "per_task_records",
     "portable_path",
     "load_lm",
@@ -126,6 +128,38 @@ def paired_accuracy(before: Sequence[bool], after: Sequence[bool], z: float = Z9
             "after": n_after / n if n else 0.0, "after_lo": a_lo, "after_hi": a_hi, "gained": gained,
             "lost": lost, "delta": delta, "delta_lo": delta - half, "delta_hi": delta + half,
             "p_mcnemar": mcnemar_exact(gained, lost)}  # fmt: skip
+
+
+def paired_by_prompt(
+    prompt_ids: Sequence[str], before: Sequence[bool], after: Sequence[bool]
+) -> dict[str, Any]:
+    """The paired test with each distinct prompt counted once: ``{n, gained, lost, p_mcnemar, repeats,
+    inconsistent}``. ``prompt_ids`` names each task's whole conversation (equal ids: the very same prompt).
+
+    Why: a task list may ask the same prompt more than once (the 400 embedded evaluation tasks hold 270
+    distinct prompts, because five task kinds have only 12-21 held-out problems). A greedy answer to a
+    repeated prompt repeats, so a repeat adds weight but no evidence, and the per-task McNemar p overstates
+    it. Each prompt keeps its first verdicts; ``repeats`` counts the tasks dropped, ``inconsistent`` the
+    prompts whose repeats were judged differently (0 under greedy decoding).
+    """
+    if not len(prompt_ids) == len(before) == len(after):
+        raise ValueError(
+            f"paired_by_prompt: {len(prompt_ids)} prompts, {len(before)} before, {len(after)} after"
+        )
+    first: dict[str, tuple[bool, bool]] = {}
+    inconsistent: set[str] = set()
+    for pid, b, a in zip(prompt_ids, before, after, strict=True):
+        if first.setdefault(pid, (bool(b), bool(a))) != (bool(b), bool(a)):
+            inconsistent.add(pid)
+    gained = sum(1 for b, a in first.values() if a and not b)
+    lost = sum(1 for b, a in first.values() if b and not a)
+    return {"n": len(first), "gained": gained, "lost": lost, "p_mcnemar": mcnemar_exact(gained, lost),
+            "repeats": len(prompt_ids) - len(first), "inconsistent": len(inconsistent)}  # fmt: skip
+
+
+def conversation_id(messages: Sequence[dict[str, str]]) -> str:
+    """One string per conversation, equal exactly when the messages are (the identity `paired_by_prompt` uses)."""
+    return json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
 
 
 def win_rate(
@@ -426,6 +460,11 @@ def compare_policies(
         "gold_accuracy": {"policy": acc_p, "baseline": acc_b},
         # Same tasks on both sides: the paired test (McNemar exact) and intervals, baseline = "before".
         "gold_paired": paired_accuracy([g > 0 for g in base["gold"]], [g > 0 for g in pol["gold"]]),
+        "gold_paired_by_prompt": paired_by_prompt(
+            [conversation_id(t.messages) for t in tasks],
+            [g > 0 for g in base["gold"]],
+            [g > 0 for g in pol["gold"]],
+        ),
         "rm_score": {"policy": _mean(pol["rm"]), "baseline": _mean(base["rm"])} if rm is not None else None,
         "kl_to_baseline": float(kl.mean()),
         "kl_to_baseline_std": float(kl.std()) if len(kl) > 1 else 0.0,
@@ -550,6 +589,10 @@ def format_markdown(r: dict[str, Any]) -> str:
                   f"[{t['after_lo']:.1%}, {t['after_hi']:.1%}]; change {t['delta']:+.1%} "
                   f"[{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}] ({t['gained']} gained, {t['lost']} lost), "
                   f"McNemar exact p = {t['p_mcnemar']:.3g}."]  # fmt: skip
+    u = r.get("gold_paired_by_prompt")
+    if t and u and u["repeats"]:
+        lines += ["", f"The {t['n']} tasks ask {u['n']} distinct prompts ({u['repeats']} repeats). Each prompt "
+                  f"counted once: {u['gained']} gained, {u['lost']} lost, McNemar exact p = {u['p_mcnemar']:.3g}."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
