@@ -33,6 +33,7 @@ from align.config.rl import (
     QueryKeys,
     RewardGuardKeys,
     RolloutKeys,
+    SamplingKeys,
 )
 from align.config.stages import DPOConfig, RMConfig, SFTConfig
 
@@ -40,5 +41,5 @@ __all__ = [
     "AdaptiveKLKeys", "BatchKeys", "CheckpointKeys", "DPOConfig", "DataKeys", "DropoutKeys", "GRPOConfig",
     "GoldEvalKeys", "ModelKeys", "OnlineConfig", "OnlineDPOConfig", "OptimKeys", "PPOConfig",
     "PipelineConfig", "QueryKeys", "RMConfig", "RecordFileKeys", "RewardGuardKeys", "RolloutKeys", "RunKeys",
-    "SFTConfig", "TrainConfig", "doc",
+    "SFTConfig", "SamplingKeys", "TrainConfig", "doc",
 ]  # fmt: skip

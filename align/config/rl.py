@@ -11,8 +11,9 @@ from align.config_loader import ConfigError
 
 
 @dataclasses.dataclass
-class RolloutKeys:
-    """Sampling responses from the policy (PPO, online DPO, GRPO)."""
+class SamplingKeys:
+    """Sampling responses from a policy: the keys every sampling stage shares, with one meaning (the RL
+    stages through RolloutKeys, and recipes/sample_pairs.py)."""
 
     default_system: str | None = doc(
         "template",
@@ -24,7 +25,9 @@ class RolloutKeys:
     max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused at load).")
     samples_per_query: int = doc(4, "Responses sampled per query.")
     top_p: float = doc(1.0, "Nucleus sampling mass.")
-    temperature: float = doc(1.0, "Sampling temperature (log-probs use the same).")
+    temperature: float = doc(
+        1.0, "Sampling temperature (the RL stages' log-probs use the same; sample_pairs takes 0 as greedy)."
+    )
     max_new_tokens: int = doc(24, "Response budget.")
     rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
         "hf",
@@ -38,6 +41,13 @@ class RolloutKeys:
         "(torch.compile without graphs); fails loudly if the graphs do not engage. Not yet measured on a GPU. "
         "Other engines run eager (on is an error there).",
     )
+
+
+@dataclasses.dataclass
+class RolloutKeys(SamplingKeys):
+    """Sampling responses from the policy in the RL stages (PPO, online DPO, GRPO): SamplingKeys plus
+    sharded decoding, the frozen models' precision and rollout logging."""
+
     rollout_sharded: Literal["unshard", "lockstep"] = doc(
         "unshard",
         "With sharding=fsdp, how the policy's shards are decoded: unshard = gather the whole weights once per "

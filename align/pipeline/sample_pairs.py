@@ -53,7 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 import chatml
-from align.config import doc
+from align.config import SamplingKeys, doc
 from align.config_loader import ConfigError, config_to_dict
 from align.data import DataError, iter_jsonl_values, load_prompt_file
 from align.data.pairing import (
@@ -71,11 +71,12 @@ from align.data.pairing import (
 
 
 @dataclasses.dataclass
-class SamplePairsConfig:
+class SamplePairsConfig(SamplingKeys):
     """Rejection-sampled preference pairs: n samples per prompt from a policy, labelled by the embedded
     verifier, a user's `module:function` checker or a reward model, paired correct vs incorrect (or by
-    score), written as preference JSONL with a data report. The sampling keys have the RL stages' names
-    and meanings (align.config.RolloutKeys)."""
+    score), written as preference JSONL with a data report. The sampling keys are the RL stages' own
+    (align.config.SamplingKeys); the pairs hold the prompts as given (training inserts the same default
+    system prompt)."""
 
     model_name_or_path: str = doc(
         "auto",
@@ -125,23 +126,7 @@ class SamplePairsConfig:
         "says: as chosen it would teach a preference for unfinished replies.",
     )
     max_pairs_per_prompt: int | None = doc(8, "Most pairs kept per prompt (none: no cap).")
-    default_system: str | None = doc(
-        "template",
-        "System prompt inserted when a prompt has none: 'template' = the chat template's own default, or "
-        "with reward=model the one the reward model was trained with; none = no system prompt; other text = "
-        "that prompt. The pairs hold the prompts as given (training inserts the same default).",
-    )
-    max_length: int = doc(256, "Longest prompt in tokens (longer prompts are refused before sampling).")
     samples_per_query: int = doc(8, "Responses sampled per prompt.")
-    temperature: float = doc(1.0, "Sampling temperature (0: greedy, every sample the same).")
-    top_p: float = doc(1.0, "Nucleus sampling mass.")
-    max_new_tokens: int = doc(24, "Response budget.")
-    rollout_engine: Literal["hf", "manual", "static", "vllm"] = doc(
-        "hf", "Generation backend: hf, manual, static, vllm (see align/rollout/engines.py)."
-    )
-    rollout_compile: Literal["auto", "on", "off"] = doc(
-        "auto", "CUDA-graph decoding for rollout_engine=static (auto = on for CUDA, off on CPU)."
-    )
     batch_size: int = doc(
         64,
         "Sequences per engine call and reward-model pass: batch_size // samples_per_query prompts at a "
