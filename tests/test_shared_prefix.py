@@ -131,6 +131,23 @@ def test_the_switches_that_make_sharing_inexact_are_named_and_refused(qwen_token
         return get_peft_model(tiny_qwen2(qwen_tokenizer, seed=8), config).train()
 
     assert shared_pass_inexact_reason(lora(0.0)) is None  # peft puts an Identity where p = 0
+
+    # The modules that can carry a switch are found once per model; the switches are read on every call, and
+    # a module added later (an adapter, a layer) is seen: no stale answer lets a dropout through.
+    later = tiny_qwen2(qwen_tokenizer, seed=8).train()
+    assert shared_pass_inexact_reason(later) is None
+    later.model.layers[1].self_attn.attention_dropout = 0.1
+    assert shared_pass_inexact_reason(later) == (
+        "dropout in training mode (model.layers.1.self_attn) would share one mask across a prompt's rows"
+    )
+    later.model.layers[1].self_attn.attention_dropout = 0.0
+    assert shared_pass_inexact_reason(later) is None
+    later.model.layers[0].mlp.act_fn = torch.nn.Sequential(
+        later.model.layers[0].mlp.act_fn, torch.nn.Dropout(0.2)
+    )
+    assert shared_pass_inexact_reason(later) == (
+        "dropout in training mode (model.layers.0.mlp.act_fn.1) would share one mask across a prompt's rows"
+    )
     assert shared_pass_inexact_reason(lora(0.1)) == (
         "dropout in training mode (base_model.model.model.layers.0.self_attn.q_proj.lora_dropout.default) "
         "would share one mask across a prompt's rows"
