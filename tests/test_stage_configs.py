@@ -19,6 +19,7 @@ from align.config import (
     PipelineConfig,
     PPOConfig,
     RMConfig,
+    SamplingKeys,
     SFTConfig,
     TrainConfig,
 )
@@ -200,3 +201,26 @@ def test_a_completed_ppo_stage_from_before_the_key_removal_is_still_current(tmp_
     cfg, state = _completed_pipeline(tmp_path / "changed", kl_changed)
     with pytest.raises(PipelineError, match="stage ppo: config changed since it ran \\(kl_coef"):
         plan_pipeline(cfg, stage_configs(cfg), state)
+
+
+@pytest.mark.parametrize("cls", [PPOConfig, GRPOConfig, OnlineDPOConfig])
+def test_the_rl_stages_refuse_greedy_or_negative_temperature_and_a_bad_top_p(cls):
+    # The training pass divides the logits by the temperature: 0 would make every log-prob infinite.
+    for value in ("0", "-1"):
+        with pytest.raises(ConfigError, match="temperature: the RL stages sample, so it must be > 0"):
+            load_config(cls, None, [f"temperature={value}"])
+    for value in ("0", "1.5"):
+        with pytest.raises(ConfigError, match=r"top_p: must be in \(0, 1\]"):
+            load_config(cls, None, [f"top_p={value}"])
+    assert load_config(cls, None, ["temperature=0.7", "top_p=1"]).temperature == 0.7
+
+
+def test_sample_pairs_shares_the_sampling_keys_and_takes_temperature_0_as_greedy():
+    assert load_config(SamplePairsConfig, None, ["temperature=0"]).temperature == 0.0
+    with pytest.raises(ConfigError, match="temperature: must be >= 0"):
+        load_config(SamplePairsConfig, None, ["temperature=-0.5"])
+    # One definition of the shared keys; sample_pairs keeps its own samples_per_query default.
+    shared = {f.name for f in dataclasses.fields(SamplingKeys)}
+    assert shared <= {f.name for f in dataclasses.fields(SamplePairsConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(PPOConfig)}
+    assert (SamplePairsConfig().samples_per_query, SamplingKeys().samples_per_query) == (8, 4)

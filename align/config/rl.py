@@ -42,11 +42,28 @@ class SamplingKeys:
         "Other engines run eager (on is an error there).",
     )
 
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p}")
+        _next_post_init(self, SamplingKeys)
+
 
 @dataclasses.dataclass
 class RolloutKeys(SamplingKeys):
     """Sampling responses from the policy in the RL stages (PPO, online DPO, GRPO): SamplingKeys plus
     sharded decoding, the frozen models' precision and rollout logging."""
+
+    def __post_init__(self) -> None:
+        # Greedy rollouts would give every sample of a query one answer, and the training pass divides the
+        # logits by the temperature (0 would make them infinite): the RL losses need a distribution.
+        if self.temperature <= 0:
+            raise ConfigError(
+                f"temperature: the RL stages sample, so it must be > 0 (got {self.temperature}); "
+                "greedy decoding is for evaluation and sample_pairs"
+            )
+        _next_post_init(self, RolloutKeys)
 
     rollout_sharded: Literal["unshard", "lockstep"] = doc(
         "unshard",
