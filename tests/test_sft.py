@@ -269,3 +269,34 @@ def test_heldout_accuracy_before_is_measured_once_and_reported_after(monkeypatch
     summary: dict = {}
     sft_mod.record_accuracy_after(summary, state, "end", None, cfg, say=lambda *_: None)
     assert summary == {"accuracy_before": 0.25, "accuracy_after": 0.75} and calls == ["start", "end"]
+
+
+def test_the_after_figure_counts_repeated_held_out_prompts_once(monkeypatch):
+    """128 held-out tasks of seed 0 ask 125 distinct prompts: the summary adds the per-prompt test."""
+    from types import SimpleNamespace
+
+    import align.train.sft as sft
+    from align.evaluation.policy import mcnemar_exact
+    from align.tasks import generate_tasks
+
+    tasks = generate_tasks(128, seed=0, split="heldout")
+    before = [
+        len(t.key) % 2 == 0 for t in tasks
+    ]  # verdicts that depend only on the problem, as greedy ones do
+    after = [len(t.key) % 3 != 0 for t in tasks]
+    monkeypatch.setattr(sft, "heldout_accuracy", lambda *a: {"accuracy": sum(after) / 128, "oks": after})
+    summary: dict = {}
+    cfg = SimpleNamespace(eval_tasks=128, seed=0)
+    sft.record_accuracy_after(
+        summary, {"accuracy_before": 0.5, "accuracy_before_oks": before}, None, None, cfg, say=lambda *_: None
+    )
+    first = {}
+    for t, b, a in zip(tasks, before, after, strict=True):
+        first.setdefault(t.key, (b, a))
+    gained = sum(a and not b for b, a in first.values())
+    lost = sum(b and not a for b, a in first.values())
+    by_prompt = summary["accuracy_test_by_prompt"]
+    assert (by_prompt["n"], by_prompt["repeats"], by_prompt["inconsistent"]) == (125, 3, 0)
+    assert (by_prompt["gained"], by_prompt["lost"]) == (gained, lost)
+    assert by_prompt["p_mcnemar"] == mcnemar_exact(gained, lost)
+    assert summary["accuracy_test"]["n"] == 128

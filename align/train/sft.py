@@ -182,14 +182,28 @@ def record_accuracy_after(
     before_oks = state.get("accuracy_before_oks")
     test = ""
     if before_oks is not None and len(before_oks) == len(result.get("oks", ())):
-        from align.evaluation.policy import paired_accuracy
+        from align.evaluation.policy import conversation_id, paired_accuracy, paired_by_prompt
+        from align.tasks import generate_tasks
 
-        summary["accuracy_test"] = t = paired_accuracy([bool(x) for x in before_oks], result["oks"])
+        before = [bool(x) for x in before_oks]
+        summary["accuracy_test"] = t = paired_accuracy(before, result["oks"])
         test = (
             f" (95% CI {t['before_lo']:.1%}-{t['before_hi']:.1%} -> {t['after_lo']:.1%}-{t['after_hi']:.1%}; "
             f"change {t['delta']:+.1%} [{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}], {t['gained']} gained, "
             f"{t['lost']} lost, McNemar exact p = {t['p_mcnemar']:.3g})"
         )
+        # The same tasks heldout_accuracy asked: past ~100 of them some prompts repeat (small task kinds).
+        ids = [
+            conversation_id(task.messages)
+            for task in generate_tasks(cfg.eval_tasks, seed=cfg.seed, split="heldout")
+        ]
+        u = paired_by_prompt(ids, before, result["oks"])
+        if u["repeats"]:
+            summary["accuracy_test_by_prompt"] = u
+            test += (
+                f"; {u['n']} distinct prompts, each once: {u['gained']} gained, {u['lost']} lost, "
+                f"p = {u['p_mcnemar']:.3g}"
+            )
     say(
         f"held-out accuracy (gold verifier, {cfg.eval_tasks} tasks): "
         f"before {summary['accuracy_before']:.1%} -> after {summary['accuracy_after']:.1%}{test}"
