@@ -148,6 +148,20 @@ def test_the_switches_that_make_sharing_inexact_are_named_and_refused(qwen_token
     assert shared_pass_inexact_reason(later) == (
         "dropout in training mode (model.layers.0.mlp.act_fn.1) would share one mask across a prompt's rows"
     )
+    swapped = tiny_qwen2(qwen_tokenizer, seed=8).train()
+    assert shared_pass_inexact_reason(swapped) is None
+    swapped.model.layers[1].mlp.act_fn = torch.nn.Dropout(0.3)  # one module for one: the same count
+    assert shared_pass_inexact_reason(swapped) == (
+        "dropout in training mode (model.layers.1.mlp.act_fn) would share one mask across a prompt's rows"
+    )
+    # The cache holds no strong reference: a model checked once is still freed.
+    import gc
+    import weakref
+
+    gone = weakref.ref(swapped)
+    del swapped
+    gc.collect()
+    assert gone() is None
     assert shared_pass_inexact_reason(lora(0.1)) == (
         "dropout in training mode (base_model.model.model.layers.0.self_attn.q_proj.lora_dropout.default) "
         "would share one mask across a prompt's rows"

@@ -59,25 +59,18 @@ def shared_pass_inexact_reason(model: torch.nn.Module) -> str | None:
     return None
 
 
-# model -> (the module-registration count when it was read, the modules that carry a switch). Reading
-# every module's attributes took 2.5 ms per call on the 135M Qwen2 (2-core CPU, train mode), listing the
-# modules alone 0.6 ms, and the check runs per micro-batch. So the modules that can hold a switch are found
-# once and found again after any module is registered anywhere (setattr, add_module, ModuleList/Dict: an
-# adapter or layer added), which torch's global registration hook counts: 0.3 ms per call. Only a write to
-# a private `_modules` dict escapes the count (transformers does that while building a model, before any
-# check). A module removed later can only leave a stale switch behind, which refuses the shared pass
-# (slower, never different numbers).
-_SWITCH_MODULES: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, tuple[torch.nn.Module, ...]]] = (
-    weakref.WeakKeyDictionary()
-)
-_REGISTRATIONS = [0]
-
-
-def _count_registration(module: torch.nn.Module, name: str, submodule: torch.nn.Module | None) -> None:
-    _REGISTRATIONS[0] += 1
-
-
-torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+# model -> (weak references to its modules when they were read, the indices of those that carry a switch).
+# Reading every module's attributes took 1.0 ms per call on the 135M Qwen2 (idle 2-core CPU, train mode),
+# and the check runs per micro-batch. So the modules that can hold a switch are found once per model and
+# found again whenever its modules are not the very same objects as then (a module added, removed or
+# swapped); their switches are read on every call: 0.4 ms, most of it listing the modules. (Counting
+# registrations with torch's global module-registration hook would skip the listing, but a global hook
+# makes torch.compile's guards fail: the static rollout engine recompiled on every call.)
+# Weak references only: a strong one to the model (a candidate itself, in many architectures) from its own
+# entry would keep the model alive forever.
+_SWITCH_MODULES: weakref.WeakKeyDictionary[
+    torch.nn.Module, tuple[tuple[weakref.ref, ...], tuple[int, ...]]
+] = weakref.WeakKeyDictionary()
 
 
 def _switch_modules(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
@@ -85,19 +78,24 @@ def _switch_modules(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     ``*dropout*`` rate (whatever its value now), and modules that can take transformers' checkpointing flag
     (`set_gradient_checkpointing` sets it only where the attribute already exists, on the instance or its
     class)."""
+    modules = list(model.modules())
     cached = _SWITCH_MODULES.get(model)
-    if cached is not None and cached[0] == _REGISTRATIONS[0]:
-        return cached[1]
+    if (
+        cached is not None
+        and len(cached[0]) == len(modules)
+        and all(ref() is m for ref, m in zip(cached[0], modules, strict=True))
+    ):
+        return tuple(modules[i] for i in cached[1])
     found = tuple(
-        m
-        for m in model.modules()
+        i
+        for i, m in enumerate(modules)
         if isinstance(m, torch.nn.modules.dropout._DropoutNd)
         or "gradient_checkpointing" in vars(m)
         or hasattr(type(m), "gradient_checkpointing")
         or any(type(v) is float and _is_dropout_key(k) for k, v in vars(m).items())
     )
-    _SWITCH_MODULES[model] = (_REGISTRATIONS[0], found)
-    return found
+    _SWITCH_MODULES[model] = (tuple(weakref.ref(m) for m in modules), found)
+    return tuple(modules[i] for i in found)
 
 
 def _is_dropout_key(key: str) -> bool:
