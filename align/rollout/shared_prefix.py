@@ -113,7 +113,7 @@ def _name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 
 def shared_prompt_logprobs(
-    model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False
+    model: Any, batch: RolloutBatch, temperature: float, with_entropy: bool = False, *, checked: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(B, R) log-probs of `batch.response_ids` (and their entropy), each distinct prompt run once.
 
@@ -121,9 +121,10 @@ def shared_prompt_logprobs(
     `select`ed from one). Runs under the caller's grad mode: a training step backpropagates through the
     shared prompt pass. Positions past a response's end hold whatever the model gives; mask them.
     Raises ValueError where `shared_pass_inexact_reason` names a switch that makes it differ from the
-    per-row pass (`rollout_logprobs` takes that pass instead).
+    per-row pass (`rollout_logprobs` takes that pass instead). ``checked=True``: the caller has just found
+    that reason to be None (`rollout_logprobs`, per micro-batch), so it is not looked up twice.
     """
-    reason = shared_pass_inexact_reason(model)
+    reason = None if checked else shared_pass_inexact_reason(model)
     if reason is not None:
         raise ValueError(f"shared-prompt pass refused: {reason}; use the per-row pass")
     device = batch.response_ids.device

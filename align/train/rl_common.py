@@ -144,7 +144,7 @@ def rollout_logprobs(
     # projections, past FSDP's backward hooks (the weights would be freed shards in backward), and whether a
     # slice shares prompts differs per rank, so the ranks' forward counts (all-gathers) would too.
     if shares_prompts(sub) and shared_pass_inexact_reason(model) is None and not is_sharded(model):
-        return shared_prompt_logprobs(model, sub, temperature, with_entropy)
+        return shared_prompt_logprobs(model, sub, temperature, with_entropy, checked=True)
     return response_logprobs(model, sub.sequences(left_pad=True), sub.response_ids, temperature, with_entropy)
 
 
