@@ -135,6 +135,8 @@ def pool_arm(records: Sequence[SeedRecord]) -> dict[str, Any]:
             )
     gained = sum(r.gained for r in records)
     lost = sum(r.lost for r in records)
+    gained_by_prompt = sum(r.by_prompt["gained"] for r in records)
+    lost_by_prompt = sum(r.by_prompt["lost"] for r in records)
     deltas = [r.delta for r in records]
     return {
         "arm": first.arm,
@@ -149,11 +151,9 @@ def pool_arm(records: Sequence[SeedRecord]) -> dict[str, Any]:
         "p_pooled": mcnemar_exact(gained, lost),
         # The same pooling with each distinct prompt counted once per seed (repeats add no evidence).
         "n_prompts": first.by_prompt["n"],
-        "gained_by_prompt": sum(r.by_prompt["gained"] for r in records),
-        "lost_by_prompt": sum(r.by_prompt["lost"] for r in records),
-        "p_pooled_by_prompt": mcnemar_exact(
-            sum(r.by_prompt["gained"] for r in records), sum(r.by_prompt["lost"] for r in records)
-        ),
+        "gained_by_prompt": gained_by_prompt,
+        "lost_by_prompt": lost_by_prompt,
+        "p_pooled_by_prompt": mcnemar_exact(gained_by_prompt, lost_by_prompt),
         "kl_mean": _mean([r.kl for r in records]),
         "unfinished_mean": _mean([r.unfinished for r in records]),
         "rm_before": first.rm_before,

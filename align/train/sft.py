@@ -134,12 +134,18 @@ def load_sft_data(cfg: SFTConfig, out: Path, is_main: bool) -> tuple[list[list[d
     return conversations, report, source
 
 
-def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: SFTConfig) -> dict[str, Any]:
-    """Gold-verifier accuracy on held-out generated tasks (embedded data only)."""
-    from align.evaluation.generation import verifier_accuracy
+def heldout_tasks(cfg: Any) -> list[Any]:
+    """The held-out generated tasks whose accuracy a run reports before and after training."""
     from align.tasks import generate_tasks
 
-    tasks = generate_tasks(cfg.eval_tasks, seed=cfg.seed, split="heldout")
+    return generate_tasks(cfg.eval_tasks, seed=cfg.seed, split="heldout")
+
+
+def heldout_accuracy(model: torch.nn.Module, tokenizer: Any, cfg: SFTConfig) -> dict[str, Any]:
+    """Gold-verifier accuracy on `heldout_tasks` (embedded data only)."""
+    from align.evaluation.generation import verifier_accuracy
+
+    tasks = heldout_tasks(cfg)
     was_training = model.training
     model.eval()
     try:
@@ -183,7 +189,6 @@ def record_accuracy_after(
     test = ""
     if before_oks is not None and len(before_oks) == len(result.get("oks", ())):
         from align.evaluation.policy import conversation_id, paired_accuracy, paired_by_prompt
-        from align.tasks import generate_tasks
 
         before = [bool(x) for x in before_oks]
         summary["accuracy_test"] = t = paired_accuracy(before, result["oks"])
@@ -192,11 +197,8 @@ def record_accuracy_after(
             f"change {t['delta']:+.1%} [{t['delta_lo']:+.1%}, {t['delta_hi']:+.1%}], {t['gained']} gained, "
             f"{t['lost']} lost, McNemar exact p = {t['p_mcnemar']:.3g})"
         )
-        # The same tasks heldout_accuracy asked: past ~100 of them some prompts repeat (small task kinds).
-        ids = [
-            conversation_id(task.messages)
-            for task in generate_tasks(cfg.eval_tasks, seed=cfg.seed, split="heldout")
-        ]
+        # The tasks heldout_accuracy asked: past ~100 of them some prompts repeat (small task kinds).
+        ids = [conversation_id(task.messages) for task in heldout_tasks(cfg)]
         u = paired_by_prompt(ids, before, result["oks"])
         if u["repeats"]:
             summary["accuracy_test_by_prompt"] = u
