@@ -11,7 +11,7 @@ import torch
 from test_sample_pairs import build_stopping_policy
 
 from align.evaluation.policy import Z95, wilson_interval
-from align.pipeline.best_of_n import best_of_k, best_of_n_table, ks_up_to
+from align.pipeline.best_of_n import best_of_k, best_of_n_by_kind, best_of_n_table, kind_of, ks_up_to
 
 SCORES = [[0.1, 0.9, 0.3, 0.9], [2.0, 1.0, 3.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]
 CORRECT = [[False, True, False, False], [True, False, False, True], [False, False, False, True]]
@@ -50,6 +50,29 @@ def test_best_of_n_table_on_worked_numbers():
     half = Z95 * math.sqrt((0.75**2 + 0.5**2 + 0.25**2) / 2) / math.sqrt(3)
     assert t["gain"]["k"] == 4 and t["gain"]["points"] == pytest.approx(0.0, abs=1e-12)
     assert (t["gain"]["lo"], t["gain"]["hi"]) == pytest.approx((-100 * half, 100 * half))
+
+
+def test_best_of_n_by_kind_on_worked_numbers():
+    # Prompts 0 and 2 are "add", prompt 1 "count". Best-of-4 picks (1, 2, 0): T F F.
+    t = best_of_n_by_kind(["add", "count", "add"], SCORES, CORRECT, greedy_correct=[True, False, False])
+    assert list(t) == ["add", "count"]
+    # add: greedy T F -> 1/2; shares 1/4 and 1/4 -> 1/4; best-of-4 T F -> 1/2: reaches greedy (a tie counts).
+    assert t["add"] == {
+        "prompts": 2,
+        "greedy": 0.5,
+        "mean_sample": 0.25,
+        "best_of_n": 0.5,
+        "rm_reaches_greedy": True,
+    }
+    # count: greedy F -> 0; share 2/4; best-of-4 picks sample 2, wrong -> 0: still reaches greedy's 0.
+    assert t["count"]["best_of_n"] == 0.0 and t["count"]["rm_reaches_greedy"] is True
+    t = best_of_n_by_kind(["add", "add", "count"], SCORES, CORRECT, greedy_correct=[True, True, False])
+    # add: greedy 2/2, best-of-4 T F -> 1/2: the RM's favourite is wrong more often than greedy.
+    assert t["add"]["best_of_n"] == 0.5 and t["add"]["rm_reaches_greedy"] is False
+    with pytest.raises(ValueError, match="one entry per prompt"):
+        best_of_n_by_kind(["add"], SCORES, CORRECT, [True, False, False])
+    assert kind_of({"key": "count_letters:nest"}) == "count_letters"
+    assert kind_of({"key": "x:y", "kind": "user"}) == "user"
 
 
 def test_best_of_n_table_refuses_ragged_input():
@@ -99,6 +122,13 @@ def test_eval_best_of_n_end_to_end(tiny_rm_dir, tmp_path, capsys):
     for key in ("greedy", "mean_sample", "best_of", "any_correct_of", "gain", "prompts", "n"):
         assert result[key] == table[key]
     assert list(result["best_of"]) == ["1", "2", "4"]
+    assert [r["kind"] for r in rows] == [t.kind for t in tasks]
+    assert result["by_kind"] == best_of_n_by_kind(
+        [t.kind for t in tasks], [r["scores"] for r in rows], [r["correct"] for r in rows],
+        [r["greedy_correct"] for r in rows],
+    )  # fmt: skip
+    assert sum(x["prompts"] for x in result["by_kind"].values()) == 4
+    assert "| kind | prompts | greedy |" in (out / "best_of_n.md").read_text()
     # A recorded score is the reward model's on prompt + response (closed replies are read at <|im_end|>).
     rm = RewardModel.from_pretrained(tiny_rm_dir).eval()
     from transformers import AutoTokenizer
@@ -148,6 +178,7 @@ def test_rescore_judges_the_gate_samples_with_another_reward_model(tiny_rm_dir, 
         assert b["scores"] == pytest.approx(a["scores"], abs=1e-5)
         assert b["greedy_score"] == pytest.approx(a["greedy_score"], abs=1e-5)
     assert same["best_of"] == gate_result["best_of"] and same["gain"] == pytest.approx(gate_result["gain"])
+    assert same["by_kind"] == gate_result["by_kind"]
 
     # Another RM (a new head, seed 1): samples and gold verdicts kept, every score that RM's on the ids.
     tokenizer = AutoTokenizer.from_pretrained(tiny_byte_dir)

@@ -68,6 +68,13 @@ def test_adaptive_kl_keys_build_the_controller(cls):
         (GRPOConfig, "query_seed=1.5", "query_seed: expected an integer"),
         (OnlineDPOConfig, "kl_target=1.0", "unknown key 'kl_target' for OnlineDPOConfig"),
         (GRPOConfig, "embedded_prompts=8", "unknown key 'embedded_prompts'"),
+        (
+            PPOConfig,
+            "query_kinds=[add, sum]",
+            r"query_kinds: a non-empty list of distinct kinds .* got \['add', 'sum'\]",
+        ),
+        (GRPOConfig, "query_kinds=[add, add]", "query_kinds: a non-empty list of distinct kinds"),
+        (OnlineDPOConfig, "query_kinds=[]", "query_kinds: a non-empty list"),
     ],
 )
 def test_bad_guard_and_query_values_are_refused_by_name(cls, override, message):
@@ -316,6 +323,25 @@ def test_the_default_query_sets_are_the_prompts_of_before():
     # No held-out problem is ever a query: the evaluations' tasks are another set of problems.
     heldout = {t.key for t in generate_tasks(200, seed=43, split="heldout")}
     assert all(split_of_key(k) == "train" for k in keys(a) + keys(c)) and not heldout & set(keys(c))
+
+
+def test_query_kinds_keep_the_same_problems_of_those_kinds(tmp_path):
+    from align.tasks import generate_tasks
+
+    every = generate_tasks(90, seed=43, split="train")
+    _, kept = load_prompts(PPOConfig(query_count=90, query_seed=43, query_kinds=["multiply", "add"]))
+    # The same problems in the same order, filtered: the RM sampled on the 90 still saw every RL query.
+    assert [t.key for t in kept] == [t.key for t in every if t.kind in ("multiply", "add")]
+    assert len(kept) == 20 and {t.kind for t in kept} == {"multiply", "add"}
+    _, one = load_prompts(GRPOConfig(query_count=9, query_seed=43, query_kinds=["reverse"]))
+    assert [t.kind for t in one] == ["reverse"]
+    with pytest.raises(ConfigError, match="none of the 2 queries of seed 43 is of these kinds"):
+        kinds = [k for k in ("add", "reverse", "compare") if k not in {t.kind for t in every[:2]}]
+        load_prompts(PPOConfig(query_count=2, query_seed=43, query_kinds=kinds[:1]))
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    with pytest.raises(ConfigError, match="query_kinds filters the embedded queries"):
+        PPOConfig(dataset=str(prompts), query_kinds=["add"])
 
 
 # --------------------------------------------------------------------------------------------------

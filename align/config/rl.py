@@ -96,10 +96,28 @@ class QueryKeys:
         "With dataset=embedded: the generate_tasks seed of the queries; None: seed + 1. Sample the RM's "
         "on-policy pairs on the same count and seed (the RM's query set is the RL query set).",
     )
+    query_kinds: list[str] | None = doc(
+        None,
+        "With dataset=embedded: keep only these task kinds of the query_count queries (the same problems, "
+        "filtered, so the RM's query set still holds every RL query); None: all. Pick them with the "
+        "per-kind best-of-n gate (eval/best_of_n.py: the kinds where the RM's favourite reaches greedy).",
+    )
 
     def __post_init__(self) -> None:
         if self.query_count is not None and self.query_count < 1:
             raise ConfigError(f"query_count: must be >= 1 (or none), got {self.query_count}")
+        if self.query_kinds is not None:
+            from align.tasks import KINDS
+
+            if getattr(self, "dataset", "embedded") != "embedded":
+                raise ConfigError(f"query_kinds filters the embedded queries; dataset is {self.dataset}")
+
+            unknown = [k for k in self.query_kinds if k not in KINDS]
+            if unknown or not self.query_kinds or len(set(self.query_kinds)) != len(self.query_kinds):
+                raise ConfigError(
+                    f"query_kinds: a non-empty list of distinct kinds from {', '.join(KINDS)} (or none), got "
+                    f"{self.query_kinds}"
+                )
         _next_post_init(self, QueryKeys)
 
 

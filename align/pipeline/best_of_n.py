@@ -123,6 +123,44 @@ def best_of_n_table(
     return result
 
 
+def kind_of(record: dict[str, Any]) -> str:
+    """A gate record's task kind: its ``kind``, or (records written before kinds were) its key's prefix."""
+    return record.get("kind") or str(record["key"]).split(":", 1)[0]
+
+
+def best_of_n_by_kind(
+    kinds: Sequence[str],
+    scores: Sequence[Sequence[float]],
+    correct: Sequence[Sequence[bool]],
+    greedy_correct: Sequence[bool],
+) -> dict[str, dict[str, Any]]:
+    """Per task kind (in order of first appearance): prompts, and the gold accuracy of greedy, the mean
+    sample and best-of-n by the RM (n = all samples), with ``rm_reaches_greedy`` = best-of-n >= greedy.
+
+    A kind where the RM's favourite of n samples is right less often than the greedy answer is one where
+    optimising against the RM moves the policy's answer away from gold: the query kinds worth RL with this
+    RM are those where it reaches greedy (docs/rlhf-embedded/ppo-kind-gate/)."""
+    if not (len(kinds) == len(scores) == len(correct) == len(greedy_correct)):
+        raise ValueError("kinds, scores, correct and greedy_correct need one entry per prompt")
+    rows: dict[str, list[int]] = {}
+    for i, kind in enumerate(kinds):
+        rows.setdefault(kind, []).append(i)
+    out: dict[str, dict[str, Any]] = {}
+    for kind, idx in rows.items():
+        n = len(scores[idx[0]])
+        picks = best_of_k([scores[i] for i in idx], n)
+        best = sum(bool(correct[i][p]) for i, p in zip(idx, picks, strict=True)) / len(idx)
+        greedy = sum(bool(greedy_correct[i]) for i in idx) / len(idx)
+        out[kind] = {
+            "prompts": len(idx),
+            "greedy": greedy,
+            "mean_sample": _mean([sum(map(bool, correct[i])) / len(correct[i]) for i in idx]),
+            "best_of_n": best,
+            "rm_reaches_greedy": best >= greedy,
+        }
+    return out
+
+
 # --------------------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------------------
@@ -158,6 +196,20 @@ def format_markdown(r: dict[str, Any]) -> str:
         f"Best-of-{g['k']} vs the mean sample: {g['points']:+.1f} points [{g['lo']:+.1f}, {g['hi']:+.1f}] "
         "(paired over prompts).",
     ]
+    if r.get("by_kind"):
+        lines += [
+            "",
+            f"Per kind: where best-of-{r['n']} by the RM does not reach greedy, optimising against the RM moves "
+            "the answer away from gold.",
+            "",
+            f"| kind | prompts | greedy | mean sample | best-of-{r['n']} by RM | RM reaches greedy |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {kind} | {x['prompts']} | {100 * x['greedy']:.1f}% | {100 * x['mean_sample']:.1f}% | "
+                f"{100 * x['best_of_n']:.1f}% | {'yes' if x['rm_reaches_greedy'] else 'no'} |"
+                for kind, x in r["by_kind"].items()
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +335,7 @@ def best_of_n_eval(
         "policy": portable_path(policy, out),
         "reward_model": portable_path(reward_model, out),
         **table,
+        "by_kind": best_of_n_by_kind([t.kind for t in tasks], scores, correct, greedy_correct),
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
@@ -298,6 +351,7 @@ def best_of_n_eval(
                 "prompt": t.prompt,
                 "messages": t.messages,
                 "key": t.key,
+                "kind": t.kind,
                 "answer": t.answer,
                 "greedy": greedy_texts[i],
                 "greedy_correct": greedy_correct[i],
@@ -454,6 +508,12 @@ def rescore_best_of_n(
         "policy": _moved_record(meta["policy"], gate, out),
         "reward_model": portable_path(reward_model, out),
         **table,
+        "by_kind": best_of_n_by_kind(
+            [kind_of(r) for r in records],
+            [r["scores"] for r in records],
+            [r["correct"] for r in records],
+            [r["greedy_correct"] for r in records],
+        ),
         **{k: meta[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "unclosed_share")},
         "rescored_from": portable_path(gate, out),
         "response_ids": "stored" if stored else "re-encoded",

@@ -13,14 +13,14 @@ The phases of one RL iteration, named the same in both loops (`score_phase`, `ad
   update       the method's loss, then `align.train.optim_step.optimizer_step`; the adaptive KL controller
                (`adapt_kl`) moves the KL coefficient for the next iteration.
 
-The embedded query set both loops train on is `load_prompts` (`query_count`, `query_seed`).
+The embedded query set both loops train on is `load_prompts` (`query_count`, `query_seed`, `query_kinds`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -53,21 +53,30 @@ def query_seed(cfg: PPOConfig | OnlineConfig) -> int:
     return cfg.query_seed if cfg.query_seed is not None else cfg.seed + 1
 
 
-def query_set(count: int, seed: int) -> list[Any]:
-    """The embedded query set: `count` generated tasks of the train split with `seed`. The one definition
-    PPO and the online loops train on, and the one the RM's on-policy pairs should be sampled on
-    (recipes/sample_pairs.py with the same count and seed) so the RM's queries are the RL queries
-    (Qwen2.5). Held-out problems (`align.tasks.split_of_key`) are never in it, whatever the seed."""
+def query_set(count: int, seed: int, kinds: Sequence[str] | None = None) -> list[Any]:
+    """The embedded query set: `count` generated tasks of the train split with `seed`, of which only those of
+    `kinds` are kept (None: all). The one definition PPO and the online loops train on, and the one the
+    RM's on-policy pairs should be sampled on (recipes/sample_pairs.py with the same count and seed) so the
+    RM's queries are the RL queries (Qwen2.5): filtering keeps them a subset. Held-out problems
+    (`align.tasks.split_of_key`) are never in it, whatever the seed."""
     from align.tasks import generate_tasks
 
-    return generate_tasks(count, seed=seed, split="train")
+    tasks = generate_tasks(count, seed=seed, split="train")
+    if kinds is None:
+        return tasks
+    kept = [t for t in tasks if t.kind in kinds]
+    if not kept:
+        raise ConfigError(
+            f"query_kinds {list(kinds)}: none of the {count} queries of seed {seed} is of these kinds"
+        )
+    return kept
 
 
 def load_prompts(cfg: PPOConfig | OnlineConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
     """Prompt conversations (ending with a user turn) and, for embedded data, their verifiable tasks (the
     query set of `query_count` and `query_seed`)."""
     if cfg.dataset == "embedded":
-        tasks = query_set(query_count(cfg), query_seed(cfg))
+        tasks = query_set(query_count(cfg), query_seed(cfg), cfg.query_kinds)
         return [t.messages for t in tasks], tasks
     path = Path(cfg.dataset)
     if not path.is_file():
