@@ -8,7 +8,9 @@ from the policy, scores them with the reward model and verifies them. Writes ``b
 ``best_of_n.md``, ``best_of_n.png`` (accuracy against n) and ``samples.jsonl`` into ``--out`` (see
 ``align.pipeline.best_of_n``): gold accuracy and mean RM score of greedy, the mean sample and best-of-k
 (k = 1, 2, 4, ..., n, from the same samples) with 95% Wilson intervals, and the gain of best-of-n over the
-mean sample in points. It tells, before any PPO, whether an RM is worth optimising against.
+mean sample in points. It tells, before any PPO, whether an RM is worth optimising against; its per-kind
+table says on which task kinds (best-of-n by the RM reaches greedy there), the kinds to give PPO's
+``query_kinds``.
 
     python eval/best_of_n.py --rescore outputs/best_of_n --reward-model outputs/rm/other/final \
         --out outputs/best_of_n-other

@@ -9,7 +9,8 @@ interval and its mean RM score:
   correct, averaged over prompts);
 * best-of-k by the RM, k = 1, 2, 4, ..., n: per prompt the highest-scoring of the *first k* samples (the
   first on ties), so every k reads the same n samples and best-of-1 is simply the first sample;
-* any-correct-of-k (oracle, pass@k): the ceiling a perfect reward model would reach with k samples.
+* any-correct-of-k (oracle, pass@k): the ceiling a perfect reward model would reach with k samples;
+* per task kind, greedy, the mean sample and best-of-n, and whether best-of-n reaches greedy there.
 
 Every response is scored as eval/policy.py scores it: read at its closing end token, and a response that never
 closed gets the RM's ``unclosed_reward`` (so best-of-n passes over unfinished replies where it can).
