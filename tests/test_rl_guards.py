@@ -401,3 +401,23 @@ def test_grpo_with_guards_logs_them_and_resumes_their_state(
     for record in records:
         assert 0.0 <= record["reward_clipped_frac"] <= 1.0
         assert 0.0 < record["reward_anchor_mean"] < 1.0  # sigmoids
+
+
+def test_a_run_resumed_on_other_query_kinds_is_refused(tiny_byte_dir, tmp_path):
+    """The checkpoint is tied to its prompts: resuming with another query_kinds (another query set) stops
+    with a reason instead of continuing on prompts the saved run never saw."""
+    import align.train.online as online
+
+    def cfg(kinds):
+        return GRPOConfig(
+            model_name_or_path=str(tiny_byte_dir), output_dir=str(tmp_path / "grpo"), query_count=18,
+            query_seed=43, query_kinds=kinds, batch_size=2, micro_batch_size=8, samples_per_query=2,
+            max_new_tokens=4, max_steps=2, save_steps=1, report_to=["none"], progress=False, log_rollouts=0,
+            eval_tasks=0,
+        )  # fmt: skip
+
+    assert online.run_grpo(cfg(["add", "multiply"]), reward_fn=ascii_reward, stop_after_step=1) == {
+        "stopped_at": 1
+    }
+    with pytest.raises(RunSetupError, match="was trained on different data"):
+        online.run_grpo(cfg(["add"]), reward_fn=ascii_reward)

@@ -111,7 +111,6 @@ class QueryKeys:
 
             if getattr(self, "dataset", "embedded") != "embedded":
                 raise ConfigError(f"query_kinds filters the embedded queries; dataset is {self.dataset}")
-
             unknown = [k for k in self.query_kinds if k not in KINDS]
             if unknown or not self.query_kinds or len(set(self.query_kinds)) != len(self.query_kinds):
                 raise ConfigError(

@@ -74,7 +74,8 @@ def query_set(count: int, seed: int, kinds: Sequence[str] | None = None) -> list
 
 def load_prompts(cfg: PPOConfig | OnlineConfig) -> tuple[list[list[dict[str, str]]], list[Any] | None]:
     """Prompt conversations (ending with a user turn) and, for embedded data, their verifiable tasks (the
-    query set of `query_count` and `query_seed`)."""
+    query set of `query_count`, `query_seed` and `query_kinds`; resume refuses another set, as the run's
+    checkpointer fingerprints the encoded prompts)."""
     if cfg.dataset == "embedded":
         tasks = query_set(query_count(cfg), query_seed(cfg), cfg.query_kinds)
         return [t.messages for t in tasks], tasks
