@@ -20,6 +20,18 @@ C = TypeVar("C")
 USER_ERRORS = (ConfigError, DataError, RunSetupError, CheckpointError, FileNotFoundError)
 
 
+def close_process_group() -> None:
+    """End a multi-process run in order: every rank waits for the others, then the process group is
+    destroyed (PyTorch's documented teardown). Left to interpreter exit, a rank's communication threads can
+    outlive its peers' sockets; once, a 2-process CPU run aborted at exit ("terminate called without an
+    active exception") after writing its model. A one-process group (tests in-process) is left alone."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run_recipe(
     config_cls: type[C], run: Callable[[C], dict[str, Any]], argv: Sequence[str] | None = None, prog: str = ""
 ) -> int:
@@ -30,6 +42,7 @@ def run_recipe(
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    close_process_group()
     if summary.get("output_dir"):
         print(f"\nmodel:   {summary.get('final_model', '-')}\nmetrics: {summary.get('metrics', '-')}")
         print(
