@@ -79,9 +79,11 @@ def best_of_n_table(
     greedy_correct: Sequence[bool] | None = None,
     greedy_scores: Sequence[float] | None = None,
     z: float = Z95,
+    kinds: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Gold accuracy and mean RM score of greedy, the mean sample and best-of-k (k from `ks_up_to(n)`), and
-    any-correct-of-k, from per-prompt sample scores and verdicts (n samples each).
+    any-correct-of-k, from per-prompt sample scores and verdicts (n samples each); with each prompt's task
+    kind (and greedy verdicts), also ``by_kind`` (`best_of_n_by_kind`).
 
     The mean sample's interval is Wilson's with the summed per-prompt shares as successes over the prompts
     (a share varies less than one Bernoulli draw, so it is conservative). ``gain`` is best-of-n minus the mean
@@ -121,6 +123,8 @@ def best_of_n_table(
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (prompts - 1)) if prompts > 1 else 0.0
     half = z * sd / math.sqrt(prompts)
     result["gain"] = {"k": n, "points": 100 * mean, "lo": 100 * (mean - half), "hi": 100 * (mean + half)}
+    if kinds is not None and greedy_correct is not None:
+        result["by_kind"] = best_of_n_by_kind(kinds, scores, correct, greedy_correct)
     return result
 
 
@@ -148,14 +152,14 @@ def best_of_n_by_kind(
         rows.setdefault(kind, []).append(i)
     out: dict[str, dict[str, Any]] = {}
     for kind, idx in rows.items():
-        n = len(scores[idx[0]])
-        picks = best_of_k([scores[i] for i in idx], n)
-        best = sum(bool(correct[i][p]) for i, p in zip(idx, picks, strict=True)) / len(idx)
-        greedy = sum(bool(greedy_correct[i]) for i in idx) / len(idx)
+        t = best_of_n_table(
+            [scores[i] for i in idx], [correct[i] for i in idx], [greedy_correct[i] for i in idx]
+        )
+        greedy, best = t["greedy"]["accuracy"], t["best_of"][str(t["n"])]["accuracy"]
         out[kind] = {
-            "prompts": len(idx),
+            "prompts": t["prompts"],
             "greedy": greedy,
-            "mean_sample": _mean([sum(map(bool, correct[i])) / len(correct[i]) for i in idx]),
+            "mean_sample": t["mean_sample"]["accuracy"],
             "best_of_n": best,
             "rm_reaches_greedy": best >= greedy,
         }
@@ -331,12 +335,11 @@ def best_of_n_eval(
     scores = [[flat_scores[j] for j in r] for r in rows]
     correct = [[verify(t, texts[j]) for j in r] for t, r in zip(tasks, rows, strict=True)]
     greedy_correct = [verify(t, g) for t, g in zip(tasks, greedy_texts, strict=True)]
-    table = best_of_n_table(scores, correct, greedy_correct, greedy_scores)
+    table = best_of_n_table(scores, correct, greedy_correct, greedy_scores, kinds=[t.kind for t in tasks])
     result = {
         "policy": portable_path(policy, out),
         "reward_model": portable_path(reward_model, out),
         **table,
-        "by_kind": best_of_n_by_kind([t.kind for t in tasks], scores, correct, greedy_correct),
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
@@ -502,6 +505,7 @@ def rescore_best_of_n(
         [r["correct"] for r in records],
         [r["greedy_correct"] for r in records],
         [r["greedy_score"] for r in records],
+        kinds=[kind_of(r) for r in records],
     )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,12 +513,6 @@ def rescore_best_of_n(
         "policy": _moved_record(meta["policy"], gate, out),
         "reward_model": portable_path(reward_model, out),
         **table,
-        "by_kind": best_of_n_by_kind(
-            [kind_of(r) for r in records],
-            [r["scores"] for r in records],
-            [r["correct"] for r in records],
-            [r["greedy_correct"] for r in records],
-        ),
         **{k: meta[k] for k in ("temperature", "top_p", "max_new_tokens", "seed", "unclosed_share")},
         "rescored_from": portable_path(gate, out),
         "response_ids": "stored" if stored else "re-encoded",
