@@ -103,13 +103,13 @@ def test_the_rl_stages_default_to_lora_dropout_off():
 
 def test_the_shipped_rl_configs_keep_the_over_optimisation_guards_off():
     """Qwen used none of them (issue 21): every shipped RL config leaves them at their off defaults, and
-    the embedded query set at the count and seed it had before they were keys; except the issue-21 PPO arm
-    (ppo/rlhf.yaml), which picks PAR and the RM's query set, checked below."""
+    the embedded query set at the count and seed it had before they were keys; except the issue-21 PPO arms
+    (ppo/rlhf.yaml and ppo/rlhf-kind-gate.yaml), which pick PAR and the RM's query set, checked below."""
     directory = {cls: name for name, cls in RECIPES.items()}
     arm = CONFIGS / "ppo" / "rlhf.yaml"
     for cls in (PPOConfig, OnlineDPOConfig, GRPOConfig):
         for path in sorted(CONFIGS.joinpath(directory[cls]).glob("*.yaml")):
-            if path == arm:
+            if path in (arm, CONFIGS / "ppo" / "rlhf-kind-gate.yaml"):
                 continue
             cfg = load_config(cls, path)
             guards = (cfg.reward_clip, cfg.reward_anchor, cfg.rm_ensemble_objective, cfg.rm_ensemble_penalty)
@@ -122,6 +122,24 @@ def test_the_shipped_rl_configs_keep_the_over_optimisation_guards_off():
     # The RM's query set is the RL query set: the prompts recipes/configs/sample_pairs/embedded.yaml sampled.
     sampled = yaml.safe_load((CONFIGS / "sample_pairs" / "embedded.yaml").read_text())
     assert (rlhf.query_count, rlhf.query_seed) == (sampled["embedded_prompts"], sampled["embedded_seed"])
+
+
+def test_the_kind_gate_arm_is_the_rlhf_arm_with_only_its_declared_changes():
+    """ppo/rlhf-kind-gate.yaml is the `ppo-kind-gate-long` arm of docs/rlhf-embedded/, declared as ppo/rlhf.yaml
+    plus these overrides (ppo-kind-gate/DECLARED.md); any other difference would make the file a different arm."""
+    base = dataclasses.asdict(load_config(PPOConfig, CONFIGS / "ppo" / "rlhf.yaml"))
+    arm = dataclasses.asdict(load_config(PPOConfig, CONFIGS / "ppo" / "rlhf-kind-gate.yaml"))
+    changed = {key: (base[key], arm[key]) for key in base if base[key] != arm[key]}
+    assert changed == {
+        "reward_model_path": ("outputs/rm/onpolicy-3ep/final", "outputs/rm/round3/final"),
+        "output_dir": ("outputs/ppo-rlhf", "outputs/ppo-kind-gate-long"),
+        "query_kinds": (
+            None,
+            ["count_letters", "uppercase", "convert", "multiply", "add", "followup", "reverse"],
+        ),
+        "batch_size": (8, 16),
+        "save_steps": (20, 10),
+    }
 
 
 def test_ppo_with_skip_bad_is_refused_naming_the_key(tmp_path):
