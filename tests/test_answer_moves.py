@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from align.evaluation.moves import answer_moves, score_landscape
+from align.evaluation.moves import answer_moves, right_by_kind, score_landscape
 
 
 def _task(base, pol, base_ok, pol_ok, base_rm=0.0, pol_rm=0.0):
@@ -29,6 +29,18 @@ def test_answer_moves_on_worked_numbers():
         "tasks": 5, "changed": 4, "gained": 1, "lost": 1, "wrong_to_wrong": 2, "wrong_to_wrong_rm_up": 1,
     }  # fmt: skip
     assert m["wrong_to_wrong_share"] == 0.5 and m["wrong_to_wrong_rm_change"] == pytest.approx(0.75)
+
+
+def test_right_by_kind_on_worked_numbers():
+    kinds = ["count_letters", "multiply", "multiply", "convert", "multiply"]
+    rows = [dict(row, kind=kind) for row, kind in zip(ROWS, kinds, strict=True)]
+    # multiply: gained (wrong -> right), lost (right -> wrong), wrong -> wrong
+    assert right_by_kind(rows) == {
+        "convert": {"tasks": 1, "before": 0, "after": 0},
+        "count_letters": {"tasks": 1, "before": 0, "after": 0},
+        "multiply": {"tasks": 3, "before": 1, "after": 1},
+    }
+    assert list(right_by_kind(rows)) == ["convert", "count_letters", "multiply"]
 
 
 def test_score_landscape_on_worked_numbers():
@@ -62,10 +74,15 @@ def _main():
 def test_cli_reads_records_and_refuses_a_missing_file(tmp_path, capsys):
     record = tmp_path / "seed-1"
     record.mkdir()
-    (record / "per_task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    kinds = ["add", "add", "add", "uppercase", "uppercase"]
+    rows = [dict(row, kind=kind) for row, kind in zip(ROWS, kinds, strict=True)]
+    (record / "per_task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert _main()(["--records", str(record)]) == 0
     out = capsys.readouterr().out
-    assert "| 4 of 5 | 2 (50%) | 1 / 1 | 1 | +0.75 |" in out
+    assert "| 4 of 5 | 2 (50%) | 1 / 1 | 1 | +0.75 |" in out and "by_kind" not in out
+    assert _main()(["--records", str(record), "--by-kind"]) == 0
+    out = capsys.readouterr().out
+    assert "| record | add | uppercase |" in out and "| 1 -> 1 of 3 | 0 -> 0 of 2 |" in out
     assert _main()(["--gate", str(tmp_path)]) == 2
     assert "samples.jsonl: no such file" in capsys.readouterr().err
     assert _main()([]) == 2

@@ -6,6 +6,7 @@ judging RM scored a wrong -> wrong move higher. `score_landscape` reads a best-o
 (``samples.jsonl`` of eval/best_of_n.py) and says how far the RM's scores spread among one prompt's
 distinct wrong answers against how far the right answer leads the best wrong one: a reward that varies
 most among wrong answers pays a policy for better-looking wrong answers (docs/rlhf-embedded/ppo-kind-gate/).
+`right_by_kind` says in which task kinds a record's gains and losses fall.
 """
 
 from __future__ import annotations
@@ -32,6 +33,18 @@ def answer_moves(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "wrong_to_wrong_rm_up": sum(d > 0 for d in deltas),
         "wrong_to_wrong_rm_change": statistics.fmean(deltas) if deltas else float("nan"),
     }
+
+
+def right_by_kind(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per task kind (``kind`` of each per-task row), sorted by name: tasks, right before (``baseline_correct``)
+    and right after (``policy_correct``)."""
+    table: dict[str, dict[str, int]] = {}
+    for r in rows:
+        counts = table.setdefault(r["kind"], {"tasks": 0, "before": 0, "after": 0})
+        counts["tasks"] += 1
+        counts["before"] += bool(r["baseline_correct"])
+        counts["after"] += bool(r["policy_correct"])
+    return dict(sorted(table.items()))
 
 
 def score_landscape(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
