@@ -190,7 +190,9 @@ def test_grpo_on_two_processes_trains_through_the_shared_prompt_pass(tiny_byte_d
         "from conftest import ascii_reward\n"
         "from align.config import GRPOConfig\n"
         "from align.train.online import run_grpo\n"
+        "from align.train.recipe import close_process_group\n"
         "run_grpo(GRPOConfig(**json.loads(sys.argv[1])), reward_fn=ascii_reward)\n"
+        "close_process_group()  # as a recipe ends; see align/train/recipe.py\n"
     )
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

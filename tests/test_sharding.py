@@ -444,6 +444,14 @@ def _lockstep_on_sharded_weights(rank: int) -> dict[str, dict]:
     return result
 
 
+def _failed_launch(stderr: str) -> str:
+    """What a failed torchrun launch says: the first Python traceback, if any (torchrun's own only names the
+    failed rank), and the end of stderr, where a rank that aborted in C++ ("terminate called ...") leaves its
+    last words just before torchrun's summary."""
+    first = stderr.find("Traceback")
+    return f"{stderr[first : first + 2500] if first >= 0 else ''}\n...\n{stderr[-3500:]}"
+
+
 @pytest.fixture(scope="module")
 def full_weights_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full-weights")
@@ -453,8 +461,7 @@ def full_weights_run(tmp_path_factory) -> Path:
          str(Path(__file__)), "full_weights", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
     )  # fmt: skip
-    first = proc.stderr.find("Traceback")
-    assert proc.returncode == 0, proc.stderr[first : first + 4000] if first >= 0 else proc.stderr[-4000:]
+    assert proc.returncode == 0, _failed_launch(proc.stderr)
     return out
 
 
@@ -547,9 +554,14 @@ def _run_rl(run: dict) -> dict:
 
 
 def _rl_worker(runs: list[dict]) -> None:
-    """Run by torchrun (see `__main__`): each {"stage", "cfg", "reward"} in turn."""
+    """Run by torchrun (see `__main__`): each {"stage", "cfg", "reward"} in turn, then the process group closed
+    as a recipe closes it: left to interpreter exit, gloo's threads can abort a rank after its last run
+    ("terminate called without an active exception"; seen here under load)."""
+    from align.train.recipe import close_process_group
+
     for run in runs:
         _run_rl(run)
+    close_process_group()
 
 
 def _launch_rl(runs: list[dict]) -> str:
@@ -562,8 +574,7 @@ def _launch_rl(runs: list[dict]) -> str:
          str(Path(__file__)), "rl", json.dumps(runs)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=400,
     )  # fmt: skip
-    first = proc.stderr.find("Traceback")  # the first failing rank's, not torchrun's summary
-    assert proc.returncode == 0, proc.stderr[first : first + 4000] if first >= 0 else proc.stderr[-4000:]
+    assert proc.returncode == 0, _failed_launch(proc.stderr)
     return proc.stdout
 
 
