@@ -222,7 +222,7 @@ def plot_arms(arms: dict[str, list[SeedRecord]], path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = [a for a, recs in arms.items() if recs]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(names)), 4.2))
     for i, arm in enumerate(names):
         deltas = [100 * r.delta for r in arms[arm]]
         ax.bar(i, sum(deltas) / len(deltas), color="tab:blue", alpha=0.35, width=0.6)
@@ -230,7 +230,8 @@ def plot_arms(arms: dict[str, list[SeedRecord]], path: str | Path) -> Path:
         for r, d in zip(arms[arm], deltas, strict=True):
             ax.annotate(f"s{r.seed}", (i, d), textcoords="offset points", xytext=(6, -3), fontsize=8)
     ax.axhline(0.0, color="black", linewidth=1)
-    ax.set_xticks(range(len(names)), names)
+    # Slanted: eleven arm names set flat ran into each other.
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=9)
     ax.set_ylabel("gold accuracy change (points)")
     n = next((recs[0].n for recs in arms.values() if recs), 0)
     ax.set_title(f"change against the start on {n} held-out tasks: each seed and the mean", fontsize=10)
