@@ -22,9 +22,11 @@ USER_ERRORS = (ConfigError, DataError, RunSetupError, CheckpointError, FileNotFo
 
 def close_process_group() -> None:
     """End a multi-process run in order: every rank waits for the others, then the process group is
-    destroyed (PyTorch's documented teardown). Left to interpreter exit, a rank's communication threads can
-    outlive its peers' sockets; once, a 2-process CPU run aborted at exit ("terminate called without an
-    active exception") after writing its model. A one-process group (tests in-process) is left alone."""
+    destroyed (PyTorch's documented teardown). Left to interpreter exit, gloo's threads can abort a rank
+    ("terminate called without an active exception"; pytorch/pytorch#190489): seen twice here in 2-process
+    CPU runs under load, after the work was written. Anything that runs align's loops in several processes
+    outside `run_recipe` (a user's script, the test workers) ends with this too. A one-process group (tests
+    in-process) is left alone."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
